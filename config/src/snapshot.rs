@@ -1,0 +1,514 @@
+//! The compiled, immutable routing snapshot: what a sidecar reads on every request.
+//!
+//! Everything here is lookup-ready: header names are parsed, regexes compiled, weights
+//! accumulated and rules sorted by Gateway API precedence when the snapshot is built, so
+//! the per-request work is comparisons only. Nothing in a snapshot is mutated after
+//! compilation; state that learns from traffic (balancer cursors, breakers) lives in the
+//! proxy, keyed by [`Backend::index`] or [`Backend::name`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+/// Namespace + name of a Kubernetes object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How the proxy talks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (appProtocol `kubernetes.io/h2c` or `grpc`).
+    H2c,
+}
+
+/// The compiled routing table of a whole config directory.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Content version: a hash of the normalised input, stable across reorderings of
+    /// files and documents. Equal content gives an equal version.
+    pub version: String,
+    /// Every Service, by namespace/name.
+    pub services: HashMap<ObjectRef, Arc<Service>>,
+    /// Service names to the namespaces that hold a Service of that name (sorted), for
+    /// resolving bare hostnames such as `checkout`.
+    pub by_name: HashMap<String, Vec<String>>,
+    /// Every backend, indexed by [`Backend::index`] (dense, 0..backends.len()).
+    pub backends: Vec<Arc<Backend>>,
+    /// A JSON rendering of the snapshot for `/config` and `ternctl`.
+    pub json: serde_json::Value,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    pub id: ObjectRef,
+    pub ports: Vec<Arc<ServicePort>>,
+}
+
+/// One port of a Service with the routes attached to it.
+#[derive(Debug)]
+pub struct ServicePort {
+    pub service: ObjectRef,
+    pub port: u16,
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    /// HTTP rules from every HTTPRoute attached to this port, one entry per match, sorted by
+    /// Gateway API precedence. Empty when no HTTPRoute is attached.
+    pub http: Vec<HttpRuleMatch>,
+    /// GRPCRoute rules, one entry per match, sorted by precedence. Tried before `http` for
+    /// requests whose content-type is `application/grpc*`.
+    pub grpc: Vec<GrpcRuleMatch>,
+    /// Used when no route at all is attached to this port: the Service's own endpoints.
+    /// `None` when routes are attached (then an unmatched request is a 404).
+    pub default_rule: Option<Arc<Rule>>,
+}
+
+/// The action part of a route rule, shared by all its matches.
+#[derive(Debug)]
+pub struct Rule {
+    /// Metric/route label: `namespace/route-name` (or `namespace/service` for the default rule).
+    pub route: Arc<str>,
+    /// Index of the rule inside its route (`spec.rules[i]`); 0 for the default rule.
+    pub rule_index: usize,
+    pub kind: RouteKind,
+    pub backends: WeightedBackends,
+    pub request_headers: HeaderModifier,
+    pub response_headers: HeaderModifier,
+    pub url_rewrite: Option<UrlRewrite>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum RouteKind {
+    HTTPRoute,
+    GRPCRoute,
+    /// Traffic to a Service with no route attached.
+    Default,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Caps the whole request, all attempts included (`timeouts.request`).
+    pub request: Option<Duration>,
+    /// Caps one attempt to a backend (`timeouts.backendRequest`).
+    pub backend_request: Option<Duration>,
+}
+
+/// One `matches[j]` entry of an HTTPRoute rule, with the rule it selects.
+#[derive(Debug)]
+pub struct HttpRuleMatch {
+    pub m: HttpMatch,
+    pub rule: Arc<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpMatch {
+    pub path: PathMatch,
+    pub method: Option<Method>,
+    pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    /// Matches whole path segments: `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`.
+    /// Stored without a trailing slash (except for `/` itself).
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+#[derive(Debug, Clone)]
+pub enum StringMatch {
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    pub name: HeaderName,
+    pub value: StringMatch,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: StringMatch,
+}
+
+/// One `matches[j]` entry of a GRPCRoute rule.
+#[derive(Debug)]
+pub struct GrpcRuleMatch {
+    pub m: GrpcMatch,
+    pub rule: Arc<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpcMatch {
+    /// `None` matches any service.
+    pub service: Option<StringMatch>,
+    /// `None` matches any method.
+    pub method: Option<StringMatch>,
+    pub headers: Vec<HeaderMatch>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderModifier {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderModifier {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Applies the modifier in Gateway API order: set, add, remove.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+        for name in &self.remove {
+            headers.remove(name);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UrlRewrite {
+    pub hostname: Option<HeaderValue>,
+    pub path: Option<PathRewrite>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathRewrite {
+    ReplaceFullPath(String),
+    /// Replaces the matched `PathPrefix` value; only valid with a prefix match.
+    ReplacePrefixMatch(String),
+}
+
+/// Backends of a rule with cumulative weights, zero-weight backends removed.
+#[derive(Debug, Clone)]
+pub struct WeightedBackends {
+    /// (cumulative weight, backend); strictly increasing weights.
+    pub entries: Vec<(u32, Arc<Backend>)>,
+    pub total: u32,
+}
+
+impl WeightedBackends {
+    /// Picks a backend given a uniform random number in `0..self.total`.
+    pub fn pick(&self, r: u32) -> Option<&Arc<Backend>> {
+        let i = self.entries.partition_point(|(cum, _)| *cum <= r);
+        self.entries.get(i).map(|(_, b)| b)
+    }
+}
+
+/// A Service port as a destination: a backendRef, or the Service itself.
+#[derive(Debug)]
+pub struct Backend {
+    /// Dense index into [`Snapshot::backends`].
+    pub index: usize,
+    /// Metric/backend label: `namespace/name:port`.
+    pub name: Arc<str>,
+    pub service: ObjectRef,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Every endpoint from the Service's EndpointSlices for this port (ready or not).
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub ready: bool,
+    pub zone: Option<Arc<str>>,
+    pub region: Option<Arc<str>>,
+}
+
+/// Why an authority did not resolve to a Service port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("no service {0} in the mesh")]
+    UnknownService(String),
+    #[error("service {service} has no port {port}")]
+    UnknownPort { service: String, port: u16 },
+    #[error("service {0} has several ports; name one in the authority")]
+    AmbiguousPort(String),
+    #[error("service name {0} exists in several namespaces ({1}); qualify it")]
+    AmbiguousName(String, String),
+}
+
+/// A successful route match: the rule and, for `ReplacePrefixMatch`, the matched prefix.
+#[derive(Debug, Clone, Copy)]
+pub struct Matched<'a> {
+    pub rule: &'a Arc<Rule>,
+    /// The `PathPrefix` value that matched, if the match was a prefix match.
+    pub prefix: Option<&'a str>,
+}
+
+impl Snapshot {
+    /// Resolves a request authority to a Service port.
+    ///
+    /// `host` is the Host / :authority host part, lower-cased or not: `checkout`,
+    /// `checkout.shop`, `checkout.shop.svc` or `checkout.shop.svc.cluster.local`.
+    /// A bare name resolves in `default_ns` first, then in the only namespace that has it.
+    /// Without a port: port 80 if the Service has it, else its only port.
+    pub fn resolve(
+        &self,
+        host: &str,
+        port: Option<u16>,
+        default_ns: &str,
+    ) -> Result<&Arc<ServicePort>, LookupError> {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let host = strip_suffix_ignore_case(host, ".svc.cluster.local")
+            .or_else(|| strip_suffix_ignore_case(host, ".svc"))
+            .unwrap_or(host);
+        let mut parts = host.splitn(2, '.');
+        let name = parts.next().unwrap_or_default();
+        let ns = parts.next();
+        let svc = self.find_service(name, ns, default_ns, host)?;
+        match port {
+            Some(p) => svc
+                .ports
+                .iter()
+                .find(|sp| sp.port == p)
+                .ok_or_else(|| LookupError::UnknownPort {
+                    service: svc.id.to_string(),
+                    port: p,
+                }),
+            None => {
+                if let Some(sp) = svc.ports.iter().find(|sp| sp.port == 80) {
+                    Ok(sp)
+                } else if svc.ports.len() == 1 {
+                    Ok(&svc.ports[0])
+                } else {
+                    Err(LookupError::AmbiguousPort(svc.id.to_string()))
+                }
+            }
+        }
+    }
+
+    fn find_service(
+        &self,
+        name: &str,
+        ns: Option<&str>,
+        default_ns: &str,
+        host: &str,
+    ) -> Result<&Arc<Service>, LookupError> {
+        let lookup = |ns: &str| {
+            self.services.get(&ObjectRef {
+                namespace: ns.to_ascii_lowercase(),
+                name: name.to_ascii_lowercase(),
+            })
+        };
+        if let Some(ns) = ns {
+            return lookup(ns).ok_or_else(|| LookupError::UnknownService(host.to_string()));
+        }
+        if let Some(s) = lookup(default_ns) {
+            return Ok(s);
+        }
+        match self.by_name.get(&name.to_ascii_lowercase()).map(Vec::as_slice) {
+            Some([only]) => lookup(only).ok_or_else(|| LookupError::UnknownService(host.into())),
+            Some(many) if many.len() > 1 => {
+                Err(LookupError::AmbiguousName(name.to_string(), many.join(", ")))
+            }
+            _ => Err(LookupError::UnknownService(host.to_string())),
+        }
+    }
+}
+
+fn strip_suffix_ignore_case<'a>(s: &'a str, suffix: &str) -> Option<&'a str> {
+    let cut = s.len().checked_sub(suffix.len())?;
+    (s.is_char_boundary(cut) && s[cut..].eq_ignore_ascii_case(suffix)).then(|| &s[..cut])
+}
+
+impl ServicePort {
+    /// Finds the rule for a request. `path` is the path without the query; `query` is the
+    /// raw query string, if any. Returns `None` when routes are attached and none matches.
+    pub fn route<'a>(
+        &'a self,
+        method: &Method,
+        path: &'a str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Option<Matched<'a>> {
+        if !self.grpc.is_empty() && is_grpc(headers) {
+            if let Some((service, method_name)) = grpc_parts(path) {
+                for g in &self.grpc {
+                    if g.m.matches(service, method_name, headers) {
+                        return Some(Matched {
+                            rule: &g.rule,
+                            prefix: None,
+                        });
+                    }
+                }
+            }
+        }
+        for h in &self.http {
+            if h.m.matches(method, path, query, headers) {
+                let prefix = match &h.m.path {
+                    PathMatch::Prefix(p) => Some(p.as_str()),
+                    _ => None,
+                };
+                return Some(Matched {
+                    rule: &h.rule,
+                    prefix,
+                });
+            }
+        }
+        self.default_rule.as_ref().map(|rule| Matched { rule, prefix: None })
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Splits `/package.Service/Method` into (`package.Service`, `Method`).
+fn grpc_parts(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix('/')?;
+    let (service, method) = rest.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) => {
+                p == "/"
+                    || (path.starts_with(p.as_str())
+                        && matches!(path.as_bytes().get(p.len()), None | Some(b'/')))
+            }
+            PathMatch::Regex(re) => re.is_match(path),
+        }
+    }
+}
+
+impl StringMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(v) => v == value,
+            StringMatch::Regex(re) => re.is_match(value),
+        }
+    }
+}
+
+impl HeaderMatch {
+    fn matches(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(&self.name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| self.value.matches(v))
+    }
+}
+
+impl HttpMatch {
+    pub fn matches(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> bool {
+        self.path.matches(path)
+            && self.method.as_ref().is_none_or(|m| m == method)
+            && self.headers.iter().all(|h| h.matches(headers))
+            && self.query.iter().all(|q| {
+                // The first occurrence of a parameter is the one that counts (Gateway API).
+                query
+                    .and_then(|qs| {
+                        qs.split('&').find_map(|kv| {
+                            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                            (k == q.name).then_some(v)
+                        })
+                    })
+                    .is_some_and(|v| q.value.matches(v))
+            })
+    }
+}
+
+impl GrpcMatch {
+    pub fn matches(&self, service: &str, method: &str, headers: &HeaderMap) -> bool {
+        self.service.as_ref().is_none_or(|s| s.matches(service))
+            && self.method.as_ref().is_none_or(|m| m.matches(method))
+            && self.headers.iter().all(|h| h.matches(headers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_matches_whole_segments() {
+        let p = PathMatch::Prefix("/api".into());
+        assert!(p.matches("/api"));
+        assert!(p.matches("/api/"));
+        assert!(p.matches("/api/v1"));
+        assert!(!p.matches("/apix"));
+        assert!(!p.matches("/ap"));
+        assert!(PathMatch::Prefix("/".into()).matches("/anything"));
+    }
+
+    #[test]
+    fn grpc_path_split() {
+        assert_eq!(grpc_parts("/pkg.Svc/Do"), Some(("pkg.Svc", "Do")));
+        assert_eq!(grpc_parts("/pkg.Svc"), None);
+        assert_eq!(grpc_parts("/pkg.Svc/Do/x"), None);
+    }
+
+    #[test]
+    fn weighted_pick_boundaries() {
+        let b = |i| {
+            Arc::new(Backend {
+                index: i,
+                name: format!("b{i}").into(),
+                service: ObjectRef {
+                    namespace: "ns".into(),
+                    name: format!("b{i}"),
+                },
+                port: 80,
+                protocol: Protocol::Http1,
+                endpoints: vec![],
+            })
+        };
+        let w = WeightedBackends {
+            entries: vec![(90, b(0)), (100, b(1))],
+            total: 100,
+        };
+        assert_eq!(w.pick(0).unwrap().index, 0);
+        assert_eq!(w.pick(89).unwrap().index, 0);
+        assert_eq!(w.pick(90).unwrap().index, 1);
+        assert_eq!(w.pick(99).unwrap().index, 1);
+        assert!(w.pick(100).is_none());
+    }
+
+    #[test]
+    fn suffix_strip() {
+        assert_eq!(
+            strip_suffix_ignore_case("a.b.SVC.cluster.local", ".svc.cluster.local"),
+            Some("a.b")
+        );
+        assert_eq!(strip_suffix_ignore_case("svc", ".svc"), None);
+    }
+}

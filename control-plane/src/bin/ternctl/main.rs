@@ -1,0 +1,46 @@
+//! ternctl: Tern's command-line tool.
+//!
+//! - `ternctl validate DIR`: check a config directory, print every error and warning.
+//! - `ternctl demo`: run a small local mesh (demo apps, one tern-proxy each, traffic).
+//! - `ternctl demo-app`: one demo HTTP application (also the upstream of the e2e tests).
+
+mod app;
+mod demo;
+mod validate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ternctl", version, about = "Tern service mesh CLI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config directory: print every error and warning, exit 1 on any error.
+    Validate(validate::Args),
+    /// Run a local mesh on this machine: demo apps, a tern-proxy per app, and traffic.
+    Demo(demo::Args),
+    /// Run one demo HTTP application (HTTP/1.1 and HTTP/2 prior knowledge).
+    DemoApp(app::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate(args) => validate::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::DemoApp(args) => app::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("ternctl: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
