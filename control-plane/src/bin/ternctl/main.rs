@@ -2,9 +2,7 @@
 //!
 //! - `ternctl validate DIR`: check a config directory, print every error and warning.
 //! - `ternctl demo`: run a small local mesh (demo apps, one tern-proxy each, traffic).
-//! - `ternctl demo-app`: one demo HTTP application (also the upstream of the e2e tests).
 
-mod app;
 mod demo;
 mod validate;
 
@@ -25,8 +23,6 @@ enum Command {
     Validate(validate::Args),
     /// Run a local mesh on this machine: demo apps, a tern-proxy per app, and traffic.
     Demo(demo::Args),
-    /// Run one demo HTTP application (HTTP/1.1 and HTTP/2 prior knowledge).
-    DemoApp(app::Args),
 }
 
 fn main() -> ExitCode {
@@ -34,7 +30,6 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => validate::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::DemoApp(args) => app::run(args),
     };
     match result {
         Ok(code) => code,
