@@ -6,6 +6,8 @@
 //! field path, and compiles it ([`compile`]) into an immutable, lookup-ready
 //! [`snapshot::Snapshot`] with a content version. It has no async runtime dependency.
 
+pub mod diag;
 pub mod snapshot;
+pub mod yaml;
 
 pub use snapshot::Snapshot;

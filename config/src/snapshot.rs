@@ -345,7 +345,7 @@ impl ServicePort {
     pub fn route<'a>(
         &'a self,
         method: &Method,
-        path: &'a str,
+        path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Option<Matched<'a>> {
