@@ -1,0 +1,144 @@
+//! tern-proxy: Tern's sidecar.
+//!
+//! One request, in the order the code runs it (one module each):
+//! [`listen`] (workers, SO_REUSEPORT, drain) -> [`server`] (protocol detection, HTTP/1.1 or
+//! HTTP/2 with limits, abuse containment) -> [`outbound`] / [`inbound`] pipelines ->
+//! [`route`] (one snapshot load, Gateway API match, weighted backend, filters) ->
+//! [`policy`] (timeouts) -> [`balance`] (endpoint choice) -> [`upstream`] (pooled
+//! connections) -> the upstream. Errors climb back to [`rescue`], which answers with a
+//! status and a `tern-error` reason. Config arrives through [`reload`] into
+//! [`state::Shared`]; [`admin`] and [`metrics`] make it all visible.
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod headers;
+pub mod inbound;
+pub mod listen;
+pub mod metrics;
+pub mod outbound;
+pub mod policy;
+pub mod reload;
+pub mod rescue;
+pub mod route;
+pub mod server;
+pub mod state;
+pub mod upstream;
+pub mod worker;
+
+use std::net::SocketAddr;
+
+
+pub use server::Limits;
+pub use state::{Settings, Shared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config directory {path}: {source}")]
+    ConfigDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: tern_config::ConfigError,
+    },
+    #[error("watching the config directory: {0}")]
+    Watch(#[from] notify::Error),
+    #[error("starting a runtime or thread: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
+pub fn run(settings: Settings) -> Result<(), StartError> {
+    let shared = Shared::new(settings.clone());
+
+    // The first snapshot. A missing directory is fatal; invalid content is not: the
+    // proxy starts unready and applies the first valid change.
+    match tern_config::load_dir(&settings.config_dir) {
+        Err(source @ tern_config::ConfigError::Io { .. }) => {
+            return Err(StartError::ConfigDir {
+                path: settings.config_dir.clone(),
+                source,
+            });
+        }
+        result => reload::apply(&shared, result),
+    }
+
+    let bind = |addr, reuse| listen::bind(addr, reuse).map_err(|source| StartError::Bind { addr, source });
+    let workers = settings.workers.max(1);
+    let mut listeners = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        listeners.push(listen::WorkerListeners {
+            outbound: bind(settings.outbound, true)?,
+            inbound: bind(settings.inbound, true)?,
+        });
+    }
+    let admin = bind(settings.admin, false)?;
+
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::with_capacity(workers);
+    for (id, l) in listeners.into_iter().enumerate() {
+        threads.push(
+            listen::spawn_worker(id, shared.clone(), l, drain_rx.clone())
+                .map_err(StartError::Runtime)?,
+        );
+    }
+    tracing::info!(
+        outbound = %settings.outbound,
+        inbound = %settings.inbound,
+        admin = %settings.admin,
+        app = %settings.app,
+        workers,
+        version = shared.version().as_deref().unwrap_or("(none)"),
+        "tern-proxy started"
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    rt.block_on(async move {
+        let admin = tokio::net::TcpListener::from_std(admin).map_err(StartError::Runtime)?;
+        tokio::spawn(admin::serve(shared.clone(), admin));
+        let watcher = tokio::spawn(reload::watch(shared.clone()));
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            res = watcher => {
+                // The watcher only ends on error.
+                match res {
+                    Ok(Err(err)) => return Err(StartError::Watch(err)),
+                    Ok(Ok(())) | Err(_) => {}
+                }
+            }
+        }
+        tracing::info!(deadline = ?shared.settings.drain_timeout, "draining");
+        shared.start_drain();
+        let _ = drain_tx.send(true);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        tracing::info!("drained; exiting");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers, run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+

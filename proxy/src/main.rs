@@ -1,1 +1,76 @@
-fn main() {}
+//! The `tern-proxy` binary: flags and environment -> [`tern_proxy::Settings`] -> run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "tern-proxy", version, about = "Tern sidecar proxy")]
+struct Args {
+    /// Directory of *.yaml config files, watched for changes.
+    #[arg(long, env = "TERN_CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// Where the application sends its outbound requests.
+    #[arg(long, env = "TERN_OUTBOUND", default_value = "127.0.0.1:4140")]
+    outbound: SocketAddr,
+    /// Where other sidecars send requests for the local application.
+    #[arg(long, env = "TERN_INBOUND", default_value = "0.0.0.0:4143")]
+    inbound: SocketAddr,
+    /// The local application.
+    #[arg(long, env = "TERN_APP", default_value = "127.0.0.1:8080")]
+    app: SocketAddr,
+    /// Admin listener: /metrics, /ready, /live, /config.
+    #[arg(long, env = "TERN_ADMIN", default_value = "127.0.0.1:4191")]
+    admin: SocketAddr,
+    /// The namespace bare service names resolve in first.
+    #[arg(long, env = "TERN_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Worker threads, each with its own listeners and pools (default: available CPUs).
+    #[arg(long, env = "TERN_WORKERS")]
+    workers: Option<usize>,
+    /// How long SIGTERM waits for requests in flight (e.g. 30s, 500ms).
+    #[arg(long, env = "TERN_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Log filter (tracing EnvFilter syntax), e.g. info or tern_proxy=debug.
+    #[arg(long, env = "TERN_LOG", default_value = "info")]
+    log: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    tern_config::duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    });
+    let settings = tern_proxy::Settings {
+        config_dir: args.config_dir,
+        outbound: args.outbound,
+        inbound: args.inbound,
+        app: args.app,
+        admin: args.admin,
+        namespace: args.namespace,
+        workers,
+        drain_timeout: args.drain_timeout,
+        limits: tern_proxy::Limits::default(),
+    };
+    match tern_proxy::run(settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tern-proxy: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The admin listener: `/metrics` (Prometheus text), `/ready`, `/live`, `/config`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::state::Shared;
+
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(err) => {
+                tracing::warn!(%err, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, &req)) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.encode())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => {
+            if shared.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if shared.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no valid configuration loaded yet\n",
+                )
+            }
+        }
+        "/config" => match shared.active.load_full() {
+            Some(active) => {
+                let body = serde_json::json!({
+                    "version": active.snapshot.version,
+                    "config": active.snapshot.json,
+                });
+                let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "no configuration loaded yet\n"),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /ready, /live or /config\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,220 @@
+//! Hop-by-hop headers (RFC 9110 section 7.6.1) and the request-target rewrite between
+//! HTTP/1.1 and HTTP/2.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Uri, Version};
+
+use tern_config::snapshot::Protocol;
+
+use crate::rescue::ProxyError;
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// True for an HTTP/1.1 upgrade request (WebSocket and friends).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`,
+/// `Proxy-Connection`, `Transfer-Encoding`, `TE` (except `trailers`, which gRPC needs end to
+/// end), `Proxy-Authorization` (meant for this proxy) and `Upgrade`. With `upgrade`, the
+/// `Upgrade` header and `Connection: upgrade` are kept so the upgrade passes through.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        // Rare enough (HTTP/1.1 clients mostly send none or `keep-alive`) that collecting
+        // the named headers is fine.
+        let named: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+        headers.remove(header::CONNECTION);
+        for value in named {
+            let Ok(list) = value.to_str() else { continue };
+            for token in list.split(',') {
+                let token = token.trim();
+                if token.is_empty() || (upgrade && token.eq_ignore_ascii_case("upgrade")) {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    // Never let a Connection token strip end-to-end framing we need.
+                    if name != header::TE {
+                        headers.remove(&name);
+                    }
+                }
+            }
+        }
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    if let Some(te) = headers.get(header::TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            headers.remove(header::TE);
+        }
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// The authority a request is addressed to: the absolute-form target or `:authority`
+/// first, then `Host`.
+pub fn authority<B>(req: &Request<B>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+}
+
+/// Splits `host[:port]` (bracketed IPv6 literals included).
+pub fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), ProxyError> {
+    let bad = ProxyError::BadRequest("malformed Host or :authority");
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or(bad)?;
+        match after.strip_prefix(':') {
+            Some(p) => (host, Some(p)),
+            None if after.is_empty() => (host, None),
+            None => return Err(ProxyError::BadRequest("malformed Host or :authority")),
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(
+            p.parse::<u16>()
+                .map_err(|_| ProxyError::BadRequest("malformed port in Host or :authority"))?,
+        ),
+        None => None,
+    };
+    if host.is_empty() {
+        return Err(ProxyError::BadRequest("empty host in Host or :authority"));
+    }
+    Ok((host, port))
+}
+
+/// Rewrites a request for the upstream's protocol: origin-form target plus `Host` for
+/// HTTP/1.1, absolute target (`:scheme`, `:authority`) and no `Host` for HTTP/2.
+pub fn for_upstream<B>(req: &mut Request<B>, protocol: Protocol) -> Result<(), ProxyError> {
+    let authority = match req.uri().authority() {
+        Some(a) => Some(HeaderValue::from_str(a.as_str()).map_err(|_| bad_authority())?),
+        None => req.headers().get(header::HOST).cloned(),
+    };
+    match protocol {
+        Protocol::Http1 => {
+            *req.version_mut() = Version::HTTP_11;
+            if req.uri().authority().is_some() || req.uri().scheme().is_some() {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+                *req.uri_mut() = Uri::from(pq);
+            }
+            if let Some(a) = authority {
+                req.headers_mut().insert(header::HOST, a);
+            }
+        }
+        Protocol::H2c => {
+            *req.version_mut() = Version::HTTP_2;
+            let a = authority.ok_or(ProxyError::MissingAuthority)?;
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(
+                http::uri::Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(
+                    a.as_bytes(),
+                ))
+                .map_err(|_| bad_authority())?,
+            );
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            }
+            *req.uri_mut() = Uri::from_parts(parts).map_err(|_| bad_authority())?;
+            req.headers_mut().remove(header::HOST);
+        }
+    }
+    Ok(())
+}
+
+fn bad_authority() -> ProxyError {
+    ProxyError::BadRequest("malformed Host or :authority")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_connection_named_and_fixed_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert(header::TE, "gzip".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn keeps_te_trailers_and_upgrade_when_upgrading() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn host_port_split() {
+        assert_eq!(split_host_port("checkout").unwrap(), ("checkout", None));
+        assert_eq!(
+            split_host_port("checkout.shop:8080").unwrap(),
+            ("checkout.shop", Some(8080))
+        );
+        assert_eq!(split_host_port("[::1]:80").unwrap(), ("::1", Some(80)));
+        assert!(split_host_port("a:99999").is_err());
+        assert!(split_host_port(":80").is_err());
+    }
+
+    #[test]
+    fn h1_to_h2_target() {
+        let mut req = Request::builder()
+            .uri("/api?x=1")
+            .header(header::HOST, "checkout:8080")
+            .body(())
+            .unwrap();
+        for_upstream(&mut req, Protocol::H2c).unwrap();
+        assert_eq!(req.uri(), "http://checkout:8080/api?x=1");
+        assert!(!req.headers().contains_key(header::HOST));
+
+        let mut req = Request::builder()
+            .uri("http://checkout:8080/api")
+            .body(())
+            .unwrap();
+        for_upstream(&mut req, Protocol::Http1).unwrap();
+        assert_eq!(req.uri(), "/api");
+        assert_eq!(req.headers()[header::HOST], "checkout:8080");
+    }
+}

@@ -1,0 +1,63 @@
+//! The inbound pipeline: requests from other sidecars, forwarded to the local
+//! application over the protocol they arrived in.
+
+use std::time::Instant;
+
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tern_config::snapshot::Protocol;
+
+use crate::body::ProxyBody;
+use crate::headers;
+use crate::metrics::{Direction, RouteLabels};
+use crate::outbound::{refuse_ambiguous_framing, upstream_error};
+use crate::rescue::ProxyError;
+use crate::upstream;
+use crate::worker::Worker;
+
+pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let labels = RouteLabels {
+        direction: Direction::Inbound,
+        parent_name: worker.empty.clone(),
+        route_name: worker.empty.clone(),
+        route_rule: 0,
+        backend_name: worker.app_label.clone(),
+    };
+    let resp = match serve(worker, req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::debug!(error = %err, "inbound request failed");
+            err.into_response()
+        }
+    };
+    worker
+        .shared
+        .metrics
+        .record_request(&labels, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+async fn serve(worker: &Worker, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    refuse_ambiguous_framing(&req)?;
+    let app = worker.shared.settings.app;
+    let upgrade = headers::is_upgrade(&req);
+    headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+    let protocol = if req.version() == Version::HTTP_2 {
+        Protocol::H2c
+    } else {
+        Protocol::Http1
+    };
+    if protocol == Protocol::H2c || req.uri().authority().is_some() || req.headers().contains_key(http::header::HOST) {
+        headers::for_upstream(&mut req, protocol)?;
+    }
+    let sent = if upgrade {
+        upstream::send_upgrade(&worker.app_pool, app, req).await
+    } else {
+        upstream::send(&worker.app_pool, app, protocol, req).await
+    };
+    let mut resp = sent.map_err(|err| upstream_error(err, worker.app_label.clone(), app))?;
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    headers::strip_hop_by_hop(resp.headers_mut(), switching);
+    Ok(resp.map(ProxyBody::Upstream))
+}

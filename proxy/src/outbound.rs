@@ -1,0 +1,133 @@
+//! The outbound pipeline: what the application sends through its sidecar.
+//!
+//! route (one snapshot load) -> request filters -> timeouts -> balancer -> pool ->
+//! upstream; any error climbs back to `rescue` and becomes a response.
+
+use std::time::Instant;
+
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use tern_config::snapshot::{Backend, Protocol};
+
+use crate::body::ProxyBody;
+use crate::headers;
+use crate::metrics::{Direction, RouteLabels};
+use crate::policy;
+use crate::rescue::ProxyError;
+use crate::route;
+use crate::state::Active;
+use crate::upstream::{self, UpstreamError, pool::PooledBody};
+use crate::worker::Worker;
+
+pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let mut labels = RouteLabels {
+        direction: Direction::Outbound,
+        parent_name: worker.empty.clone(),
+        route_name: worker.empty.clone(),
+        route_rule: 0,
+        backend_name: worker.empty.clone(),
+    };
+    // The one snapshot load of this request: every step below uses this version.
+    let resp = match worker.shared.active.load_full() {
+        None => ProxyError::NotReady.into_response(),
+        Some(active) => match serve(worker, &active, req, &mut labels).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                tracing::debug!(error = %err, "outbound request failed");
+                err.into_response()
+            }
+        },
+    };
+    worker
+        .shared
+        .metrics
+        .record_request(&labels, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+async fn serve(
+    worker: &Worker,
+    active: &Active,
+    mut req: Request<Incoming>,
+    labels: &mut RouteLabels,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    refuse_ambiguous_framing(&req)?;
+    let routed = route::route(active, &req, &worker.shared.settings.namespace)?;
+    labels.parent_name = active.parent_label(routed.parent);
+    let rule = routed.matched.rule;
+    labels.route_name = rule.route.clone();
+    labels.route_rule = rule.rule_index as u32;
+    let backend = route::pick_backend(rule).ok_or_else(|| ProxyError::NoEndpoints(labels.parent_name.clone()))?;
+    labels.backend_name = backend.name.clone();
+
+    route::apply_request_filters(&mut req, rule, routed.matched.prefix)?;
+    let upgrade = headers::is_upgrade(&req);
+    headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+
+    let mut resp = policy::timeout::run(rule.timeouts, forward(worker, active, backend, req, upgrade)).await?;
+
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    headers::strip_hop_by_hop(resp.headers_mut(), switching);
+    if !rule.response_headers.is_empty() {
+        rule.response_headers.apply(resp.headers_mut());
+    }
+    Ok(resp.map(ProxyBody::Upstream))
+}
+
+async fn forward(
+    worker: &Worker,
+    active: &Active,
+    backend: &Backend,
+    mut req: Request<Incoming>,
+    upgrade: bool,
+) -> Result<Response<PooledBody>, ProxyError> {
+    let addr = active
+        .balancer
+        .pick(backend.index)
+        .ok_or_else(|| ProxyError::NoEndpoints(backend.name.clone()))?;
+    // Upgrades are an HTTP/1.1 mechanism: they get an HTTP/1.1 connection of their own.
+    let protocol = if upgrade { Protocol::Http1 } else { backend.protocol };
+    headers::for_upstream(&mut req, protocol)?;
+    let sent = if upgrade {
+        upstream::send_upgrade(&worker.pool, addr, req).await
+    } else {
+        upstream::send(&worker.pool, addr, protocol, req).await
+    };
+    sent.map_err(|err| upstream_error(err, backend.name.clone(), addr))
+}
+
+/// Maps a failed attempt to the error a user sees: could not connect (502
+/// `connect-failed`) or the upstream broke the exchange (502 `upstream-failed`).
+pub fn upstream_error(
+    err: UpstreamError,
+    backend: std::sync::Arc<str>,
+    addr: std::net::SocketAddr,
+) -> ProxyError {
+    match err {
+        UpstreamError::Connect(source) => ProxyError::Connect {
+            backend,
+            addr,
+            source,
+        },
+        UpstreamError::Handshake(source) | UpstreamError::Request(source) => {
+            ProxyError::Upstream {
+                backend,
+                addr,
+                source,
+            }
+        }
+    }
+}
+
+/// A request with both Content-Length and Transfer-Encoding is a smuggling vector
+/// (RFC 9112 section 6.3): refuse it rather than pick one.
+pub fn refuse_ambiguous_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let h = req.headers();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! Every failure becomes a response: a status, a `tern-error` header a human can act on,
+//! and a metric label. Nothing is silently dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use tern_config::snapshot::LookupError;
+
+use crate::body::ProxyBody;
+
+/// The response header that carries the reason of a proxy-generated error.
+pub const TERN_ERROR: &str = "tern-error";
+
+/// Why the proxy answered instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request has no Host header or :authority")]
+    MissingAuthority,
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("{0}")]
+    UnknownService(#[from] LookupError),
+    #[error("no rule of {parent} matches {method} {path}")]
+    NoRoute {
+        parent: Arc<str>,
+        method: http::Method,
+        path: String,
+    },
+    #[error("no ready endpoint for {0}")]
+    NoEndpoints(Arc<str>),
+    #[error("connecting to {addr} for {backend}: {source}")]
+    Connect {
+        backend: Arc<str>,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upstream {addr} for {backend} failed: {source}")]
+    Upstream {
+        backend: Arc<str>,
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("request timeout of {0:?} expired")]
+    RequestTimeout(Duration),
+    #[error("backend request timeout of {0:?} expired")]
+    BackendTimeout(Duration),
+    #[error("the proxy has no valid configuration yet")]
+    NotReady,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MissingAuthority | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownService(_) | ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoints(_) | ProxyError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+        }
+    }
+
+    /// A stable, machine-readable code: the first word of the `tern-error` header.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::MissingAuthority | ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::UnknownService(_) => "unknown-service",
+            ProxyError::NoRoute { .. } => "no-route",
+            ProxyError::NoEndpoints(_) => "no-endpoints",
+            ProxyError::Connect { .. } => "connect-failed",
+            ProxyError::Upstream { .. } => "upstream-failed",
+            ProxyError::RequestTimeout(_) => "request-timeout",
+            ProxyError::BackendTimeout(_) => "backend-timeout",
+            ProxyError::NotReady => "not-ready",
+        }
+    }
+
+    /// The response for this error: `tern-error: <code>: <reason>`, the same text as body.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let text = format!("{}: {}", self.code(), self);
+        let header = HeaderValue::from_str(&text)
+            .unwrap_or_else(|_| HeaderValue::from_static(self.code()));
+        let mut body = text.into_bytes();
+        body.push(b'\n');
+        let mut resp = Response::new(ProxyBody::local(Bytes::from(body)));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(TERN_ERROR, header);
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_response_carries_code_and_reason() {
+        let resp = ProxyError::NoEndpoints("shop/checkout:8080".into()).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            resp.headers()[TERN_ERROR],
+            "no-endpoints: no ready endpoint for shop/checkout:8080"
+        );
+    }
+
+    #[test]
+    fn unprintable_reason_falls_back_to_code() {
+        let err = ProxyError::NoRoute {
+            parent: "ns/a:80".into(),
+            method: http::Method::GET,
+            path: "/\u{7f}".into(),
+        };
+        let resp = err.into_response();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(resp.headers()[TERN_ERROR], "no-route");
+    }
+}

@@ -1,0 +1,322 @@
+//! Serving one client connection: protocol detection, then HTTP/1.1 or HTTP/2 with limits
+//! set on purpose, graceful drain, and per-connection containment of HTTP/2 abuse.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, watch};
+
+use crate::metrics::Direction;
+use crate::worker::Worker;
+use crate::{inbound, outbound};
+
+/// Limits on what a client may send. Documented in docs/architecture.md.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest HTTP/1.1 request head (request line + headers); larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most HTTP/1.1 request headers; more gets 431.
+    pub max_headers: usize,
+    /// Time allowed for a request head to arrive (also bounds protocol detection).
+    pub header_read_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_size: u32,
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
+    /// Streams the client may reset before the server even accepts them (h2's guard).
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset because of client errors before closing.
+    pub h2_max_local_error_reset_streams: usize,
+    /// Rapid Reset: close a connection whose client cancelled at least this many streams
+    /// within one second, when they are at least half of the streams it opened.
+    pub h2_max_cancelled_per_second: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            h2_max_concurrent_streams: 100,
+            h2_max_header_list_size: 64 * 1024,
+            h2_stream_window: 1 << 20,
+            h2_connection_window: 2 << 20,
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 100,
+            h2_max_cancelled_per_second: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Http1,
+    Http2,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Peeks at the first bytes: the HTTP/2 connection preface means HTTP/2 with prior
+/// knowledge; anything else (or nothing before the timeout) is handed to HTTP/1.1,
+/// whose parser answers garbage with a 400.
+async fn detect(stream: &TcpStream, timeout: Duration) -> Proto {
+    let peek = async {
+        let mut buf = [0u8; 24];
+        loop {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return Proto::Http1,
+                Ok(n) => n,
+            };
+            if !H2_PREFACE.starts_with(&buf[..n]) {
+                return Proto::Http1;
+            }
+            if n == H2_PREFACE.len() {
+                return Proto::Http2;
+            }
+            // A partial preface: wait for the rest (rare; clients send it in one write).
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(timeout, peek)
+        .await
+        .unwrap_or(Proto::Http1)
+}
+
+/// Decrements the open-connections gauge however the connection ends.
+struct OpenConnection<'a> {
+    worker: &'a Worker,
+    direction: Direction,
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.worker.shared.metrics.connection_closed(self.direction);
+    }
+}
+
+pub async fn serve(
+    worker: Arc<Worker>,
+    stream: TcpStream,
+    direction: Direction,
+    mut drain: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    worker.shared.metrics.connection_opened(direction);
+    let _open = OpenConnection {
+        worker: &worker,
+        direction,
+    };
+    let limits = worker.shared.settings.limits;
+    let proto = detect(&stream, limits.header_read_timeout).await;
+    let io = TokioIo::new(stream);
+    match proto {
+        Proto::Http1 => {
+            let w = worker.clone();
+            let svc = service_fn(move |req| {
+                let w = w.clone();
+                async move { Ok::<_, Infallible>(dispatch(&w, direction, req).await) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_header_bytes)
+                .max_headers(limits.max_headers)
+                .keep_alive(true);
+            let conn = builder.serve_connection(io, svc).with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => log_end(res),
+                _ = drained(&mut drain) => {
+                    conn.as_mut().graceful_shutdown();
+                    log_end(conn.await);
+                }
+            }
+        }
+        Proto::Http2 => {
+            let guard = Arc::new(ResetGuard::new(limits.h2_max_cancelled_per_second));
+            let w = worker.clone();
+            let g = guard.clone();
+            let svc = service_fn(move |req| {
+                let w = w.clone();
+                let stream = StreamGuard::new(g.clone());
+                async move {
+                    let resp = dispatch(&w, direction, req).await;
+                    stream.finish();
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.h2_max_concurrent_streams)
+                .max_header_list_size(limits.h2_max_header_list_size)
+                .initial_stream_window_size(limits.h2_stream_window)
+                .initial_connection_window_size(limits.h2_connection_window)
+                .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+                .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
+                .keep_alive_interval(Duration::from_secs(60))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let conn = builder.serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => log_end(res),
+                _ = guard.tripped() => {
+                    tracing::warn!(
+                        ?direction,
+                        "closing HTTP/2 connection: client cancelled too many streams (rapid reset)"
+                    );
+                    // Dropping the connection closes the socket at once.
+                }
+                _ = drained(&mut drain) => {
+                    conn.as_mut().graceful_shutdown();
+                    log_end(conn.await);
+                }
+            }
+        }
+    }
+}
+
+async fn dispatch(
+    worker: &Worker,
+    direction: Direction,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<crate::body::ProxyBody> {
+    match direction {
+        Direction::Outbound => outbound::handle(worker, req).await,
+        Direction::Inbound => inbound::handle(worker, req).await,
+    }
+}
+
+/// Resolves once the drain signal is raised.
+pub async fn drained(drain: &mut watch::Receiver<bool>) {
+    let _ = drain.wait_for(|d| *d).await;
+}
+
+fn log_end(res: Result<(), hyper::Error>) {
+    if let Err(err) = res {
+        tracing::debug!(%err, "connection ended with an error");
+    }
+}
+
+/// Counts streams a client opened and cancelled before their response, per second.
+struct ResetGuard {
+    limit: u32,
+    window: Mutex<Window>,
+    notify: Notify,
+}
+
+struct Window {
+    start: Instant,
+    opened: u32,
+    cancelled: u32,
+    tripped: bool,
+}
+
+impl ResetGuard {
+    fn new(limit: u32) -> Self {
+        ResetGuard {
+            limit,
+            window: Mutex::new(Window {
+                start: Instant::now(),
+                opened: 0,
+                cancelled: 0,
+                tripped: false,
+            }),
+            notify: Notify::new(),
+        }
+    }
+
+    fn with_window(&self, f: impl FnOnce(&mut Window)) {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if w.start.elapsed() >= Duration::from_secs(1) {
+            w.start = Instant::now();
+            w.opened = 0;
+            w.cancelled = 0;
+        }
+        f(&mut w);
+    }
+
+    fn opened(&self) {
+        self.with_window(|w| w.opened += 1);
+    }
+
+    fn cancelled(&self) {
+        let mut trip = false;
+        self.with_window(|w| {
+            w.cancelled += 1;
+            if !w.tripped && w.cancelled >= self.limit && w.cancelled * 2 >= w.opened {
+                w.tripped = true;
+                trip = true;
+            }
+        });
+        if trip {
+            self.notify.notify_one();
+        }
+    }
+
+    async fn tripped(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Marks a stream cancelled if its handler is dropped before producing a response.
+struct StreamGuard {
+    guard: Option<Arc<ResetGuard>>,
+}
+
+impl StreamGuard {
+    fn new(guard: Arc<ResetGuard>) -> Self {
+        guard.opened();
+        StreamGuard { guard: Some(guard) }
+    }
+
+    fn finish(mut self) {
+        self.guard = None;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if let Some(g) = self.guard.take() {
+            g.cancelled();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_guard_trips_on_mostly_cancelled_streams() {
+        let g = ResetGuard::new(10);
+        for _ in 0..9 {
+            g.opened();
+            g.cancelled();
+        }
+        assert!(!g.window.lock().unwrap().tripped);
+        g.opened();
+        g.cancelled();
+        assert!(g.window.lock().unwrap().tripped);
+    }
+
+    #[test]
+    fn reset_guard_tolerates_a_few_cancellations_among_many_streams() {
+        let g = ResetGuard::new(10);
+        for _ in 0..100 {
+            g.opened();
+        }
+        for _ in 0..20 {
+            g.cancelled();
+        }
+        assert!(!g.window.lock().unwrap().tripped);
+    }
+}

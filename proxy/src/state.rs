@@ -1,0 +1,119 @@
+//! What every worker shares: the config in force (one atomic load per request), the
+//! metrics, and the drain signal. State that learns from traffic lives beside the
+//! snapshot, rebuilt or carried over when the snapshot changes, never inside it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use tern_config::Snapshot;
+use tern_config::snapshot::ServicePort;
+
+use crate::balance::round_robin::RoundRobin;
+use crate::metrics::Metrics;
+
+/// The sidecar's settings, from flags and environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config_dir: PathBuf,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub app: SocketAddr,
+    pub admin: SocketAddr,
+    /// The namespace bare service names resolve in first.
+    pub namespace: String,
+    pub workers: usize,
+    pub drain_timeout: Duration,
+    pub limits: crate::server::Limits,
+}
+
+/// A compiled snapshot plus the per-version lookup tables built from it.
+pub struct Active {
+    pub snapshot: Arc<Snapshot>,
+    pub balancer: RoundRobin,
+    /// `parent_name` metric labels (`ns/name:port`), keyed by the address of the
+    /// `ServicePort` inside `snapshot` (stable: the snapshot is immutable and kept alive
+    /// by this struct), so a request does not format a label.
+    parent_labels: HashMap<usize, Arc<str>>,
+}
+
+impl Active {
+    pub fn new(snapshot: Snapshot) -> Self {
+        let balancer = RoundRobin::new(&snapshot);
+        let mut parent_labels = HashMap::new();
+        for svc in snapshot.services.values() {
+            for sp in &svc.ports {
+                parent_labels.insert(
+                    Arc::as_ptr(sp) as usize,
+                    Arc::from(format!("{}:{}", sp.service, sp.port)),
+                );
+            }
+        }
+        Active {
+            snapshot: Arc::new(snapshot),
+            balancer,
+            parent_labels,
+        }
+    }
+
+    pub fn parent_label(&self, sp: &Arc<ServicePort>) -> Arc<str> {
+        self.parent_labels
+            .get(&(Arc::as_ptr(sp) as usize))
+            .cloned()
+            .unwrap_or_else(|| Arc::from(format!("{}:{}", sp.service, sp.port)))
+    }
+}
+
+pub struct Shared {
+    pub settings: Settings,
+    pub active: ArcSwapOption<Active>,
+    pub metrics: Metrics,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(settings: Settings) -> Arc<Self> {
+        Arc::new(Shared {
+            settings,
+            active: ArcSwapOption::empty(),
+            metrics: Metrics::new(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Installs a new snapshot unless it has the version already in force. Requests in
+    /// flight keep the `Arc<Active>` they loaded and finish on their version.
+    pub fn apply(&self, snapshot: Snapshot) -> bool {
+        if let Some(current) = self.active.load().as_ref() {
+            if current.snapshot.version == snapshot.version {
+                return false;
+            }
+        }
+        self.metrics.config_version(&snapshot.version);
+        self.active.store(Some(Arc::new(Active::new(snapshot))));
+        true
+    }
+
+    pub fn version(&self) -> Option<String> {
+        self.active
+            .load()
+            .as_ref()
+            .map(|a| a.snapshot.version.clone())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.active.load().is_some()
+    }
+
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,218 @@
+//! Upstream connections per endpoint, owned by one worker (no cross-thread contention).
+//!
+//! HTTP/1.1: a stack of idle keep-alive connections per endpoint; a connection goes back
+//! when its response body has been read to the end. HTTP/2: one multiplexed connection
+//! per endpoint, shared by all requests of the worker, replaced when it closes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::UpstreamError;
+
+pub type H1Sender = http1::SendRequest<Incoming>;
+pub type H2Sender = http2::SendRequest<Incoming>;
+
+/// Idle HTTP/1.1 connections older than this are closed rather than reused: most servers
+/// time idle keep-alive connections out after 60-75 s, and reusing one that the server is
+/// closing fails the request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most this many idle HTTP/1.1 connections are kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            connect_timeout: Duration::from_secs(3),
+            h2_stream_window: 1 << 20,
+            h2_connection_window: 4 << 20,
+        }
+    }
+}
+
+pub struct Pool {
+    settings: PoolSettings,
+    h1_idle: Mutex<HashMap<SocketAddr, Vec<(H1Sender, Instant)>>>,
+    h2: Mutex<HashMap<SocketAddr, H2Sender>>,
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings) -> Arc<Self> {
+        Arc::new(Pool {
+            settings,
+            h1_idle: Mutex::default(),
+            h2: Mutex::default(),
+        })
+    }
+
+    /// An idle HTTP/1.1 connection to `addr`, if one is open and fresh.
+    pub fn take_h1(&self, addr: SocketAddr) -> Option<H1Sender> {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&addr)?;
+        while let Some((sender, since)) = list.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put_h1(&self, addr: SocketAddr, sender: H1Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push((sender, Instant::now()));
+        }
+    }
+
+    pub async fn connect_h1(&self, addr: SocketAddr, upgrades: bool) -> Result<H1Sender, UpstreamError> {
+        let io = TokioIo::new(self.connect_tcp(addr).await?);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        if upgrades {
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+        } else {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        Ok(sender)
+    }
+
+    /// The shared HTTP/2 connection to `addr`, connecting if there is none open.
+    pub async fn h2(&self, addr: SocketAddr) -> Result<H2Sender, UpstreamError> {
+        {
+            let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = map.get(&addr) {
+                if !s.is_closed() {
+                    return Ok(s.clone());
+                }
+                map.remove(&addr);
+            }
+        }
+        let io = TokioIo::new(self.connect_tcp(addr).await?);
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(self.settings.h2_stream_window)
+            .initial_connection_window_size(self.settings.h2_connection_window)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, sender.clone());
+        Ok(sender)
+    }
+
+    async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
+        let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                UpstreamError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })?
+            .map_err(UpstreamError::Connect)?;
+        stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
+        Ok(stream)
+    }
+}
+
+/// An upstream response body that returns its HTTP/1.1 connection to the pool once the
+/// body has been read to the end.
+pub struct PooledBody {
+    inner: Incoming,
+    release: Option<Release>,
+}
+
+struct Release {
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+    sender: H1Sender,
+}
+
+impl PooledBody {
+    pub fn new(inner: Incoming) -> Self {
+        PooledBody {
+            inner,
+            release: None,
+        }
+    }
+
+    pub fn returning(inner: Incoming, pool: Arc<Pool>, addr: SocketAddr, sender: H1Sender) -> Self {
+        let mut body = PooledBody {
+            inner,
+            release: Some(Release { pool, addr, sender }),
+        };
+        if body.inner.is_end_stream() {
+            body.release_now();
+        }
+        body
+    }
+
+    fn release_now(&mut self) {
+        if let Some(r) = self.release.take() {
+            r.pool.put_h1(r.addr, r.sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release_now(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release_now(),
+            // A broken body means a broken connection: never pool it.
+            Poll::Ready(Some(Err(_))) => this.release = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
