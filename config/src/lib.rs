@@ -6,7 +6,10 @@
 //! field path, and compiles it ([`compile`]) into an immutable, lookup-ready
 //! [`snapshot::Snapshot`] with a content version. It has no async runtime dependency.
 
+pub mod decode;
 pub mod diag;
+pub mod model;
+pub mod resources;
 pub mod snapshot;
 pub mod yaml;
 

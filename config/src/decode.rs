@@ -1,0 +1,788 @@
+//! Located YAML nodes to typed [`crate::model`] resources.
+//!
+//! Hand-written rather than serde-derived so that one document can report every problem
+//! at once (a serde deserializer stops at the first) and so that fields Tern knows but
+//! does not implement can be warnings instead of errors. Problems found here are
+//! structural: wrong types, unknown or missing fields, unknown enum values.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::diag::{Diagnostic, Sink};
+use crate::model::*;
+use crate::yaml::{self, LocMap, Node, NodeKind, Scalar, join};
+
+/// Standard ObjectMeta fields that carry nothing Tern needs: accepted silently.
+const META_SILENT: &[&str] = &[
+    "annotations",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "managedFields",
+    "ownerReferences",
+    "finalizers",
+    "generateName",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "selfLink",
+];
+
+/// Service spec fields that do not matter to a proxy: accepted silently.
+const SERVICE_SPEC_SILENT: &[&str] = &[
+    "selector",
+    "type",
+    "clusterIP",
+    "clusterIPs",
+    "sessionAffinity",
+    "sessionAffinityConfig",
+    "ipFamilies",
+    "ipFamilyPolicy",
+    "internalTrafficPolicy",
+    "externalTrafficPolicy",
+    "externalIPs",
+    "externalName",
+    "loadBalancerIP",
+    "loadBalancerSourceRanges",
+    "loadBalancerClass",
+    "healthCheckNodePort",
+    "publishNotReadyAddresses",
+    "allocateLoadBalancerNodePorts",
+    "trafficDistribution",
+];
+
+/// Parses and decodes one file. A YAML syntax error yields one diagnostic and no objects:
+/// a file that does not parse as a whole is not trusted in part.
+pub fn decode_file(file: &str, text: &str, diags: &mut Vec<Diagnostic>) -> Vec<Object> {
+    let mut sink = Sink { file, diags };
+    let docs = match yaml::parse(text) {
+        Ok(docs) => docs,
+        Err(e) => {
+            sink.error(e.loc, "", format!("YAML syntax error: {}", e.message));
+            return Vec::new();
+        }
+    };
+    let file: Arc<str> = file.into();
+    docs.iter()
+        .filter(|d| !d.is_null())
+        .filter_map(|doc| {
+            let resource = decode_doc(&mut sink, doc)?;
+            Some(Object {
+                resource,
+                source: Source {
+                    file: file.clone(),
+                    locs: Arc::new(LocMap::build(doc)),
+                },
+            })
+        })
+        .collect()
+}
+
+/// The entries of a mapping node being decoded, with which keys were consumed.
+struct Fields<'n> {
+    node: &'n Node,
+    path: String,
+    entries: Vec<(&'n Node, &'n Node)>,
+    used: Vec<bool>,
+}
+
+impl<'n> Fields<'n> {
+    fn new(s: &mut Sink, node: &'n Node, path: &str) -> Option<Fields<'n>> {
+        match &node.kind {
+            NodeKind::Map(entries) => Some(Fields {
+                node,
+                path: path.to_string(),
+                entries: entries.iter().map(|(k, v)| (k, v)).collect(),
+                used: vec![false; entries.len()],
+            }),
+            _ if node.is_null() => Some(Fields {
+                node,
+                path: path.to_string(),
+                entries: Vec::new(),
+                used: Vec::new(),
+            }),
+            _ => {
+                s.error(node.loc, path, "expected a mapping");
+                None
+            }
+        }
+    }
+
+    /// The value of `key` and its path; `None` when absent or null (Kubernetes treats an
+    /// explicit null as absent).
+    fn take(&mut self, key: &str) -> Option<(&'n Node, String)> {
+        let i = self
+            .entries
+            .iter()
+            .position(|(k, _)| k.key_text() == Some(key))?;
+        self.used[i] = true;
+        let v = self.entries[i].1;
+        (!v.is_null()).then(|| (v, join(&self.path, key)))
+    }
+
+    fn str(&mut self, s: &mut Sink, key: &str) -> Option<String> {
+        let (n, p) = self.take(key)?;
+        string(s, n, &p)
+    }
+
+    fn int(&mut self, s: &mut Sink, key: &str) -> Option<i64> {
+        let (n, p) = self.take(key)?;
+        int(s, n, &p)
+    }
+
+    fn boolean(&mut self, s: &mut Sink, key: &str) -> Option<bool> {
+        let (n, p) = self.take(key)?;
+        match n.scalar() {
+            Some(Scalar::Bool(b)) => Some(b),
+            _ => {
+                s.error(n.loc, &p, "expected true or false");
+                None
+            }
+        }
+    }
+
+    fn map(&mut self, s: &mut Sink, key: &str) -> Option<Fields<'n>> {
+        let (n, p) = self.take(key)?;
+        Fields::new(s, n, &p)
+    }
+
+    fn list(&mut self, s: &mut Sink, key: &str) -> Vec<(&'n Node, String)> {
+        match self.take(key) {
+            Some((n, p)) => list(s, n, &p),
+            None => Vec::new(),
+        }
+    }
+
+    /// Like [`Fields::str`] but reports a missing field.
+    fn required_str(&mut self, s: &mut Sink, key: &str) -> Option<String> {
+        if self.has(key) {
+            self.str(s, key)
+        } else {
+            self.missing(s, key);
+            None
+        }
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.entries
+            .iter()
+            .any(|(k, v)| k.key_text() == Some(key) && !v.is_null())
+    }
+
+    fn missing(&self, s: &mut Sink, key: &str) {
+        s.error(
+            self.node.loc,
+            &self.path,
+            format!("missing required field \"{key}\""),
+        );
+    }
+
+    /// Reports keys not consumed: `silent` ones are fine, `unsupported` ones are warnings
+    /// (valid upstream, not implemented by Tern), the rest are errors.
+    fn finish(self, s: &mut Sink, silent: &[&str], unsupported: &[&str]) {
+        for (i, (k, _)) in self.entries.iter().enumerate() {
+            let Some(key) = k.key_text() else {
+                s.error(k.loc, &self.path, "expected a string key");
+                continue;
+            };
+            let path = join(&self.path, key);
+            if self.entries[..i].iter().any(|(k2, _)| k2.key_text() == Some(key)) {
+                s.error(k.loc, &path, format!("duplicate key \"{key}\""));
+            } else if self.used[i] || silent.contains(&key) {
+            } else if unsupported.contains(&key) {
+                s.warn(
+                    k.loc,
+                    &path,
+                    format!("field \"{key}\" is not supported by Tern yet; ignored"),
+                );
+            } else {
+                s.error(k.loc, &path, format!("unknown field \"{key}\""));
+            }
+        }
+    }
+}
+
+fn string(s: &mut Sink, n: &Node, path: &str) -> Option<String> {
+    match n.scalar() {
+        Some(Scalar::Str(v)) => Some(v.to_string()),
+        _ => {
+            s.error(n.loc, path, "expected a string");
+            None
+        }
+    }
+}
+
+fn int(s: &mut Sink, n: &Node, path: &str) -> Option<i64> {
+    match n.scalar() {
+        Some(Scalar::Int(i)) => Some(i),
+        _ => {
+            s.error(n.loc, path, "expected an integer");
+            None
+        }
+    }
+}
+
+fn list<'n>(s: &mut Sink, n: &'n Node, path: &str) -> Vec<(&'n Node, String)> {
+    match &n.kind {
+        NodeKind::Seq(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| (item, format!("{path}[{i}]")))
+            .collect(),
+        _ => {
+            s.error(n.loc, path, "expected a list");
+            Vec::new()
+        }
+    }
+}
+
+/// Decodes `key` as one of `allowed` values; `None` (after an error) for anything else.
+fn enum_value<'a>(
+    f: &mut Fields,
+    s: &mut Sink,
+    key: &str,
+    what: &str,
+    allowed: &[&'a str],
+) -> Option<&'a str> {
+    let (n, p) = f.take(key)?;
+    let v = string(s, n, &p)?;
+    match allowed.iter().find(|a| **a == v) {
+        Some(a) => Some(*a),
+        None => {
+            s.error(
+                n.loc,
+                &p,
+                format!("unknown {what} \"{v}\" (expected {})", one_of(allowed)),
+            );
+            None
+        }
+    }
+}
+
+fn one_of(allowed: &[&str]) -> String {
+    match allowed {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
+fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
+    let mut f = Fields::new(s, doc, "")?;
+    let api_version = f.required_str(s, "apiVersion");
+    let (kind_node, _) = f.take("kind").unzip();
+    let kind_name = match kind_node {
+        Some(n) => string(s, n, "kind"),
+        None => {
+            f.missing(s, "kind");
+            None
+        }
+    };
+    let kind = match (&kind_name, kind_node) {
+        (Some(k), Some(n)) => match Kind::from_name(k) {
+            Some(kind) => Some(kind),
+            None => {
+                s.error(
+                    n.loc,
+                    "kind",
+                    format!(
+                        "unknown kind \"{k}\" (Tern reads Service, EndpointSlice, HTTPRoute and GRPCRoute)"
+                    ),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let kind = kind?;
+    let api_version = api_version?;
+    if api_version != kind.api_version() {
+        let loc = f.take("apiVersion").map_or(doc.loc, |(n, _)| n.loc);
+        s.error(
+            loc,
+            "apiVersion",
+            format!(
+                "unsupported apiVersion \"{api_version}\" for {kind} (expected {})",
+                kind.api_version()
+            ),
+        );
+        return None;
+    }
+    let meta = match f.map(s, "metadata") {
+        Some(m) => meta(s, m),
+        None => {
+            f.missing(s, "metadata");
+            None
+        }
+    };
+    let resource = match kind {
+        Kind::Service => {
+            let spec = spec_fields(&mut f, s).map(|sf| service_spec(s, sf));
+            f.finish(s, &["status"], &[]);
+            Resource::Service(Service {
+                meta: meta?,
+                ports: spec.unwrap_or_default(),
+            })
+        }
+        Kind::EndpointSlice => {
+            let slice = endpoint_slice(s, &mut f);
+            f.finish(s, &[], &[]);
+            Resource::EndpointSlice(EndpointSlice {
+                meta: meta?,
+                ..slice
+            })
+        }
+        Kind::HTTPRoute => {
+            let ns = meta.as_ref().map(|m| m.namespace.clone()).unwrap_or_default();
+            let spec = spec_fields(&mut f, s).map(|sf| http_route_spec(s, sf, &ns));
+            f.finish(s, &["status"], &[]);
+            let (parent_refs, rules) = spec.unwrap_or_default();
+            Resource::HTTPRoute(HttpRoute {
+                meta: meta?,
+                parent_refs,
+                rules,
+            })
+        }
+        Kind::GRPCRoute => {
+            let ns = meta.as_ref().map(|m| m.namespace.clone()).unwrap_or_default();
+            let spec = spec_fields(&mut f, s).map(|sf| grpc_route_spec(s, sf, &ns));
+            f.finish(s, &["status"], &[]);
+            let (parent_refs, rules) = spec.unwrap_or_default();
+            Resource::GRPCRoute(GrpcRoute {
+                meta: meta?,
+                parent_refs,
+                rules,
+            })
+        }
+    };
+    Some(resource)
+}
+
+fn spec_fields<'n>(f: &mut Fields<'n>, s: &mut Sink) -> Option<Fields<'n>> {
+    if !f.has("spec") {
+        f.missing(s, "spec");
+    }
+    f.map(s, "spec")
+}
+
+fn meta(s: &mut Sink, mut f: Fields) -> Option<Meta> {
+    let name = f.required_str(s, "name");
+    let namespace = f.str(s, "namespace").unwrap_or_else(|| "default".into());
+    let creation_timestamp = f.str(s, "creationTimestamp");
+    let mut labels = BTreeMap::new();
+    if let Some(lf) = f.map(s, "labels") {
+        for (k, v) in &lf.entries {
+            let (Some(key), false) = (k.key_text(), v.is_null()) else { continue };
+            if let Some(val) = string(s, v, &format!("metadata.labels.{key}")) {
+                labels.insert(key.to_string(), val);
+            }
+        }
+    }
+    f.finish(s, META_SILENT, &[]);
+    Some(Meta {
+        name: name?,
+        namespace,
+        creation_timestamp,
+        labels,
+    })
+}
+
+fn service_spec(s: &mut Sink, mut f: Fields) -> Vec<ServicePort> {
+    let mut ports = Vec::new();
+    for (n, p) in f.list(s, "ports") {
+        let Some(mut pf) = Fields::new(s, n, &p) else { continue };
+        let name = pf.str(s, "name");
+        let app_protocol = pf.str(s, "appProtocol");
+        let port = if pf.has("port") {
+            pf.int(s, "port")
+        } else {
+            pf.missing(s, "port");
+            None
+        };
+        // targetPort may be a number or a name: either is fine, the proxy does not use it.
+        pf.take("targetPort");
+        pf.str(s, "protocol");
+        pf.int(s, "nodePort");
+        pf.finish(s, &[], &[]);
+        if let Some(port) = port {
+            ports.push(ServicePort {
+                name,
+                port,
+                app_protocol,
+            });
+        }
+    }
+    f.finish(s, SERVICE_SPEC_SILENT, &[]);
+    ports
+}
+
+fn endpoint_slice(s: &mut Sink, f: &mut Fields) -> EndpointSlice {
+    let address_type = f.str(s, "addressType").unwrap_or_else(|| {
+        f.missing(s, "addressType");
+        String::new()
+    });
+    let mut endpoints = Vec::new();
+    for (n, p) in f.list(s, "endpoints") {
+        let Some(mut ef) = Fields::new(s, n, &p) else { continue };
+        let mut addresses = Vec::new();
+        for (an, ap) in ef.list(s, "addresses") {
+            addresses.extend(string(s, an, &ap));
+        }
+        let mut ready = true;
+        if let Some(mut cf) = ef.map(s, "conditions") {
+            ready = cf.boolean(s, "ready").unwrap_or(true);
+            cf.boolean(s, "serving");
+            cf.boolean(s, "terminating");
+            cf.finish(s, &[], &[]);
+        }
+        let zone = ef.str(s, "zone");
+        ef.str(s, "hostname");
+        ef.str(s, "nodeName");
+        ef.finish(s, &["targetRef", "hints", "deprecatedTopology"], &[]);
+        endpoints.push(EndpointSpec {
+            addresses,
+            ready,
+            zone,
+        });
+    }
+    let mut ports = Vec::new();
+    for (n, p) in f.list(s, "ports") {
+        let Some(mut pf) = Fields::new(s, n, &p) else { continue };
+        let port = EndpointPort {
+            name: pf.str(s, "name"),
+            port: pf.int(s, "port"),
+            app_protocol: pf.str(s, "appProtocol"),
+        };
+        pf.str(s, "protocol");
+        pf.finish(s, &[], &[]);
+        ports.push(port);
+    }
+    EndpointSlice {
+        meta: Meta::default(),
+        address_type,
+        endpoints,
+        ports,
+    }
+}
+
+fn parent_refs(s: &mut Sink, f: &mut Fields, ns: &str) -> Vec<ParentRef> {
+    let mut refs = Vec::new();
+    for (n, p) in f.list(s, "parentRefs") {
+        let Some(mut pf) = Fields::new(s, n, &p) else { continue };
+        let r = (|| {
+            Some(ParentRef {
+                // Gateway API defaults a parentRef to a Gateway.
+                group: pf
+                    .str(s, "group")
+                    .unwrap_or_else(|| "gateway.networking.k8s.io".into()),
+                kind: pf.str(s, "kind").unwrap_or_else(|| "Gateway".into()),
+                namespace: pf.str(s, "namespace").unwrap_or_else(|| ns.into()),
+                port: pf.int(s, "port"),
+                name: pf.required_str(s, "name")?,
+            })
+        })();
+        pf.finish(s, &[], &["sectionName"]);
+        refs.extend(r);
+    }
+    if !f.has("parentRefs") {
+        s.warn(
+            f.node.loc,
+            &join(&f.path, "parentRefs"),
+            "no parentRefs: this route is not attached to any Service",
+        );
+    }
+    refs
+}
+
+fn backend_refs(s: &mut Sink, f: &mut Fields, ns: &str) -> Vec<BackendRef> {
+    let mut refs = Vec::new();
+    for (n, p) in f.list(s, "backendRefs") {
+        let Some(mut bf) = Fields::new(s, n, &p) else { continue };
+        let group = bf.str(s, "group").unwrap_or_default();
+        let kind = bf.str(s, "kind").unwrap_or_else(|| "Service".into());
+        let namespace = bf.str(s, "namespace").unwrap_or_else(|| ns.into());
+        let name = bf.required_str(s, "name");
+        let port = if bf.has("port") {
+            bf.int(s, "port")
+        } else {
+            bf.missing(s, "port");
+            None
+        };
+        let weight = bf.int(s, "weight").unwrap_or(1);
+        bf.finish(s, &[], &["filters"]);
+        if let Some(name) = name {
+            refs.push(BackendRef {
+                group,
+                kind,
+                namespace,
+                name,
+                port,
+                weight,
+            });
+        }
+    }
+    refs
+}
+
+fn value_matches(s: &mut Sink, f: &mut Fields, key: &str) -> Vec<ValueMatch> {
+    let mut out = Vec::new();
+    for (n, p) in f.list(s, key) {
+        let Some(mut mf) = Fields::new(s, n, &p) else { continue };
+        let match_type = match_type(s, &mut mf);
+        let name = mf.required_str(s, "name");
+        let value = mf.required_str(s, "value");
+        mf.finish(s, &[], &[]);
+        if let (Some(match_type), Some(name), Some(value)) = (match_type, name, value) {
+            out.push(ValueMatch {
+                match_type,
+                name,
+                value,
+            });
+        }
+    }
+    out
+}
+
+fn match_type(s: &mut Sink, f: &mut Fields) -> Option<MatchType> {
+    if !f.has("type") {
+        return Some(MatchType::Exact);
+    }
+    Some(
+        match enum_value(f, s, "type", "match type", &["Exact", "RegularExpression"])? {
+            "Exact" => MatchType::Exact,
+            _ => MatchType::RegularExpression,
+        },
+    )
+}
+
+fn filters(s: &mut Sink, f: &mut Fields, grpc: bool) -> Vec<Filter> {
+    let mut out = Vec::new();
+    let types: &[&str] = if grpc {
+        &[
+            "RequestHeaderModifier",
+            "ResponseHeaderModifier",
+            "RequestMirror",
+            "ExtensionRef",
+        ]
+    } else {
+        &[
+            "RequestHeaderModifier",
+            "ResponseHeaderModifier",
+            "URLRewrite",
+            "RequestMirror",
+            "RequestRedirect",
+            "ExtensionRef",
+            "CORS",
+        ]
+    };
+    for (n, p) in f.list(s, "filters") {
+        let Some(mut ff) = Fields::new(s, n, &p) else { continue };
+        if !ff.has("type") {
+            ff.missing(s, "type");
+        }
+        let ty = enum_value(&mut ff, s, "type", "filter type", types);
+        let filter = match ty {
+            Some(t @ ("RequestHeaderModifier" | "ResponseHeaderModifier")) => {
+                let key = if t == "RequestHeaderModifier" {
+                    "requestHeaderModifier"
+                } else {
+                    "responseHeaderModifier"
+                };
+                let m = config_fields(s, &mut ff, key).map(|hf| header_modifier(s, hf));
+                m.map(|m| {
+                    if t == "RequestHeaderModifier" {
+                        Filter::RequestHeaderModifier(m)
+                    } else {
+                        Filter::ResponseHeaderModifier(m)
+                    }
+                })
+            }
+            Some("URLRewrite") => {
+                config_fields(s, &mut ff, "urlRewrite").map(|uf| Filter::URLRewrite(url_rewrite(s, uf)))
+            }
+            Some(t) => {
+                let loc = ff.take("type").map_or(n.loc, |(tn, _)| tn.loc);
+                s.warn(
+                    loc,
+                    &join(&p, "type"),
+                    format!("filter type {t} is not supported by Tern yet; ignored"),
+                );
+                Some(Filter::Unsupported(t.to_string()))
+            }
+            None => None,
+        };
+        let silent: &[&str] = match ty {
+            Some("RequestMirror") => &["requestMirror"],
+            Some("RequestRedirect") => &["requestRedirect"],
+            Some("ExtensionRef") => &["extensionRef"],
+            Some("CORS") => &["cors"],
+            _ => &[],
+        };
+        ff.finish(s, silent, &[]);
+        out.extend(filter);
+    }
+    out
+}
+
+/// The per-type configuration of a filter (`requestHeaderModifier: {...}`), required.
+fn config_fields<'n>(s: &mut Sink, f: &mut Fields<'n>, key: &str) -> Option<Fields<'n>> {
+    if !f.has(key) {
+        f.missing(s, key);
+        return None;
+    }
+    f.map(s, key)
+}
+
+fn header_modifier(s: &mut Sink, mut f: Fields) -> HeaderModifier {
+    let mut pairs = |f: &mut Fields, key: &str| {
+        let mut out = Vec::new();
+        for (n, p) in f.list(s, key) {
+            let Some(mut hf) = Fields::new(s, n, &p) else { continue };
+            let name = hf.required_str(s, "name");
+            let value = hf.required_str(s, "value");
+            hf.finish(s, &[], &[]);
+            if let (Some(name), Some(value)) = (name, value) {
+                out.push((name, value));
+            }
+        }
+        out
+    };
+    let set = pairs(&mut f, "set");
+    let add = pairs(&mut f, "add");
+    let mut remove = Vec::new();
+    for (n, p) in f.list(s, "remove") {
+        remove.extend(string(s, n, &p));
+    }
+    f.finish(s, &[], &[]);
+    HeaderModifier { set, add, remove }
+}
+
+fn url_rewrite(s: &mut Sink, mut f: Fields) -> UrlRewrite {
+    let hostname = f.str(s, "hostname");
+    let path = f.map(s, "path").and_then(|mut pf| {
+        if !pf.has("type") {
+            pf.missing(s, "type");
+        }
+        let ty = enum_value(
+            &mut pf,
+            s,
+            "type",
+            "path modifier type",
+            &["ReplaceFullPath", "ReplacePrefixMatch"],
+        );
+        let m = match ty {
+            Some("ReplaceFullPath") => {
+                let v = pf.required_str(s, "replaceFullPath");
+                v.map(PathModifier::ReplaceFullPath)
+            }
+            Some(_) => {
+                let v = pf.required_str(s, "replacePrefixMatch");
+                v.map(PathModifier::ReplacePrefixMatch)
+            }
+            None => None,
+        };
+        pf.finish(s, &[], &[]);
+        m
+    });
+    f.finish(s, &[], &[]);
+    UrlRewrite { hostname, path }
+}
+
+fn http_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Vec<HttpRule>) {
+    let parents = parent_refs(s, &mut f, ns);
+    let mut rules = Vec::new();
+    for (n, p) in f.list(s, "rules") {
+        let Some(mut rf) = Fields::new(s, n, &p) else { continue };
+        rf.str(s, "name");
+        let mut matches = Vec::new();
+        for (mn, mp) in rf.list(s, "matches") {
+            let Some(mut mf) = Fields::new(s, mn, &mp) else { continue };
+            let mut m = HttpRouteMatch::default();
+            if let Some(mut pf) = mf.map(s, "path") {
+                let ty = if pf.has("type") {
+                    enum_value(
+                        &mut pf,
+                        s,
+                        "type",
+                        "path match type",
+                        &["Exact", "PathPrefix", "RegularExpression"],
+                    )
+                } else {
+                    Some("PathPrefix")
+                };
+                m.path_type = match ty {
+                    Some("Exact") => PathType::Exact,
+                    Some("RegularExpression") => PathType::RegularExpression,
+                    _ => PathType::PathPrefix,
+                };
+                m.path = pf.str(s, "value").unwrap_or_else(|| "/".into());
+                pf.finish(s, &[], &[]);
+            }
+            m.headers = value_matches(s, &mut mf, "headers");
+            m.query_params = value_matches(s, &mut mf, "queryParams");
+            m.method = mf.str(s, "method");
+            mf.finish(s, &[], &[]);
+            matches.push(m);
+        }
+        if matches.is_empty() {
+            matches.push(HttpRouteMatch::default());
+        }
+        let filters = filters(s, &mut rf, false);
+        let backend_refs = backend_refs(s, &mut rf, ns);
+        let mut timeouts = Timeouts::default();
+        if let Some(mut tf) = rf.map(s, "timeouts") {
+            timeouts.request = tf.str(s, "request");
+            timeouts.backend_request = tf.str(s, "backendRequest");
+            tf.finish(s, &[], &[]);
+        }
+        rf.finish(s, &[], &["retry", "sessionPersistence"]);
+        rules.push(HttpRule {
+            matches,
+            filters,
+            backend_refs,
+            timeouts,
+        });
+    }
+    f.finish(s, &[], &["hostnames"]);
+    (parents, rules)
+}
+
+fn grpc_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Vec<GrpcRule>) {
+    let parents = parent_refs(s, &mut f, ns);
+    let mut rules = Vec::new();
+    for (n, p) in f.list(s, "rules") {
+        let Some(mut rf) = Fields::new(s, n, &p) else { continue };
+        rf.str(s, "name");
+        let mut matches = Vec::new();
+        for (mn, mp) in rf.list(s, "matches") {
+            let Some(mut mf) = Fields::new(s, mn, &mp) else { continue };
+            let mut m = GrpcRouteMatch::default();
+            if let Some(mut gf) = mf.map(s, "method") {
+                let match_type = match_type(s, &mut gf);
+                let service = gf.str(s, "service");
+                let method = gf.str(s, "method");
+                gf.finish(s, &[], &[]);
+                m.method = match_type.map(|match_type| GrpcMethodMatch {
+                    match_type,
+                    service,
+                    method,
+                });
+            }
+            m.headers = value_matches(s, &mut mf, "headers");
+            mf.finish(s, &[], &[]);
+            matches.push(m);
+        }
+        if matches.is_empty() {
+            matches.push(GrpcRouteMatch::default());
+        }
+        let filters = filters(s, &mut rf, true);
+        let backend_refs = backend_refs(s, &mut rf, ns);
+        rf.finish(s, &[], &["sessionPersistence"]);
+        rules.push(GrpcRule {
+            matches,
+            filters,
+            backend_refs,
+        });
+    }
+    f.finish(s, &[], &["hostnames"]);
+    (parents, rules)
+}

@@ -1,0 +1,315 @@
+//! The typed resources Tern reads, as decoded from YAML (before semantic validation).
+//!
+//! Values stay close to what the user wrote (durations, regexes and header names are
+//! still strings) so that [`crate::validate`] can report on them with locations and
+//! [`crate::compile`] can build the snapshot. `Serialize` gives the canonical rendering
+//! the snapshot version is hashed from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::diag::Loc;
+use crate::yaml::LocMap;
+
+/// The kinds Tern reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    HTTPRoute,
+    GRPCRoute,
+}
+
+impl Kind {
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::Service => "v1",
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::HTTPRoute | Kind::GRPCRoute => "gateway.networking.k8s.io/v1",
+        }
+    }
+
+    pub fn from_name(kind: &str) -> Option<Kind> {
+        Some(match kind {
+            "Service" => Kind::Service,
+            "EndpointSlice" => Kind::EndpointSlice,
+            "HTTPRoute" => Kind::HTTPRoute,
+            "GRPCRoute" => Kind::GRPCRoute,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Identity of a resource in a [`crate::resources::Resources`] set.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Key {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// Where a resource came from: its file and the location of each of its nodes.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub file: Arc<str>,
+    pub locs: Arc<LocMap>,
+}
+
+impl Source {
+    pub fn loc(&self, path: &str) -> Loc {
+        self.locs.get(path)
+    }
+}
+
+/// One decoded resource with its source.
+#[derive(Debug, Clone)]
+pub struct Object {
+    pub resource: Resource,
+    pub source: Source,
+}
+
+impl Object {
+    pub fn key(&self) -> Key {
+        let meta = self.resource.meta();
+        Key {
+            kind: self.resource.kind(),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub enum Resource {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    HTTPRoute(HttpRoute),
+    GRPCRoute(GrpcRoute),
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::Service(_) => Kind::Service,
+            Resource::EndpointSlice(_) => Kind::EndpointSlice,
+            Resource::HTTPRoute(_) => Kind::HTTPRoute,
+            Resource::GRPCRoute(_) => Kind::GRPCRoute,
+        }
+    }
+
+    pub fn meta(&self) -> &Meta {
+        match self {
+            Resource::Service(r) => &r.meta,
+            Resource::EndpointSlice(r) => &r.meta,
+            Resource::HTTPRoute(r) => &r.meta,
+            Resource::GRPCRoute(r) => &r.meta,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Meta {
+    pub name: String,
+    pub namespace: String,
+    /// RFC 3339, as written; orders routes by age.
+    pub creation_timestamp: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Service {
+    pub meta: Meta,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: i64,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointSlice {
+    pub meta: Meta,
+    pub address_type: String,
+    pub endpoints: Vec<EndpointSpec>,
+    pub ports: Vec<EndpointPort>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointSpec {
+    pub addresses: Vec<String>,
+    /// `conditions.ready`; absent means ready.
+    pub ready: bool,
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointPort {
+    pub name: Option<String>,
+    pub port: Option<i64>,
+    pub app_protocol: Option<String>,
+}
+
+/// A `parentRefs[]` entry. Only Service parents (GAMMA) are used.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParentRef {
+    pub group: String,
+    pub kind: String,
+    /// Defaults to the route's namespace.
+    pub namespace: String,
+    pub name: String,
+    pub port: Option<i64>,
+}
+
+impl ParentRef {
+    pub fn is_service(&self) -> bool {
+        self.group.is_empty() && self.kind == "Service"
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendRef {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub port: Option<i64>,
+    pub weight: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRoute {
+    pub meta: Meta,
+    pub parent_refs: Vec<ParentRef>,
+    pub rules: Vec<HttpRule>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRule {
+    /// Never empty: a rule without matches gets one `PathPrefix /` match.
+    pub matches: Vec<HttpRouteMatch>,
+    pub filters: Vec<Filter>,
+    pub backend_refs: Vec<BackendRef>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timeouts {
+    pub request: Option<String>,
+    pub backend_request: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PathType {
+    Exact,
+    PathPrefix,
+    RegularExpression,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MatchType {
+    Exact,
+    RegularExpression,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRouteMatch {
+    pub path_type: PathType,
+    pub path: String,
+    pub headers: Vec<ValueMatch>,
+    pub query_params: Vec<ValueMatch>,
+    pub method: Option<String>,
+}
+
+impl Default for HttpRouteMatch {
+    fn default() -> Self {
+        HttpRouteMatch {
+            path_type: PathType::PathPrefix,
+            path: "/".into(),
+            headers: vec![],
+            query_params: vec![],
+            method: None,
+        }
+    }
+}
+
+/// A header or query parameter match.
+#[derive(Debug, Clone, Serialize)]
+pub struct ValueMatch {
+    pub match_type: MatchType,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub enum Filter {
+    RequestHeaderModifier(HeaderModifier),
+    ResponseHeaderModifier(HeaderModifier),
+    URLRewrite(UrlRewrite),
+    /// A valid Gateway API filter Tern does not implement (warned about, ignored).
+    Unsupported(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeaderModifier {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UrlRewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub enum PathModifier {
+    ReplaceFullPath(String),
+    ReplacePrefixMatch(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GrpcRoute {
+    pub meta: Meta,
+    pub parent_refs: Vec<ParentRef>,
+    pub rules: Vec<GrpcRule>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GrpcRule {
+    /// Never empty: a rule without matches gets one match-everything entry.
+    pub matches: Vec<GrpcRouteMatch>,
+    pub filters: Vec<Filter>,
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GrpcRouteMatch {
+    pub method: Option<GrpcMethodMatch>,
+    pub headers: Vec<ValueMatch>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GrpcMethodMatch {
+    pub match_type: MatchType,
+    pub service: Option<String>,
+    pub method: Option<String>,
+}
