@@ -1,9 +1,557 @@
-//! Placeholder: being written.
+//! `ternctl demo`: a small service mesh on this machine, no cluster needed.
+//!
+//! Starts a `tern-demo-app` per app (checkout-v1, checkout-v2, catalog), each behind its own
+//! `tern-proxy` sidecar, plus a sidecar for `web`, whose application is an in-process
+//! traffic generator. Every sidecar watches the same config directory (`examples/demo` by
+//! default), so editing it changes routing live. A table redrawn every second shows what
+//! web's sidecar sees, from its `/metrics`. Everything started stops with the demo.
+//!
+//! See docs/demo.md for the port plan and things to try.
+
+mod metrics;
+mod plan;
+mod procs;
+mod summary;
+mod traffic;
+
+use std::io::{IsTerminal, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use http::StatusCode;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use plan::{ConfigSource, DEFAULT_BASE_PORT, NAMESPACE, PortPlan};
+use procs::Procs;
+use summary::SidecarView;
+
+/// Rates and quantiles are computed over this many one-second scrapes.
+const WINDOW_SCRAPES: usize = 5;
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<u64>,
+    /// Config directory the sidecars watch [default: examples/demo].
+    ///
+    /// Used in place with the default base port, so edits apply live; with another base
+    /// port it is copied to a temporary directory with its ports rewritten.
+    #[arg(long, value_name = "DIR")]
+    config: Option<PathBuf>,
+    /// First port of the port plan: app i uses PORT+10*i (sidecar outbound), +1 (inbound),
+    /// +2 (admin) and +5 (the app), for web, checkout-v1, checkout-v2, catalog.
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_BASE_PORT)]
+    base_port: u16,
+    /// Requests per second the traffic generator sends through web's sidecar (0: none).
+    #[arg(long, value_name = "N", default_value_t = 60)]
+    rps: u32,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("locating the ternctl executable")?;
+    let exe_dir = exe
+        .parent()
+        .context("the ternctl executable has no parent directory")?
+        .to_path_buf();
+    let bins = Binaries::find(&exe_dir)?;
+    let plan = PortPlan::new(args.base_port)?;
+    plan::check_ports_free(&plan)?;
+    let work = make_work_dir()?;
+    let config = plan::prepare_config(args.config.as_deref(), &exe_dir, &plan, &work)?;
+    // One thread is plenty for ~100 requests/s, and it keeps every child's parent thread
+    // (for PR_SET_PDEATHSIG) alive until the demo ends.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(run_demo(args, bins, plan, config, work))
+}
+
+struct Binaries {
+    proxy: PathBuf,
+    app: PathBuf,
+}
+
+impl Binaries {
+    fn find(dir: &Path) -> anyhow::Result<Self> {
+        let find = |name: &str| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(anyhow::anyhow!(
+                    "{name} not found next to ternctl (looked for {}). The demo runs the \
+                     workspace's binaries side by side; build them all first:\n    \
+                     cargo build --release && ./target/release/ternctl demo",
+                    path.display()
+                ))
+            }
+        };
+        Ok(Self {
+            proxy: find("tern-proxy")?,
+            app: find("tern-demo-app")?,
+        })
+    }
+}
+
+fn make_work_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing stale {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Why the demo stopped.
+enum Stop {
+    Signal(&'static str),
+    Duration,
+}
+
+async fn run_demo(
+    args: Args,
+    bins: Binaries,
+    plan: PortPlan,
+    config: ConfigSource,
+    work: PathBuf,
+) -> anyhow::Result<ExitCode> {
+    // Install the handlers first, so a Ctrl-C during start-up stops the demo in order.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let signals = async {
+        tokio::select! {
+            _ = sigint.recv() => "Ctrl-C",
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sighup.recv() => "SIGHUP",
+        }
+    };
+
+    let mut procs = Procs::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stats = Arc::new(Mutex::new(traffic::GenStats::default()));
+    let outcome = tokio::select! {
+        r = mesh(&args, &bins, &plan, &config, &work, &mut procs, stop_rx, stats.clone()) => r,
+        name = signals => Ok(Stop::Signal(name)),
+    };
+    let _ = stop_tx.send(true);
+    println!();
+    match &outcome {
+        Ok(Stop::Signal(name)) => println!("{name}: stopping the demo..."),
+        Ok(Stop::Duration) => println!("--duration reached: stopping the demo..."),
+        Err(_) => println!("stopping the demo..."),
+    }
+    procs.shutdown(Duration::from_secs(3)).await;
+    let s = stats.lock().expect("stats lock").clone();
+    if s.sent > 0 {
+        println!(
+            "traffic generator: {} requests, {} ok, {} HTTP errors, {} without an answer",
+            s.sent, s.ok, s.http_errors, s.transport_errors
+        );
+    }
+    println!("all demo processes stopped; logs are in {}", work.display());
+    outcome.map(|_| ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn mesh(
+    args: &Args,
+    bins: &Binaries,
+    plan: &PortPlan,
+    config: &ConfigSource,
+    work: &Path,
+    procs: &mut Procs,
+    stop: watch::Receiver<bool>,
+    stats: Arc<Mutex<traffic::GenStats>>,
+) -> anyhow::Result<Stop> {
+    let config_dir = config.dir().to_string_lossy().into_owned();
+    println!(
+        "Starting the Tern demo mesh (namespace {NAMESPACE}); logs in {}",
+        work.display()
+    );
+    for slot in plan.slots.iter().filter(|s| s.has_app) {
+        procs.spawn(
+            slot.name,
+            &bins.app,
+            &[
+                "--listen".into(),
+                slot.app.to_string(),
+                "--name".into(),
+                slot.name.into(),
+            ],
+            work,
+        )?;
+    }
+    for slot in &plan.slots {
+        procs.spawn(
+            &format!("{}-sidecar", slot.name),
+            &bins.proxy,
+            &[
+                "--config-dir".into(),
+                config_dir.clone(),
+                "--outbound".into(),
+                slot.outbound.to_string(),
+                "--inbound".into(),
+                slot.inbound.to_string(),
+                "--app".into(),
+                slot.app.to_string(),
+                "--admin".into(),
+                slot.admin.to_string(),
+                "--namespace".into(),
+                NAMESPACE.into(),
+                "--workers".into(),
+                "1".into(),
+            ],
+            work,
+        )?;
+    }
+    wait_ready(plan, procs).await?;
+    print_banner(plan, config, work, args.rps);
+
+    if args.rps > 0 {
+        let g = traffic::Generator {
+            target: plan.slot("web").outbound,
+            rps: args.rps,
+        };
+        tokio::spawn(traffic::run(g, stats.clone(), stop));
+    }
+    live_table(args, plan, procs, &stats).await
+}
+
+/// The error for a child that exited, with the end of its log.
+fn died(procs: &mut Procs) -> Option<anyhow::Error> {
+    let (p, status) = procs.check_exited()?;
+    Some(anyhow::anyhow!(
+        "{} exited unexpectedly ({status}). Last lines of {}:\n{}",
+        p.name,
+        p.log.display(),
+        procs::tail(&p.log, 20)
+    ))
+}
+
+/// Waits until every app answers and every sidecar's /ready is 200.
+async fn wait_ready(plan: &PortPlan, procs: &mut Procs) -> anyhow::Result<()> {
+    // (what, address, path): sidecars are ready once they have loaded a config.
+    let mut pending: Vec<(String, SocketAddr, &str)> = Vec::new();
+    for s in &plan.slots {
+        if s.has_app {
+            pending.push((format!("{} app", s.name), s.app, "/control"));
+        }
+        pending.push((format!("{} sidecar", s.name), s.admin, "/ready"));
+    }
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(e) = died(procs) {
+            return Err(e);
+        }
+        let checks = pending
+            .iter()
+            .map(|(_, addr, path)| traffic::get(*addr, path, Duration::from_millis(500)));
+        let results = futures_join_all(checks).await;
+        let mut still = Vec::new();
+        let mut errors = Vec::new();
+        for (item, result) in pending.into_iter().zip(results) {
+            match result {
+                Ok((StatusCode::OK, _)) => {}
+                Ok((status, body)) => {
+                    errors.push(format!(
+                        "{status}: {}",
+                        String::from_utf8_lossy(&body).trim()
+                    ));
+                    still.push(item);
+                }
+                Err(e) => {
+                    errors.push(format!("{e:#}"));
+                    still.push(item);
+                }
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let list: Vec<String> = pending
+                .iter()
+                .zip(&errors)
+                .map(|((what, addr, path), err)| format!("  {what} (http://{addr}{path}): {err}"))
+                .collect();
+            anyhow::bail!(
+                "not ready after {}s:\n{}\nsee the logs for details",
+                READY_TIMEOUT.as_secs(),
+                list.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Awaits all futures concurrently (they are few and short), in order.
+async fn futures_join_all<F: std::future::Future>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (f, slot) in pinned.iter_mut().zip(done.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    done.into_iter().map(|o| o.expect("all done")).collect()
+}
+
+fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
+    let web = plan.slot("web");
+    let v1 = plan.slot("checkout-v1");
+    let catalog = plan.slot("catalog");
+    let mut out = String::new();
+    out.push_str("\nThe Tern demo mesh is up:\n\n");
+    out.push_str(&format!(
+        "  {:<13} {:<17} {:<17} {:<17} {:<17}\n",
+        "NAME", "APP", "SIDECAR OUTBOUND", "SIDECAR INBOUND", "SIDECAR ADMIN"
+    ));
+    for s in &plan.slots {
+        let app = if s.has_app {
+            s.app.to_string()
+        } else {
+            "(traffic gen.)".into()
+        };
+        out.push_str(&format!(
+            "  {:<13} {:<17} {:<17} {:<17} {:<17}\n",
+            s.name,
+            app,
+            s.outbound.to_string(),
+            s.inbound.to_string(),
+            s.admin.to_string()
+        ));
+    }
+    let routes = config.dir().join("routes.yaml");
+    out.push('\n');
+    match config {
+        ConfigSource::InPlace(dir) => out.push_str(&format!(
+            "Config: {} (every sidecar watches it: edits apply live)\n",
+            dir.display()
+        )),
+        ConfigSource::Rewritten { from, to } => out.push_str(&format!(
+            "Config: {} copied to {} with ports rewritten for --base-port {}\n        \
+             (edit the copy to change routing live)\n",
+            from.display(),
+            to.display(),
+            plan.base
+        )),
+        ConfigSource::Embedded(dir) => out.push_str(&format!(
+            "Config: examples/demo not found; the built-in example was written to {}\n        \
+             (edit it to change routing live)\n",
+            dir.display()
+        )),
+    }
+    out.push_str(&format!("Logs:   {}\n", work.display()));
+    if rps > 0 {
+        out.push_str(&format!(
+            "Traffic: ~{rps} requests/s from web through its sidecar ({}).\n",
+            web.outbound
+        ));
+    }
+    out.push_str(&format!(
+        "\nThings to try (in another terminal):\n\
+         \x20 Send a request through the mesh, as web would:\n\
+         \x20   curl -si -H 'Host: checkout.shop:8080' http://{wo}/api/items\n\
+         \x20   http_proxy=http://{wo} curl -si http://checkout.shop:8080/api/items\n\
+         \x20   curl -si -H 'Host: checkout.shop:8080' -H 'x-canary: 1' http://{wo}/api/items\n\
+         \x20 Make checkout-v1 fail half its requests, then heal it:\n\
+         \x20   curl -X POST 'http://{v1}/control?fail=0.5'\n\
+         \x20   curl -X POST 'http://{v1}/control?fail=0'\n\
+         \x20 Slow catalog down: curl -X POST 'http://{cat}/control?latency_ms=200'\n\
+         \x20 Shift the canary: edit the weights (90/10) in {routes} and save.\n\
+         \x20 Look inside a sidecar: curl http://{wa}/config  (or /metrics)\n\
+         Ctrl-C stops everything.\n",
+        wo = web.outbound,
+        wa = web.admin,
+        v1 = v1.app,
+        cat = catalog.app,
+        routes = routes.display(),
+    ));
+    print!("{out}");
+    let _ = std::io::stdout().flush();
+}
+
+/// Scrapes every sidecar each second and redraws the summary until the duration expires or a
+/// child dies (signals are handled by the caller).
+async fn live_table(
+    args: &Args,
+    plan: &PortPlan,
+    procs: &mut Procs,
+    stats: &Mutex<traffic::GenStats>,
+) -> anyhow::Result<Stop> {
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + Duration::from_secs(d));
+    let tty = std::io::stdout().is_terminal();
+    let mut histories: Vec<metrics::History> = plan
+        .slots
+        .iter()
+        .map(|_| metrics::History::default())
+        .collect();
+    let mut drawn = 0usize;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if !tty {
+        println!();
+    }
+    loop {
+        ticker.tick().await;
+        if let Some(e) = died(procs) {
+            return Err(e);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Stop::Duration);
+        }
+        let scrapes = futures_join_all(plan.slots.iter().map(|s| scrape(s.admin))).await;
+        let now = Instant::now();
+        let mut views = Vec::new();
+        let mut web_routes = None;
+        let mut web_error = None;
+        let mut window_secs = 1.0;
+        for ((slot, history), (version, metrics)) in
+            plan.slots.iter().zip(histories.iter_mut()).zip(scrapes)
+        {
+            let mut view = SidecarView {
+                name: slot.name.to_string(),
+                version,
+                outbound: None,
+                inbound: None,
+                metrics_error: None,
+            };
+            match metrics {
+                Ok(samples) => {
+                    history.push(now, samples, WINDOW_SCRAPES);
+                    if let Some((window, secs)) = history.window() {
+                        view.outbound = Some(summary::direction_counts(&window, "outbound"));
+                        view.inbound = Some(summary::direction_counts(&window, "inbound"));
+                        if slot.name == "web" {
+                            web_routes = Some(summary::route_rows(&window, "outbound"));
+                            window_secs = secs;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if slot.name == "web" {
+                        web_error = Some(e.clone());
+                    }
+                    view.metrics_error = Some(e);
+                }
+            }
+            views.push(view);
+        }
+        let web_version = match &views[0].version {
+            Ok(v) => v.clone(),
+            Err(_) => "unknown".into(),
+        };
+        let elapsed = started.elapsed().as_secs();
+        let until = match args.duration {
+            Some(d) => format!("stops after {d}s"),
+            None => "Ctrl-C stops".into(),
+        };
+        let header = format!(
+            "Tern demo | {elapsed}s | web's config version {} | rates over the last {:.0}s | {until}",
+            summary::short_version(&web_version),
+            window_secs
+        );
+        let footer = generator_footer(stats, args.rps);
+        let lines = summary::render(
+            &header,
+            web_routes.as_deref(),
+            web_error.as_deref(),
+            window_secs,
+            &views,
+            &footer,
+        );
+        let mut out = String::new();
+        if tty {
+            if drawn > 0 {
+                // Back to the top of the previous table, then clear below.
+                out.push_str(&format!("\x1b[{drawn}F"));
+            }
+            out.push_str("\x1b[J");
+        }
+        for l in &lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+        if !tty {
+            out.push('\n');
+        }
+        drawn = lines.len();
+        print!("{out}");
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn generator_footer(stats: &Mutex<traffic::GenStats>, rps: u32) -> Vec<String> {
+    if rps == 0 {
+        return vec!["traffic generator off (--rps 0)".into()];
+    }
+    let s = stats.lock().expect("stats lock").clone();
+    let mut lines = vec![format!(
+        "traffic generator (web): {} sent, {} ok, {} HTTP errors, {} without an answer",
+        s.sent, s.ok, s.http_errors, s.transport_errors
+    )];
+    if let Some((status, e)) = &s.last_tern_error {
+        lines.push(format!("  last proxy error: {status} tern-error: {e}"));
+    }
+    if let Some(e) = &s.last_transport_error {
+        lines.push(format!("  last connection error: {e}"));
+    }
+    lines
+        .into_iter()
+        .map(|l| l.chars().take(110).collect())
+        .collect()
+}
+
+type Scrape = (Result<String, String>, Result<Vec<metrics::Sample>, String>);
+
+/// A sidecar's config version (from /config) and metrics (from /metrics).
+async fn scrape(admin: SocketAddr) -> Scrape {
+    let version = async {
+        let (status, body) = traffic::get(admin, "/config", SCRAPE_TIMEOUT).await?;
+        anyhow::ensure!(status == StatusCode::OK, "/config answered {status}");
+        let json: serde_json::Value =
+            serde_json::from_slice(&body).context("/config is not JSON")?;
+        Ok(match &json["version"] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "(none)".into(),
+            other => other.to_string(),
+        })
+    };
+    let samples = async {
+        let (status, body) = traffic::get(admin, "/metrics", SCRAPE_TIMEOUT).await?;
+        anyhow::ensure!(status == StatusCode::OK, "/metrics answered {status}");
+        Ok(metrics::parse(&String::from_utf8_lossy(&body)))
+    };
+    let (v, m) = tokio::join!(version, samples);
+    (
+        v.map_err(|e: anyhow::Error| format!("{e:#}")),
+        m.map_err(|e: anyhow::Error| format!("{e:#}")),
+    )
 }

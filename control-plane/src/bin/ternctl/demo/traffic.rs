@@ -1,0 +1,237 @@
+//! The in-process traffic generator (it plays `web`'s application) and a small HTTP client
+//! for readiness checks and scrapes.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// One HTTP/1.1 request on a fresh connection, with an overall timeout.
+pub async fn request(
+    method: Method,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(StatusCode, Bytes)> {
+    let work = async {
+        let stream = TcpStream::connect(addr).await?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .with_context(|| format!("http://{addr}{path}: no answer within {timeout:?}"))?
+        .with_context(|| format!("http://{addr}{path}"))
+}
+
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(StatusCode, Bytes)> {
+    request(Method::GET, addr, path, timeout).await
+}
+
+/// What the generator saw, from the client side.
+#[derive(Debug, Default, Clone)]
+pub struct GenStats {
+    pub sent: u64,
+    /// Answers with a status below 400.
+    pub ok: u64,
+    /// Answers with a status of 400 or more.
+    pub http_errors: u64,
+    /// Requests that got no answer (connect/IO errors, timeouts).
+    pub transport_errors: u64,
+    /// The latest `tern-error` header value and status seen from the proxy.
+    pub last_tern_error: Option<(u16, String)>,
+    /// The latest transport error.
+    pub last_transport_error: Option<String>,
+}
+
+/// Settings for [`run`].
+#[derive(Debug, Clone)]
+pub struct Generator {
+    /// The `web` sidecar's outbound listener.
+    pub target: SocketAddr,
+    pub rps: u32,
+}
+
+/// A request the generator sends: the Host it names, its path and its headers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Planned {
+    pub host: &'static str,
+    pub path: String,
+    pub canary: bool,
+}
+
+/// Picks the next request: 60% checkout `/api/...` (a sixth of those with `x-canary: 1`),
+/// 40% catalog. `r` is uniform in 0..1000, `item` any number.
+pub fn plan_request(r: u32, item: u32) -> Planned {
+    let item = item % 500 + 1;
+    if r < 100 {
+        Planned {
+            host: "checkout.shop:8080",
+            path: format!("/api/items/{item}"),
+            canary: true,
+        }
+    } else if r < 600 {
+        let path = if r % 5 == 0 {
+            format!("/api/cart?item={item}")
+        } else {
+            format!("/api/items/{item}")
+        };
+        Planned {
+            host: "checkout.shop:8080",
+            path,
+            canary: false,
+        }
+    } else {
+        Planned {
+            host: "catalog.shop:8080",
+            path: format!("/products/{item}"),
+            canary: false,
+        }
+    }
+}
+
+/// Runs until `stop` turns true: `workers` tasks, each on its own keep-alive connection,
+/// together sending at most `rps` requests per second.
+pub async fn run(g: Generator, stats: Arc<Mutex<GenStats>>, stop: watch::Receiver<bool>) {
+    let rps = g.rps.max(1);
+    let workers = (rps / 4).clamp(1, 16);
+    let period = Duration::from_secs_f64(f64::from(workers) / f64::from(rps));
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let stats = stats.clone();
+        let mut stop = stop.clone();
+        let target = g.target;
+        // Stagger the workers so requests spread over the period.
+        let offset = period.mul_f64(f64::from(w) / f64::from(workers));
+        tasks.spawn(async move {
+            let start = tokio::time::Instant::now() + offset;
+            let mut ticker = tokio::time::interval_at(start, period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut conn: Option<http1::SendRequest<Empty<Bytes>>> = None;
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                if *stop.borrow() {
+                    return;
+                }
+                let planned = plan_request(fastrand::u32(0..1000), fastrand::u32(..));
+                tokio::select! {
+                    _ = one(target, &mut conn, &planned, &stats) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn one(
+    target: SocketAddr,
+    conn: &mut Option<http1::SendRequest<Empty<Bytes>>>,
+    planned: &Planned,
+    stats: &Mutex<GenStats>,
+) {
+    let result = tokio::time::timeout(Duration::from_secs(15), async {
+        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+            let stream = TcpStream::connect(target)
+                .await
+                .with_context(|| format!("connecting to web's sidecar at {target}"))?;
+            let _ = stream.set_nodelay(true);
+            let (sender, c) = http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(c);
+            *conn = Some(sender);
+        }
+        let sender = conn.as_mut().expect("just connected");
+        sender.ready().await?;
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(&planned.path)
+            .header(header::HOST, planned.host)
+            .header(header::USER_AGENT, "ternctl-demo");
+        if planned.canary {
+            req = req.header("x-canary", "1");
+        }
+        let resp = sender.send_request(req.body(Empty::new())?).await?;
+        let status = resp.status();
+        let tern_error = resp
+            .headers()
+            .get("tern-error")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        // Read the whole body so the connection can carry the next request.
+        resp.into_body().collect().await?;
+        anyhow::Ok((status, tern_error))
+    })
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 15s")));
+    let mut s = stats.lock().expect("stats lock");
+    s.sent += 1;
+    match result {
+        Ok((status, tern_error)) => {
+            if status.as_u16() < 400 {
+                s.ok += 1;
+            } else {
+                s.http_errors += 1;
+            }
+            if let Some(e) = tern_error {
+                s.last_tern_error = Some((status.as_u16(), e));
+            }
+        }
+        Err(e) => {
+            s.transport_errors += 1;
+            s.last_transport_error = Some(format!("{e:#}"));
+            *conn = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_mix() {
+        let mut canary = 0;
+        let mut checkout = 0;
+        let mut catalog = 0;
+        for r in 0..1000 {
+            let p = plan_request(r, r * 7);
+            assert!(p.path.starts_with('/'));
+            match p.host {
+                "checkout.shop:8080" => {
+                    assert!(p.path.starts_with("/api/"));
+                    checkout += 1;
+                    canary += usize::from(p.canary);
+                }
+                "catalog.shop:8080" => {
+                    assert!(!p.canary);
+                    catalog += 1;
+                }
+                other => panic!("unexpected host {other}"),
+            }
+        }
+        assert_eq!((checkout, catalog, canary), (600, 400, 100));
+    }
+}
