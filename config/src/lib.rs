@@ -11,6 +11,7 @@ pub mod diag;
 pub mod model;
 pub mod resources;
 pub mod snapshot;
+pub mod validate;
 pub mod yaml;
 
 pub use snapshot::Snapshot;

@@ -1,0 +1,649 @@
+//! Semantic checks on a decoded [`Resources`] set: references between objects, values
+//! that must parse (durations, regexes, header names, addresses), ranges and rules that
+//! the Gateway API spells out in prose (weights, timeouts, `ReplacePrefixMatch`).
+//!
+//! The value parsers here are shared with [`crate::compile`], so what validates compiles.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+use crate::diag::{Diagnostic, Sink};
+use crate::model::*;
+use crate::resources::Resources;
+
+/// Label naming the Service of an EndpointSlice.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label giving the region of an EndpointSlice's endpoints.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// Checks every object of the set; returns errors and warnings in no particular order.
+pub fn validate(res: &Resources) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    for obj in res.iter() {
+        let mut v = V {
+            res,
+            src: &obj.source,
+            sink: Sink {
+                file: &obj.source.file,
+                diags: &mut diags,
+            },
+        };
+        v.meta(obj.resource.kind(), obj.resource.meta());
+        match &obj.resource {
+            Resource::Service(s) => v.service(s),
+            Resource::EndpointSlice(s) => v.endpoint_slice(s),
+            Resource::HTTPRoute(r) => v.http_route(r),
+            Resource::GRPCRoute(r) => v.grpc_route(r),
+        }
+    }
+    diags
+}
+
+struct V<'a> {
+    res: &'a Resources,
+    src: &'a Source,
+    sink: Sink<'a>,
+}
+
+impl V<'_> {
+    fn err(&mut self, path: &str, msg: impl Into<String>) {
+        let loc = self.src.loc(path);
+        self.sink.error(loc, path, msg);
+    }
+
+    fn warn(&mut self, path: &str, msg: impl Into<String>) {
+        let loc = self.src.loc(path);
+        self.sink.warn(loc, path, msg);
+    }
+
+    fn meta(&mut self, kind: Kind, m: &Meta) {
+        // Services must be DNS labels: they become host names.
+        let name_ok = if kind == Kind::Service {
+            is_dns_label(&m.name)
+        } else {
+            is_dns_subdomain(&m.name)
+        };
+        if !name_ok {
+            let what = if kind == Kind::Service {
+                "a DNS label (lower-case letters, digits and '-', at most 63 characters)"
+            } else {
+                "a DNS subdomain (lower-case letters, digits, '-' and '.')"
+            };
+            self.err("metadata.name", format!("invalid name \"{}\": must be {what}", m.name));
+        }
+        if !is_dns_label(&m.namespace) {
+            self.err(
+                "metadata.namespace",
+                format!("invalid namespace \"{}\": must be a DNS label", m.namespace),
+            );
+        }
+        if let Some(ts) = &m.creation_timestamp
+            && timestamp_key(ts).is_none()
+        {
+            self.err(
+                "metadata.creationTimestamp",
+                format!("invalid timestamp \"{ts}\" (expected RFC 3339 UTC, e.g. 2024-05-01T12:00:00Z)"),
+            );
+        }
+    }
+
+    fn port_range(&mut self, path: &str, port: i64) -> bool {
+        let ok = (1..=65535).contains(&port);
+        if !ok {
+            self.err(path, format!("port {port} out of range (1-65535)"));
+        }
+        ok
+    }
+
+    fn service(&mut self, s: &Service) {
+        for (i, p) in s.ports.iter().enumerate() {
+            let path = format!("spec.ports[{i}]");
+            self.port_range(&format!("{path}.port"), p.port);
+            if let Some(j) = s.ports[..i].iter().position(|q| q.port == p.port) {
+                self.err(
+                    &format!("{path}.port"),
+                    format!("duplicate port {} (also spec.ports[{j}])", p.port),
+                );
+            }
+            match &p.name {
+                None | Some(_) if s.ports.len() > 1 && p.name.as_deref().unwrap_or("").is_empty() => {
+                    self.err(&path, "a Service with several ports must name each of them");
+                }
+                Some(name) if !name.is_empty() => {
+                    if let Some(j) = s.ports[..i].iter().position(|q| q.name == p.name) {
+                        self.err(
+                            &format!("{path}.name"),
+                            format!("duplicate port name \"{name}\" (also spec.ports[{j}])"),
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn endpoint_slice(&mut self, e: &EndpointSlice) {
+        let family = match e.address_type.as_str() {
+            "IPv4" | "IPv6" => Some(e.address_type.as_str()),
+            "FQDN" => {
+                self.warn(
+                    "addressType",
+                    "FQDN EndpointSlices are not supported by Tern yet; ignored",
+                );
+                None
+            }
+            "" => None,
+            other => {
+                self.err(
+                    "addressType",
+                    format!("unknown addressType \"{other}\" (expected IPv4, IPv6 or FQDN)"),
+                );
+                None
+            }
+        };
+        if let Some(family) = family {
+            for (i, ep) in e.endpoints.iter().enumerate() {
+                for (j, a) in ep.addresses.iter().enumerate() {
+                    let ok = if family == "IPv4" {
+                        a.parse::<Ipv4Addr>().is_ok()
+                    } else {
+                        a.parse::<Ipv6Addr>().is_ok()
+                    };
+                    if !ok {
+                        self.err(
+                            &format!("endpoints[{i}].addresses[{j}]"),
+                            format!("invalid {family} address \"{a}\""),
+                        );
+                    }
+                }
+            }
+        }
+        for (i, p) in e.ports.iter().enumerate() {
+            if let Some(port) = p.port {
+                self.port_range(&format!("ports[{i}].port"), port);
+            }
+        }
+        match e.meta.labels.get(SERVICE_NAME_LABEL) {
+            None => self.warn(
+                "metadata.labels",
+                format!("no {SERVICE_NAME_LABEL} label: this EndpointSlice belongs to no Service; ignored"),
+            ),
+            Some(svc) if self.res.service(&e.meta.namespace, svc).is_none() => self.warn(
+                &format!("metadata.labels.{SERVICE_NAME_LABEL}"),
+                format!("no Service {}/{svc}; this EndpointSlice is ignored", e.meta.namespace),
+            ),
+            Some(_) => {}
+        }
+    }
+
+    fn parent_refs(&mut self, route_ns: &str, refs: &[ParentRef]) {
+        for (i, p) in refs.iter().enumerate() {
+            let path = format!("spec.parentRefs[{i}]");
+            if p.name.is_empty() {
+                continue;
+            }
+            if !p.is_service() {
+                self.warn(
+                    &path,
+                    format!(
+                        "parentRef to {} {}/{} ignored: Tern only attaches routes to Services (group \"\", kind Service)",
+                        p.kind, p.namespace, p.name
+                    ),
+                );
+                continue;
+            }
+            let Some(svc) = self.res.service(&p.namespace, &p.name) else {
+                self.err(
+                    &format!("{path}.name"),
+                    format!("no Service {}/{}", p.namespace, p.name),
+                );
+                continue;
+            };
+            if let Some(port) = p.port
+                && self.port_range(&format!("{path}.port"), port)
+                && !svc.ports.iter().any(|sp| sp.port == port)
+            {
+                self.err(
+                    &format!("{path}.port"),
+                    format!("Service {}/{} has no port {port}", p.namespace, p.name),
+                );
+            }
+            if p.namespace != route_ns {
+                self.warn(
+                    &format!("{path}.namespace"),
+                    "consumer routes are not supported yet: this route applies to clients in every namespace",
+                );
+            }
+        }
+    }
+
+    fn backend_refs(&mut self, rule_path: &str, refs: &[BackendRef]) {
+        for (j, b) in refs.iter().enumerate() {
+            let path = format!("{rule_path}.backendRefs[{j}]");
+            if b.name.is_empty() {
+                continue;
+            }
+            if !(0..=1_000_000).contains(&b.weight) {
+                self.err(
+                    &format!("{path}.weight"),
+                    format!("weight {} out of range (0-1000000)", b.weight),
+                );
+            }
+            if !b.group.is_empty() || b.kind != "Service" {
+                let gk = if b.group.is_empty() {
+                    b.kind.clone()
+                } else {
+                    format!("{}/{}", b.group, b.kind)
+                };
+                self.err(
+                    &format!("{path}.kind"),
+                    format!("unsupported backendRef kind {gk}: only Services (group \"\") are supported"),
+                );
+                continue;
+            }
+            let Some(port) = b.port else { continue };
+            let Some(svc) = self.res.service(&b.namespace, &b.name) else {
+                self.err(
+                    &format!("{path}.name"),
+                    format!("no Service {}/{}", b.namespace, b.name),
+                );
+                continue;
+            };
+            if self.port_range(&format!("{path}.port"), port)
+                && !svc.ports.iter().any(|sp| sp.port == port)
+            {
+                self.err(
+                    &format!("{path}.port"),
+                    format!("Service {}/{} has no port {port}", b.namespace, b.name),
+                );
+            }
+        }
+        if !refs.is_empty() && refs.iter().all(|b| b.weight == 0) {
+            self.err(
+                &format!("{rule_path}.backendRefs"),
+                "every backendRef has weight 0: the rule can send traffic nowhere",
+            );
+        }
+    }
+
+    fn value_matches(&mut self, path: &str, what: &str, matches: &[ValueMatch], header: bool) {
+        for (i, m) in matches.iter().enumerate() {
+            let p = format!("{path}.{what}[{i}]");
+            if header {
+                if HeaderName::from_bytes(m.name.as_bytes()).is_err() {
+                    self.err(&format!("{p}.name"), format!("invalid header name \"{}\"", m.name));
+                }
+            } else if m.name.is_empty() {
+                self.err(&format!("{p}.name"), "query parameter name must not be empty");
+            }
+            match m.match_type {
+                MatchType::Exact => {
+                    if header && HeaderValue::from_str(&m.value).is_err() {
+                        self.err(
+                            &format!("{p}.value"),
+                            format!("invalid header value {:?}", m.value),
+                        );
+                    }
+                }
+                MatchType::RegularExpression => self.regex(&format!("{p}.value"), &m.value),
+            }
+        }
+    }
+
+    fn regex(&mut self, path: &str, re: &str) {
+        if let Err(e) = full_regex(re) {
+            self.err(path, e);
+        }
+    }
+
+    fn filters(&mut self, rule_path: &str, filters: &[Filter], matches: Option<&[HttpRouteMatch]>) {
+        let mut seen: Vec<&'static str> = Vec::new();
+        for (k, f) in filters.iter().enumerate() {
+            let path = format!("{rule_path}.filters[{k}]");
+            let ty = match f {
+                Filter::RequestHeaderModifier(m) => {
+                    self.header_modifier(&format!("{path}.requestHeaderModifier"), m);
+                    "RequestHeaderModifier"
+                }
+                Filter::ResponseHeaderModifier(m) => {
+                    self.header_modifier(&format!("{path}.responseHeaderModifier"), m);
+                    "ResponseHeaderModifier"
+                }
+                Filter::URLRewrite(u) => {
+                    self.url_rewrite(&format!("{path}.urlRewrite"), u, matches.unwrap_or(&[]));
+                    "URLRewrite"
+                }
+                Filter::Unsupported(_) => continue,
+            };
+            if seen.contains(&ty) {
+                self.err(
+                    &format!("{path}.type"),
+                    format!("filter {ty} appears more than once in this rule"),
+                );
+            }
+            seen.push(ty);
+        }
+    }
+
+    fn header_modifier(&mut self, path: &str, m: &HeaderModifier) {
+        for (what, pairs) in [("set", &m.set), ("add", &m.add)] {
+            for (i, (name, value)) in pairs.iter().enumerate() {
+                let p = format!("{path}.{what}[{i}]");
+                if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    self.err(&format!("{p}.name"), format!("invalid header name \"{name}\""));
+                }
+                if HeaderValue::from_str(value).is_err() {
+                    self.err(&format!("{p}.value"), format!("invalid header value {value:?}"));
+                }
+            }
+        }
+        for (i, name) in m.remove.iter().enumerate() {
+            if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                self.err(&format!("{path}.remove[{i}]"), format!("invalid header name \"{name}\""));
+            }
+        }
+    }
+
+    fn url_rewrite(&mut self, path: &str, u: &UrlRewrite, matches: &[HttpRouteMatch]) {
+        if let Some(h) = &u.hostname
+            && !is_dns_subdomain(h)
+        {
+            self.err(&format!("{path}.hostname"), format!("invalid hostname \"{h}\""));
+        }
+        match &u.path {
+            Some(PathModifier::ReplaceFullPath(p)) if !p.starts_with('/') => self.err(
+                &format!("{path}.path.replaceFullPath"),
+                "path must start with \"/\"",
+            ),
+            Some(PathModifier::ReplacePrefixMatch(p)) => {
+                if !p.starts_with('/') {
+                    self.err(
+                        &format!("{path}.path.replacePrefixMatch"),
+                        "path must start with \"/\"",
+                    );
+                }
+                if matches.iter().any(|m| m.path_type != PathType::PathPrefix) {
+                    self.err(
+                        &format!("{path}.path.type"),
+                        "ReplacePrefixMatch is only valid when every match of the rule is a PathPrefix match",
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn http_route(&mut self, r: &HttpRoute) {
+        self.parent_refs(&r.meta.namespace, &r.parent_refs);
+        for (i, rule) in r.rules.iter().enumerate() {
+            let rp = format!("spec.rules[{i}]");
+            for (j, m) in rule.matches.iter().enumerate() {
+                let mp = format!("{rp}.matches[{j}]");
+                match m.path_type {
+                    PathType::RegularExpression => self.regex(&format!("{mp}.path.value"), &m.path),
+                    _ if !m.path.starts_with('/') => {
+                        self.err(&format!("{mp}.path.value"), "path must start with \"/\"")
+                    }
+                    _ => {}
+                }
+                self.value_matches(&mp, "headers", &m.headers, true);
+                self.value_matches(&mp, "queryParams", &m.query_params, false);
+                if let Some(method) = &m.method
+                    && !METHODS.contains(&method.as_str())
+                {
+                    self.err(
+                        &format!("{mp}.method"),
+                        format!("unknown method \"{method}\" (expected one of {})", METHODS.join(", ")),
+                    );
+                }
+            }
+            self.filters(&rp, &rule.filters, Some(&rule.matches));
+            self.backend_refs(&rp, &rule.backend_refs);
+            let mut parsed = [None, None];
+            for (slot, (key, value)) in [
+                ("request", &rule.timeouts.request),
+                ("backendRequest", &rule.timeouts.backend_request),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if let Some(v) = value {
+                    match parse_duration(v) {
+                        Ok(d) => parsed[slot] = Some(d),
+                        Err(e) => self.err(&format!("{rp}.timeouts.{key}"), e),
+                    }
+                }
+            }
+            if let [Some(req), Some(backend)] = parsed
+                && !req.is_zero()
+                && (backend.is_zero() || backend > req)
+            {
+                self.err(
+                    &format!("{rp}.timeouts.backendRequest"),
+                    format!(
+                        "backendRequest timeout ({}) is longer than the request timeout ({})",
+                        rule.timeouts.backend_request.as_deref().unwrap_or_default(),
+                        rule.timeouts.request.as_deref().unwrap_or_default()
+                    ),
+                );
+            }
+        }
+    }
+
+    fn grpc_route(&mut self, r: &GrpcRoute) {
+        self.parent_refs(&r.meta.namespace, &r.parent_refs);
+        for (i, rule) in r.rules.iter().enumerate() {
+            let rp = format!("spec.rules[{i}]");
+            for (j, m) in rule.matches.iter().enumerate() {
+                let mp = format!("{rp}.matches[{j}]");
+                if let Some(gm) = &m.method {
+                    match gm.match_type {
+                        MatchType::Exact => {
+                            if gm.service.is_none() && gm.method.is_none() {
+                                self.err(
+                                    &format!("{mp}.method"),
+                                    "an Exact method match needs a service, a method or both",
+                                );
+                            }
+                            if let Some(s) = &gm.service
+                                && !is_grpc_name(s, true)
+                            {
+                                self.err(
+                                    &format!("{mp}.method.service"),
+                                    format!("invalid gRPC service name \"{s}\""),
+                                );
+                            }
+                            if let Some(m) = &gm.method
+                                && !is_grpc_name(m, false)
+                            {
+                                self.err(
+                                    &format!("{mp}.method.method"),
+                                    format!("invalid gRPC method name \"{m}\""),
+                                );
+                            }
+                        }
+                        MatchType::RegularExpression => {
+                            for (key, v) in [("service", &gm.service), ("method", &gm.method)] {
+                                if let Some(v) = v {
+                                    self.regex(&format!("{mp}.method.{key}"), v);
+                                }
+                            }
+                        }
+                    }
+                }
+                self.value_matches(&mp, "headers", &m.headers, true);
+            }
+            self.filters(&rp, &rule.filters, None);
+            self.backend_refs(&rp, &rule.backend_refs);
+        }
+    }
+}
+
+fn is_grpc_name(s: &str, dots: bool) -> bool {
+    !s.is_empty()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || (dots && b == b'.'))
+}
+
+/// A DNS label (RFC 1123): 1-63 lower-case alphanumerics or '-', alphanumeric at both ends.
+pub fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS subdomain (RFC 1123): dot-separated labels, at most 253 characters.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// Parses a Gateway API duration: `^([0-9]{1,5}(h|m|s|ms)){1,4}$`, e.g. `10s`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            "invalid duration \"{s}\" (expected 1 to 4 number+unit parts with units h, m, s or ms, e.g. 10s, 500ms, 1h30m)"
+        )
+    };
+    let b = s.as_bytes();
+    let (mut i, mut parts, mut total) = (0, 0, Duration::ZERO);
+    while i < b.len() {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start || i - start > 5 {
+            return Err(bad());
+        }
+        let n: u64 = s[start..i].parse().map_err(|_| bad())?;
+        let part = if s[i..].starts_with("ms") {
+            i += 2;
+            Duration::from_millis(n)
+        } else {
+            let unit = match b.get(i) {
+                Some(b'h') => 3600,
+                Some(b'm') => 60,
+                Some(b's') => 1,
+                _ => return Err(bad()),
+            };
+            i += 1;
+            Duration::from_secs(n * unit)
+        };
+        total += part;
+        parts += 1;
+        if parts > 4 {
+            return Err(bad());
+        }
+    }
+    if parts == 0 {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+/// Compiles a Gateway API regular expression (RE2 syntax) to match the whole value: Tern
+/// anchors every regex match, path, header, query and gRPC alike.
+pub fn full_regex(re: &str) -> Result<regex::Regex, String> {
+    // Compile the pattern as written first so that error positions refer to it.
+    if let Err(e) = regex::Regex::new(re) {
+        let text = e.to_string();
+        let detail = text
+            .lines()
+            .find_map(|l| l.strip_prefix("error: "))
+            .map(str::to_string)
+            .unwrap_or_else(|| text.split_whitespace().collect::<Vec<_>>().join(" "));
+        return Err(format!("invalid regular expression \"{re}\": {detail}"));
+    }
+    regex::RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("invalid regular expression \"{re}\": {e}"))
+}
+
+/// A sortable key for an RFC 3339 UTC timestamp (`2024-05-01T12:00:00Z`, optional
+/// fraction): the seconds part and the nanoseconds.
+pub fn timestamp_key(ts: &str) -> Option<(String, u32)> {
+    let b = ts.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let shape = b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && matches!(b[10], b'T' | b't')
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && matches!(b[b.len() - 1], b'Z' | b'z');
+    if !shape {
+        return None;
+    }
+    let frac = &ts[19..ts.len() - 1];
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        let d = frac.strip_prefix('.')?;
+        if d.is_empty() || d.len() > 9 || !d.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        format!("{d:0<9}").parse().ok()?
+    };
+    Some((ts[..19].to_ascii_uppercase(), nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1h1m1s1ms"), Ok(Duration::from_millis(3_661_001)));
+        for bad in ["", "10", "s", "1.5s", "123456s", "1h1m1s1ms1s", "10 s", "-1s", "1d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn regexes_are_anchored_and_errors_one_line() {
+        let re = full_regex("/api/v[0-9]+").unwrap();
+        assert!(re.is_match("/api/v2"));
+        assert!(!re.is_match("/x/api/v2"));
+        assert!(!re.is_match("/api/v2/x"));
+        let e = full_regex("(abc").unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("unclosed group"), "{e}");
+    }
+
+    #[test]
+    fn timestamps() {
+        assert!(timestamp_key("2024-05-01T12:00:00Z").is_some());
+        let a = timestamp_key("2024-05-01T12:00:00.5Z").unwrap();
+        let b = timestamp_key("2024-05-01T12:00:00Z").unwrap();
+        assert!(b < a);
+        assert!(timestamp_key("yesterday").is_none());
+        assert!(timestamp_key("2024-05-01 12:00:00").is_none());
+    }
+
+    #[test]
+    fn dns_names() {
+        assert!(is_dns_label("checkout-v1"));
+        assert!(!is_dns_label("Checkout"));
+        assert!(!is_dns_label("-a"));
+        assert!(is_dns_subdomain("a.b-c"));
+        assert!(!is_dns_subdomain("a..b"));
+    }
+}
