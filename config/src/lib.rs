@@ -2,10 +2,13 @@
 //!
 //! Users write Kubernetes-style YAML (Service, EndpointSlice, HTTPRoute, GRPCRoute). This
 //! crate parses it with source locations ([`yaml`], the only module that touches a YAML
-//! library), checks it ([`validate`]) with diagnostics that name `file:line:column` and the
-//! field path, and compiles it ([`compile`]) into an immutable, lookup-ready
-//! [`snapshot::Snapshot`] with a content version. It has no async runtime dependency.
+//! library), decodes it into typed resources ([`decode`], [`model`]) held in a
+//! [`resources::Resources`] set, checks it ([`validate`]) with diagnostics that name
+//! `file:line:column` and the field path, and compiles it ([`compile`]) into an immutable,
+//! lookup-ready [`snapshot::Snapshot`] with a content version. It has no async runtime
+//! dependency.
 
+pub mod compile;
 pub mod decode;
 pub mod diag;
 pub mod model;
@@ -14,4 +17,136 @@ pub mod snapshot;
 pub mod validate;
 pub mod yaml;
 
+use std::path::{Path, PathBuf};
+
+pub use diag::{Diagnostic, Severity};
+pub use resources::Resources;
 pub use snapshot::Snapshot;
+
+/// A compiled config: the snapshot and the warnings found on the way.
+#[derive(Debug)]
+pub struct Compiled {
+    pub snapshot: Snapshot,
+    pub warnings: Vec<Diagnostic>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Every diagnostic (errors and warnings), in file/line order.
+    #[error("{}", invalid_message(diagnostics))]
+    Invalid { diagnostics: Vec<Diagnostic> },
+}
+
+fn invalid_message(diags: &[Diagnostic]) -> String {
+    let mut s = format!("invalid config: {}", counts(diags));
+    for d in diags {
+        s.push('\n');
+        s.push_str(&d.to_string());
+    }
+    s
+}
+
+/// `2 errors, 1 warning`.
+pub fn counts(diags: &[Diagnostic]) -> String {
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    let warnings = diags.len() - errors;
+    let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
+    format!("{}, {}", plural(errors, "error"), plural(warnings, "warning"))
+}
+
+/// Loads every `*.yaml` / `*.yml` file of `dir` (not recursive, sorted by name) and
+/// compiles them. An empty directory gives an empty snapshot.
+pub fn load_dir(dir: &Path) -> Result<Compiled, ConfigError> {
+    load_sources(&read_dir_sources(dir)?)
+}
+
+/// Compiles in-memory sources: (display file name, YAML text) pairs. When an object is
+/// defined twice, the first one in `sources` order wins and the second is an error.
+pub fn load_sources(sources: &[(String, String)]) -> Result<Compiled, ConfigError> {
+    let Checked {
+        resources,
+        diagnostics,
+    } = check_sources(sources);
+    if diagnostics.iter().any(Diagnostic::is_error) {
+        return Err(ConfigError::Invalid { diagnostics });
+    }
+    Ok(Compiled {
+        snapshot: compile::compile(&resources),
+        warnings: diagnostics,
+    })
+}
+
+/// The result of parsing and validating sources, before compilation.
+#[derive(Debug)]
+pub struct Checked {
+    /// Every object that decoded (the first of any duplicates), valid or not.
+    pub resources: Resources,
+    /// Errors and warnings in file/line order.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Parses, decodes and validates sources without compiling them.
+pub fn check_sources(sources: &[(String, String)]) -> Checked {
+    let mut diagnostics = Vec::new();
+    let mut resources = Resources::new();
+    for (file, text) in sources {
+        for obj in decode::decode_file(file, text, &mut diagnostics) {
+            if let Some(first) = resources.get(&obj.key()) {
+                let at = first.source.loc("metadata.name");
+                let msg = format!(
+                    "duplicate {} (first defined at {}:{at})",
+                    obj.key(),
+                    first.source.file
+                );
+                diag::Sink {
+                    file,
+                    diags: &mut diagnostics,
+                }
+                .error(obj.source.loc("metadata.name"), "metadata.name", msg);
+                continue;
+            }
+            resources.apply(obj);
+        }
+    }
+    diagnostics.extend(validate::validate(&resources));
+    diag::sort(&mut diagnostics);
+    Checked {
+        resources,
+        diagnostics,
+    }
+}
+
+/// Reads the `*.yaml` / `*.yml` files of `dir` (not recursive), sorted by name, as
+/// (file name, text) pairs.
+pub fn read_dir_sources(dir: &Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ConfigError::Io { path, source }
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let path = entry.path();
+        let is_yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        if is_yaml && path.is_file() {
+            files.push((entry.file_name().to_string_lossy().into_owned(), path));
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|(name, path)| {
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            Ok((name, text))
+        })
+        .collect()
+}
