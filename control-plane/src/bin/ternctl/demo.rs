@@ -211,6 +211,9 @@ async fn mesh(
                 NAMESPACE.into(),
                 "--workers".into(),
                 "1".into(),
+                // Stop within the demo's grace period rather than tern-proxy's default 30s.
+                "--drain-timeout".into(),
+                "1s".into(),
             ],
             work,
         )?;
@@ -225,7 +228,7 @@ async fn mesh(
         };
         tokio::spawn(traffic::run(g, stats.clone(), stop));
     }
-    live_table(args, plan, procs, &stats).await
+    live_table(args, plan, work, procs, &stats).await
 }
 
 /// The error for a child that exited, with the end of its log.
@@ -329,7 +332,7 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
     let mut out = String::new();
     out.push_str("\nThe Tern demo mesh is up:\n\n");
     out.push_str(&format!(
-        "  {:<13} {:<17} {:<17} {:<17} {:<17}\n",
+        "  {:<13} {:<17} {:<17} {:<17} {}\n",
         "NAME", "APP", "SIDECAR OUTBOUND", "SIDECAR INBOUND", "SIDECAR ADMIN"
     ));
     for s in &plan.slots {
@@ -339,12 +342,12 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
             "(traffic gen.)".into()
         };
         out.push_str(&format!(
-            "  {:<13} {:<17} {:<17} {:<17} {:<17}\n",
+            "  {:<13} {:<17} {:<17} {:<17} {}\n",
             s.name,
             app,
             s.outbound.to_string(),
             s.inbound.to_string(),
-            s.admin.to_string()
+            s.admin
         ));
     }
     let routes = config.dir().join("routes.yaml");
@@ -402,6 +405,7 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
 async fn live_table(
     args: &Args,
     plan: &PortPlan,
+    work: &Path,
     procs: &mut Procs,
     stats: &Mutex<traffic::GenStats>,
 ) -> anyhow::Result<Stop> {
@@ -433,6 +437,7 @@ async fn live_table(
         let mut web_routes = None;
         let mut web_error = None;
         let mut window_secs = 1.0;
+        let mut refused = Vec::new();
         for ((slot, history), (version, metrics)) in
             plan.slots.iter().zip(histories.iter_mut()).zip(scrapes)
         {
@@ -441,12 +446,17 @@ async fn live_table(
                 version,
                 outbound: None,
                 inbound: None,
+                reloads: None,
                 metrics_error: None,
             };
             match metrics {
                 Ok(samples) => {
+                    view.reloads = Some(summary::reloads(&samples));
                     history.push(now, samples, WINDOW_SCRAPES);
                     if let Some((window, secs)) = history.window() {
+                        if summary::reloads(&window).refused > 0.0 {
+                            refused.push(slot.name);
+                        }
                         view.outbound = Some(summary::direction_counts(&window, "outbound"));
                         view.inbound = Some(summary::direction_counts(&window, "inbound"));
                         if slot.name == "web" {
@@ -478,7 +488,13 @@ async fn live_table(
             summary::short_version(&web_version),
             window_secs
         );
-        let footer = generator_footer(stats, args.rps);
+        let mut footer = generator_footer(stats, args.rps);
+        for name in refused {
+            footer.push(format!(
+                "{name}'s sidecar refused a config edit; it says why in {}",
+                procs::log_path(work, &format!("{name}-sidecar")).display()
+            ));
+        }
         let lines = summary::render(
             &header,
             web_routes.as_deref(),

@@ -35,7 +35,7 @@ impl Procs {
         args: &[String],
         log_dir: &Path,
     ) -> anyhow::Result<()> {
-        let log = log_dir.join(format!("{name}.log"));
+        let log = log_path(log_dir, name);
         let file = std::fs::File::create(&log)
             .with_context(|| format!("creating log file {}", log.display()))?;
         let mut cmd = Command::new(program);
@@ -114,6 +114,11 @@ impl Procs {
             }
         }
     }
+}
+
+/// Where [`Procs::spawn`] writes the output of the process called `name`.
+pub fn log_path(log_dir: &Path, name: &str) -> PathBuf {
+    log_dir.join(format!("{name}.log"))
 }
 
 fn terminate(pid: u32) {

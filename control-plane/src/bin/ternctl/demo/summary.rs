@@ -157,7 +157,30 @@ pub struct SidecarView {
     /// Outbound and inbound counts over the window, if metrics could be scraped.
     pub outbound: Option<Counts>,
     pub inbound: Option<Counts>,
+    /// Config reloads since the sidecar started.
+    pub reloads: Option<Reloads>,
     pub metrics_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Reloads {
+    pub applied: f64,
+    pub refused: f64,
+}
+
+pub const RELOADS: &str = "tern_config_reloads_total";
+
+/// Sums `tern_config_reloads_total` by its `result` label (`applied`, `refused`).
+pub fn reloads(samples: &[Sample]) -> Reloads {
+    let mut r = Reloads::default();
+    for s in samples.iter().filter(|s| s.name == RELOADS) {
+        match s.labels.get("result").map(String::as_str) {
+            Some("applied") => r.applied += s.value,
+            Some("refused") => r.refused += s.value,
+            _ => {}
+        }
+    }
+    r
 }
 
 pub fn fmt_secs(s: Option<f64>) -> String {
@@ -248,8 +271,8 @@ pub fn render(
     }
     out.push(String::new());
     out.push(format!(
-        "{:<14} {:<16} {:>12} {:>12} {:>10}",
-        "SIDECAR", "CONFIG VERSION", "OUT REQ/S", "IN REQ/S", "IN OK"
+        "{:<14} {:<15} {:<19} {:>9} {:>9} {:>8}",
+        "SIDECAR", "CONFIG VERSION", "RELOADS", "OUT REQ/S", "IN REQ/S", "IN OK"
     ));
     for s in sidecars {
         let version = match &s.version {
@@ -260,10 +283,16 @@ pub fn render(
             Some(c) => fmt_rate(c, window_secs),
             None => "-".into(),
         };
+        let reloads = match s.reloads {
+            Some(r) if r.refused > 0.0 => format!("{} ok, {} refused", r.applied, r.refused),
+            Some(r) => format!("{} ok", r.applied),
+            None => "-".into(),
+        };
         let mut line = format!(
-            "{:<14} {:<16} {:>12} {:>12} {:>10}",
+            "{:<14} {:<15} {:<19} {:>9} {:>9} {:>8}",
             s.name,
             version,
+            reloads,
             rate(&s.outbound),
             rate(&s.inbound),
             s.inbound

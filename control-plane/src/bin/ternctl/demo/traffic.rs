@@ -92,7 +92,7 @@ pub fn plan_request(r: u32, item: u32) -> Planned {
             canary: true,
         }
     } else if r < 600 {
-        let path = if r % 5 == 0 {
+        let path = if r.is_multiple_of(5) {
             format!("/api/cart?item={item}")
         } else {
             format!("/api/items/{item}")
