@@ -66,6 +66,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     plan::check_ports_free(&plan)?;
     let work = make_work_dir()?;
     let config = plan::prepare_config(args.config.as_deref(), &exe_dir, &plan, &work)?;
+    // Check the config up front: a clear diagnostic beats sidecars that never get ready.
+    match tern_config::load_dir(config.dir()) {
+        Ok(compiled) => {
+            for w in &compiled.warnings {
+                eprintln!("{w}");
+            }
+        }
+        Err(e) => anyhow::bail!(
+            "the demo config in {} is invalid: {e}",
+            config.dir().display()
+        ),
+    }
     // One thread is plenty for ~100 requests/s, and it keeps every child's parent thread
     // (for PR_SET_PDEATHSIG) alive until the demo ends.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -484,8 +496,7 @@ async fn live_table(
             None => "Ctrl-C stops".into(),
         };
         let header = format!(
-            "Tern demo | {elapsed}s | web's config version {} | rates over the last {:.0}s | {until}",
-            summary::short_version(&web_version),
+            "Tern demo | {elapsed}s | web's config version {web_version} | rates over the last {:.0}s | {until}",
             window_secs
         );
         let mut footer = generator_footer(stats, args.rps);

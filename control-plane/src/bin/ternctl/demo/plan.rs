@@ -332,4 +332,70 @@ mod tests {
         }
         assert!(!rewritten.contains("port: 150"));
     }
+
+    fn compile(base: u16) -> tern_config::Compiled {
+        let map = PortPlan::new(base).unwrap().rewrite_map().unwrap();
+        let sources: Vec<(String, String)> = EMBEDDED_EXAMPLE
+            .iter()
+            .map(|(name, text)| (name.to_string(), rewrite_ports(text, &map)))
+            .collect();
+        tern_config::load_sources(&sources).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn example_compiles_cleanly_and_routes_to_sidecar_inbounds() {
+        use http::{HeaderMap, Method};
+        for base in [DEFAULT_BASE_PORT, 20000] {
+            let compiled = compile(base);
+            assert!(compiled.warnings.is_empty(), "{:?}", compiled.warnings);
+            let snap = &compiled.snapshot;
+            let plan = PortPlan::new(base).unwrap();
+            let inbound = |name: &str| plan.slot(name).inbound;
+
+            let checkout = snap
+                .resolve("checkout.shop", Some(8080), NAMESPACE)
+                .unwrap();
+            let mut headers = HeaderMap::new();
+            let split = checkout
+                .route(&Method::GET, "/api/items", None, &headers)
+                .unwrap();
+            assert_eq!(&*split.rule.route, "shop/checkout-split");
+            assert_eq!(split.rule.backends.total, 100);
+            let addrs: Vec<_> = split
+                .rule
+                .backends
+                .entries
+                .iter()
+                .map(|(_, b)| b.endpoints[0].addr)
+                .collect();
+            assert_eq!(addrs, [inbound("checkout-v1"), inbound("checkout-v2")]);
+            headers.insert("x-canary", "1".parse().unwrap());
+            let canary = checkout
+                .route(&Method::GET, "/api/items", None, &headers)
+                .unwrap();
+            assert_eq!(canary.rule.rule_index, 0);
+            assert_eq!(
+                canary.rule.backends.entries[0].1.endpoints[0].addr,
+                inbound("checkout-v2")
+            );
+
+            let catalog = snap.resolve("catalog", None, NAMESPACE).unwrap();
+            let rule = catalog
+                .route(&Method::GET, "/products/1", None, &HeaderMap::new())
+                .unwrap()
+                .rule;
+            assert!(!rule.request_headers.is_empty());
+            assert!(rule.timeouts.request.is_some());
+            assert_eq!(
+                rule.backends.entries[0].1.endpoints[0].addr,
+                inbound("catalog")
+            );
+            let web = snap.resolve("web", Some(8080), NAMESPACE).unwrap();
+            let rule = web
+                .route(&Method::GET, "/", None, &HeaderMap::new())
+                .unwrap()
+                .rule;
+            assert_eq!(rule.backends.entries[0].1.endpoints[0].addr, inbound("web"));
+        }
+    }
 }

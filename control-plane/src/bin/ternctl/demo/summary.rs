@@ -214,9 +214,9 @@ fn clip(s: &str, width: usize) -> String {
     }
 }
 
-/// Shortens a content version for display.
+/// Shortens a content version (a hex digest) for display, as git shortens commit ids.
 pub fn short_version(v: &str) -> String {
-    clip(v, 14)
+    v.chars().take(12).collect()
 }
 
 /// Renders the table lines (no trailing newlines). `routes` is `None` until two scrapes
