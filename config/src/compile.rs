@@ -593,3 +593,202 @@ fn backend_json(b: &Backend) -> Value {
         })).collect::<Vec<_>>(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderMap;
+
+    use super::*;
+    use crate::testutil::{SPLIT, compile, route};
+
+    fn port(c: &crate::Compiled, svc: &str) -> Arc<ServicePort> {
+        c.snapshot.resolve(svc, Some(8080), "shop").unwrap().clone()
+    }
+
+    fn pick(sp: &ServicePort, method: Method, path: &str, query: Option<&str>, hdrs: &[(&str, &str)]) -> Option<(String, usize)> {
+        let mut h = HeaderMap::new();
+        for (k, v) in hdrs {
+            h.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        sp.route(&method, path, query, &h)
+            .map(|m| (m.rule.route.to_string(), m.rule.rule_index))
+    }
+
+    #[test]
+    fn example_split_compiles() {
+        let c = compile(SPLIT);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let sp = port(&c, "checkout");
+        assert!(sp.default_rule.is_none());
+        assert_eq!(sp.http.len(), 2);
+        let mut h = HeaderMap::new();
+        h.insert("x-canary", HeaderValue::from_static("1"));
+        let m = sp.route(&Method::GET, "/api/cart", None, &h).unwrap();
+        assert_eq!(m.rule.rule_index, 0);
+        assert_eq!(m.prefix, Some("/api"));
+        assert_eq!(m.rule.backends.entries.len(), 1);
+        assert_eq!(&*m.rule.backends.entries[0].1.name, "shop/checkout-v2:8080");
+        assert_eq!(m.rule.backends.entries[0].1.protocol, Protocol::H2c);
+
+        let m = sp.route(&Method::GET, "/api", None, &HeaderMap::new()).unwrap();
+        assert_eq!(m.rule.rule_index, 1);
+        let w = &m.rule.backends;
+        assert_eq!(w.total, 100);
+        assert_eq!(&*w.pick(0).unwrap().name, "shop/checkout-v1:8080");
+        assert_eq!(&*w.pick(89).unwrap().name, "shop/checkout-v1:8080");
+        assert_eq!(&*w.pick(90).unwrap().name, "shop/checkout-v2:8080");
+        assert_eq!(m.rule.timeouts.request, Some(Duration::from_secs(10)));
+        assert_eq!(m.rule.timeouts.backend_request, Some(Duration::from_secs(2)));
+        assert!(sp.route(&Method::GET, "/other", None, &HeaderMap::new()).is_none());
+
+        // Backends are deduplicated: checkout-v2:8080 is used by both rules.
+        // The default rules of checkout-v1/v2 reuse the same two backends.
+        assert_eq!(c.snapshot.backends.len(), 2);
+        let names: Vec<_> = c.snapshot.backends.iter().map(|b| b.name.to_string()).collect();
+        let mut dedup = names.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(dedup.len(), names.len(), "{names:?}");
+        for (i, b) in c.snapshot.backends.iter().enumerate() {
+            assert_eq!(b.index, i);
+        }
+    }
+
+    #[test]
+    fn endpoints_ports_zones_regions() {
+        let c = compile(SPLIT);
+        let v1 = c.snapshot.backends.iter().find(|b| &*b.name == "shop/checkout-v1:8080").unwrap();
+        assert_eq!(v1.protocol, Protocol::Http1);
+        assert_eq!(v1.endpoints.len(), 2);
+        assert_eq!(v1.endpoints[0].addr, "10.0.0.1:9000".parse().unwrap());
+        assert!(v1.endpoints[0].ready);
+        assert_eq!(v1.endpoints[0].zone.as_deref(), Some("eu-a"));
+        assert_eq!(v1.endpoints[0].region.as_deref(), Some("eu"));
+        assert!(!v1.endpoints[1].ready);
+        // Single-port Service and single-port slice map even though the names differ.
+        let v2 = c.snapshot.backends.iter().find(|b| &*b.name == "shop/checkout-v2:8080").unwrap();
+        assert_eq!(v2.endpoints[0].addr, "10.0.1.1:9001".parse().unwrap());
+    }
+
+    #[test]
+    fn default_rule_without_routes() {
+        let c = compile("");
+        let sp = port(&c, "checkout-v1");
+        let rule = sp.default_rule.as_ref().unwrap();
+        assert_eq!(rule.kind, RouteKind::Default);
+        assert_eq!(&*rule.route, "shop/checkout-v1");
+        let m = sp.route(&Method::GET, "/anything", None, &HeaderMap::new()).unwrap();
+        assert_eq!(&*m.rule.backends.pick(0).unwrap().name, "shop/checkout-v1:8080");
+        assert_eq!(c.snapshot.by_name["checkout"], vec!["shop".to_string()]);
+    }
+
+    #[test]
+    fn http_precedence() {
+        let rules = "  - matches:\n    - path: {type: RegularExpression, value: /a.*}\n    - path: {type: PathPrefix, value: /a}\n    - path: {type: PathPrefix, value: /a/b/}\n    - path: {type: Exact, value: /a/b}\n    - path: {value: /a/b}\n      method: GET\n    - path: {value: /a/b}\n      headers: [{name: x, value: \"1\"}]\n    - path: {value: /a/b}\n      headers: [{name: x, value: \"1\"}, {name: y, value: \"2\"}]\n    - path: {value: /a/b}\n      queryParams: [{name: q, value: v}]\n    backendRefs: [{name: checkout-v1, port: 8080}]\n";
+        let c = compile(&route(rules));
+        let sp = port(&c, "checkout");
+        let order: Vec<String> = c.snapshot.json["services"][0]["ports"][0]["http"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["match"].to_string())
+            .collect();
+        assert_eq!(order.len(), 8);
+        let kinds: Vec<_> = sp
+            .http
+            .iter()
+            .map(|h| match &h.m.path {
+                PathMatch::Exact(p) => format!("E{p}"),
+                PathMatch::Prefix(p) => format!("P{p}|m{}|h{}|q{}", h.m.method.is_some() as u8, h.m.headers.len(), h.m.query.len()),
+                PathMatch::Regex(_) => "R".into(),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec!["E/a/b", "P/a/b|m1|h0|q0", "P/a/b|m0|h2|q0", "P/a/b|m0|h1|q0", "P/a/b|m0|h0|q1", "P/a/b|m0|h0|q0", "P/a|m0|h0|q0", "R"],
+        );
+        assert_eq!(pick(&sp, Method::GET, "/a/b/c", None, &[]), Some(("shop/r".into(), 0)));
+    }
+
+    #[test]
+    fn older_route_wins_ties_then_name() {
+        let mk = |name: &str, ts: Option<&str>, backend: &str| {
+            let ts = ts.map(|t| format!(", creationTimestamp: \"{t}\"")).unwrap_or_default();
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop{ts}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: checkout}}]\n  rules: [{{backendRefs: [{{name: {backend}, port: 8080}}]}}]\n---\n"
+            )
+        };
+        let yaml = mk("a-new", None, "checkout-v1")
+            + &mk("z-old", Some("2020-01-01T00:00:00Z"), "checkout-v2")
+            + &mk("b-new", None, "checkout-v1");
+        let c = compile(&yaml);
+        let sp = port(&c, "checkout");
+        let routes: Vec<_> = sp.http.iter().map(|h| h.rule.route.to_string()).collect();
+        assert_eq!(routes, vec!["shop/z-old", "shop/a-new", "shop/b-new"]);
+    }
+
+    #[test]
+    fn grpc_precedence_and_routing() {
+        let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: checkout}]\n  rules:\n  - matches: [{method: {method: Get}}]\n    backendRefs: [{name: checkout-v1, port: 8080}]\n  - matches: [{method: {service: pkg.Cart}}]\n    backendRefs: [{name: checkout-v1, port: 8080}]\n  - matches: [{method: {service: pkg.Cart, method: Get}}, {headers: [{name: x, value: y}]}]\n    backendRefs: [{name: checkout-v2, port: 8080}]\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {set: [{name: x-a, value: b}], remove: [x-c]}\n";
+        let c = compile(yaml);
+        let sp = port(&c, "checkout");
+        let idx: Vec<_> = sp.grpc.iter().map(|g| g.rule.rule_index).collect();
+        assert_eq!(idx, vec![2, 1, 0, 2]);
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/grpc"));
+        let m = sp.route(&Method::POST, "/pkg.Cart/Get", None, &h).unwrap();
+        assert_eq!(m.rule.rule_index, 2);
+        assert_eq!(m.rule.request_headers.set.len(), 1);
+        assert_eq!(m.rule.kind, RouteKind::GRPCRoute);
+        let m = sp.route(&Method::POST, "/pkg.Cart/Put", None, &h).unwrap();
+        assert_eq!(m.rule.rule_index, 1);
+        let m = sp.route(&Method::POST, "/other.Svc/Get", None, &h).unwrap();
+        assert_eq!(m.rule.rule_index, 0);
+    }
+
+    #[test]
+    fn filters_and_zero_timeouts() {
+        let rules = "  - matches: [{path: {value: /old}}]\n    filters:\n    - type: URLRewrite\n      urlRewrite: {hostname: new.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {add: [{name: x-r, value: v}]}\n    backendRefs: [{name: checkout-v1, port: 8080}]\n    timeouts: {request: 0s}\n";
+        let c = compile(&route(rules));
+        let sp = port(&c, "checkout");
+        let r = &sp.http[0].rule;
+        let u = r.url_rewrite.as_ref().unwrap();
+        assert_eq!(u.hostname.as_ref().unwrap(), "new.example");
+        assert!(matches!(&u.path, Some(PathRewrite::ReplacePrefixMatch(p)) if p == "/new"));
+        assert_eq!(r.response_headers.add.len(), 1);
+        assert_eq!(r.timeouts, Timeouts::default());
+    }
+
+    #[test]
+    fn version_ignores_file_names_and_order() {
+        use crate::load_sources;
+        let docs: Vec<&str> = crate::testutil::SHOP.split("\n---\n").collect();
+        let a: Vec<(String, String)> = vec![("a.yaml".into(), docs.join("\n---\n")), ("b.yaml".into(), SPLIT.into())];
+        let mut rev = docs.clone();
+        rev.reverse();
+        let b: Vec<(String, String)> = vec![("x.yaml".into(), SPLIT.into()), ("y.yml".into(), rev.join("\n---\n"))];
+        let va = load_sources(&a).unwrap().snapshot.version;
+        let vb = load_sources(&b).unwrap().snapshot.version;
+        assert_eq!(va, vb);
+        assert_eq!(va.len(), 16);
+        let changed = SPLIT.replace("weight: 90", "weight: 80");
+        let vc = compile(&changed).snapshot.version;
+        assert_ne!(va, vc);
+    }
+
+    #[test]
+    fn json_rendering() {
+        let c = compile(SPLIT);
+        let j = &c.snapshot.json;
+        assert_eq!(j["version"], c.snapshot.version.as_str());
+        let port = &j["services"][0]["ports"][0];
+        assert_eq!(j["services"][0]["service"], "shop/checkout");
+        assert_eq!(port["http"][0]["match"]["headers"]["x-canary"]["value"], "1");
+        let second = &port["http"][1]["rule"];
+        assert_eq!(second["backends"][0]["weight"], 90);
+        assert_eq!(second["backends"][1]["weight"], 10);
+        assert_eq!(second["timeouts"]["request"], "10s");
+        assert_eq!(second["timeouts"]["backendRequest"], "2s");
+        assert!(j["backends"].as_array().unwrap().iter().any(|b| b["endpoints"][0]["addr"] == "10.0.0.1:9000"));
+    }
+}

@@ -150,3 +150,6 @@ pub fn read_dir_sources(dir: &Path) -> Result<Vec<(String, String)>, ConfigError
         })
         .collect()
 }
+
+#[cfg(test)]
+mod testutil;
