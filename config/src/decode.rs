@@ -786,3 +786,106 @@ fn grpc_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Ve
     f.finish(s, &[], &["hostnames"]);
     (parents, rules)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::testutil::{diags, route};
+
+    fn one(yaml: &str) -> String {
+        let d = diags(yaml);
+        assert_eq!(d.len(), 1, "{d:#?}");
+        d.into_iter().next().unwrap_or_default()
+    }
+
+    #[test]
+    fn type_errors() {
+        let r = |rules: &str| one(&route(rules));
+        assert_eq!(
+            r("  - backendRefs:\n    - {name: checkout-v1, port: 8080}\n    - name: checkout-v2\n      port: 8080\n      weight: ten\n"),
+            "routes.yaml:11:15: spec.rules[0].backendRefs[1].weight: expected an integer"
+        );
+        assert_eq!(
+            r("  - matches: [{headers: [{name: x, value: 1}]}]\n"),
+            "routes.yaml:7:43: spec.rules[0].matches[0].headers[0].value: expected a string"
+        );
+        assert_eq!(
+            r("  - matches: {path: /x}\n"),
+            "routes.yaml:7:14: spec.rules[0].matches: expected a list"
+        );
+        assert_eq!(r("  - backendRefs: [x]\n"), "routes.yaml:7:19: spec.rules[0].backendRefs[0]: expected a mapping");
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, namespace: shop, labels: {kubernetes.io/service-name: checkout}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.9], conditions: {ready: yes}}]\n";
+        assert_eq!(one(slice), "routes.yaml:5:56: endpoints[0].conditions.ready: expected true or false");
+    }
+
+    #[test]
+    fn unknown_and_unsupported_fields() {
+        assert_eq!(
+            one(&route("  - matchs: []\n")),
+            "routes.yaml:7:5: spec.rules[0].matchs: unknown field \"matchs\""
+        );
+        assert_eq!(
+            one(&route("  - retry: {attempts: 2}\n")),
+            "routes.yaml:7:5: spec.rules[0].retry: warning: field \"retry\" is not supported by Tern yet; ignored"
+        );
+        assert_eq!(
+            one(&route("  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: x}}}]\n")),
+            "routes.yaml:7:22: spec.rules[0].filters[0].type: warning: filter type RequestMirror is not supported by Tern yet; ignored"
+        );
+        assert_eq!(
+            one(&route("  - backendRefs: [{name: checkout-v1, port: 8080, filters: []}]\n")),
+            "routes.yaml:7:51: spec.rules[0].backendRefs[0].filters: warning: field \"filters\" is not supported by Tern yet; ignored"
+        );
+        let meta_ok = "apiVersion: v1\nkind: Service\nmetadata:\n  name: extra\n  namespace: shop\n  labels: {a: b}\n  annotations: {c: d}\n  uid: x\n  resourceVersion: \"1\"\n  creationTimestamp: \"2024-01-01T00:00:00Z\"\n  generation: 3\nspec:\n  type: ClusterIP\n  selector: {app: x}\n  clusterIP: 10.0.0.1\n  ports: [{port: 80, targetPort: http, protocol: TCP}]\n";
+        assert_eq!(diags(meta_ok), Vec::<String>::new());
+    }
+
+    #[test]
+    fn document_level_errors() {
+        assert_eq!(
+            one("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"),
+            "routes.yaml:2:7: kind: unknown kind \"Pod\" (Tern reads Service, EndpointSlice, HTTPRoute and GRPCRoute)"
+        );
+        assert_eq!(
+            one("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata: {name: p}\n"),
+            "routes.yaml:1:13: apiVersion: unsupported apiVersion \"gateway.networking.k8s.io/v1beta1\" for HTTPRoute (expected gateway.networking.k8s.io/v1)"
+        );
+        assert_eq!(
+            one("apiVersion: v1\nkind: Service\nmetadata: {namespace: shop}\nspec: {}\n"),
+            "routes.yaml:3:11: metadata: missing required field \"name\""
+        );
+        assert_eq!(
+            one(&route("  - backendRefs: [{name: checkout-v1}]\n")),
+            "routes.yaml:7:19: spec.rules[0].backendRefs[0]: missing required field \"port\""
+        );
+        // Empty documents are ignored.
+        assert_eq!(diags("---\n---\n"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn syntax_error_drops_the_file() {
+        let d = diags(&format!("{}---\nkey: [unclosed\n", crate::testutil::SPLIT));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("routes.yaml:16:1: YAML syntax error: while parsing a flow sequence"), "{d:?}");
+        assert!(d[0].contains("YAML syntax error"), "{d:?}");
+    }
+
+    #[test]
+    fn enum_values() {
+        assert_eq!(
+            one(&route("  - matches: [{path: {type: Prefix, value: /x}}]\n")),
+            "routes.yaml:7:29: spec.rules[0].matches[0].path.type: unknown path match type \"Prefix\" (expected Exact, PathPrefix or RegularExpression)"
+        );
+        assert_eq!(
+            one(&route("  - filters: [{type: Bogus}]\n")),
+            "routes.yaml:7:22: spec.rules[0].filters[0].type: unknown filter type \"Bogus\" (expected RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestMirror, RequestRedirect, ExtensionRef or CORS)"
+        );
+    }
+
+    #[test]
+    fn duplicate_keys() {
+        assert_eq!(
+            one("apiVersion: v1\nkind: Service\nmetadata: {name: x, namespace: shop}\nspec: {ports: [{port: 80}]}\nspec: {}\n"),
+            "routes.yaml:5:1: spec: duplicate key \"spec\""
+        );
+    }
+}
