@@ -814,7 +814,7 @@ mod tests {
         );
         assert_eq!(r("  - backendRefs: [x]\n"), "routes.yaml:7:19: spec.rules[0].backendRefs[0]: expected a mapping");
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, namespace: shop, labels: {kubernetes.io/service-name: checkout}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.9], conditions: {ready: yes}}]\n";
-        assert_eq!(one(slice), "routes.yaml:5:56: endpoints[0].conditions.ready: expected true or false");
+        assert_eq!(one(slice), "routes.yaml:5:57: endpoints[0].conditions.ready: expected true or false");
     }
 
     #[test]
