@@ -128,6 +128,15 @@ fn make_work_dir() -> anyhow::Result<PathBuf> {
 enum Stop {
     Signal(&'static str),
     Duration,
+    /// Writing the table failed (e.g. `ternctl demo | head` and head exited).
+    OutputClosed,
+}
+
+/// Writes to stdout and flushes. Never panics (unlike `print!` on a closed pipe).
+fn say(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
 }
 
 async fn run_demo(
@@ -157,21 +166,24 @@ async fn run_demo(
         name = signals => Ok(Stop::Signal(name)),
     };
     let _ = stop_tx.send(true);
-    println!();
-    match &outcome {
-        Ok(Stop::Signal(name)) => println!("{name}: stopping the demo..."),
-        Ok(Stop::Duration) => println!("--duration reached: stopping the demo..."),
-        Err(_) => println!("stopping the demo..."),
+    let _ = say(match &outcome {
+        Ok(Stop::Signal(name)) => format!("\n{name}: stopping the demo...\n"),
+        Ok(Stop::Duration) => "\n--duration reached: stopping the demo...\n".into(),
+        Ok(Stop::OutputClosed) | Err(_) => "\nstopping the demo...\n".into(),
     }
+    .as_str());
     procs.shutdown(Duration::from_secs(3)).await;
     let s = stats.lock().expect("stats lock").clone();
     if s.sent > 0 {
-        println!(
-            "traffic generator: {} requests, {} ok, {} HTTP errors, {} without an answer",
+        let _ = say(&format!(
+            "traffic generator: {} requests, {} ok, {} HTTP errors, {} without an answer\n",
             s.sent, s.ok, s.http_errors, s.transport_errors
-        );
+        ));
     }
-    println!("all demo processes stopped; logs are in {}", work.display());
+    let _ = say(&format!(
+        "all demo processes stopped; logs are in {}\n",
+        work.display()
+    ));
     outcome.map(|_| ExitCode::SUCCESS)
 }
 
@@ -187,10 +199,10 @@ async fn mesh(
     stats: Arc<Mutex<traffic::GenStats>>,
 ) -> anyhow::Result<Stop> {
     let config_dir = config.dir().to_string_lossy().into_owned();
-    println!(
-        "Starting the Tern demo mesh (namespace {NAMESPACE}); logs in {}",
+    let _ = say(&format!(
+        "Starting the Tern demo mesh (namespace {NAMESPACE}); logs in {}\n",
         work.display()
-    );
+    ));
     for slot in plan.slots.iter().filter(|s| s.has_app) {
         procs.spawn(
             slot.name,
@@ -408,8 +420,7 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
         cat = catalog.app,
         routes = routes.display(),
     ));
-    print!("{out}");
-    let _ = std::io::stdout().flush();
+    let _ = say(&out);
 }
 
 /// Scrapes every sidecar each second and redraws the summary until the duration expires or a
@@ -432,8 +443,8 @@ async fn live_table(
     let mut drawn = 0usize;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    if !tty {
-        println!();
+    if !tty && say("\n").is_err() {
+        return Ok(Stop::OutputClosed);
     }
     loop {
         ticker.tick().await;
@@ -530,8 +541,9 @@ async fn live_table(
             out.push('\n');
         }
         drawn = lines.len();
-        print!("{out}");
-        let _ = std::io::stdout().flush();
+        if say(&out).is_err() {
+            return Ok(Stop::OutputClosed);
+        }
     }
 }
 
