@@ -647,3 +647,114 @@ mod tests {
         assert!(!is_dns_subdomain("a..b"));
     }
 }
+
+#[cfg(test)]
+mod semantic_tests {
+    use crate::testutil::{SHOP, diags, route};
+
+    fn one(yaml: &str) -> String {
+        let d = diags(yaml);
+        assert_eq!(d.len(), 1, "{d:#?}");
+        d.into_iter().next().unwrap_or_default()
+    }
+
+    fn r(rules: &str) -> String {
+        one(&route(rules))
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let cases = [
+            "  - backendRefs: [{name: nope, port: 8080}]\n",
+            "  - backendRefs: [{name: checkout-v1, port: 9999}]\n",
+            "  - backendRefs: [{name: checkout-v1, port: 8080, weight: 0}, {name: checkout-v2, port: 8080, weight: 0}]\n",
+            "  - matches: [{path: {type: RegularExpression, value: \"/a(\"}}]\n",
+            "  - timeouts: {request: 1s, backendRequest: 2s}\n",
+            "  - timeouts: {request: 10 seconds}\n",
+            "  - matches: [{headers: [{name: \"bad header\", value: x}]}]\n",
+            "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x, value: \"a\\nb\"}]}}]\n",
+            "  - matches: [{path: {type: Exact, value: /x}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /y}}}]\n",
+            "  - backendRefs: [{name: checkout-v1, port: 70000}]\n",
+            "  - matches: [{method: FETCH}]\n",
+            "  - matches: [{path: {value: relative}}]\n",
+            "  - backendRefs: [{name: checkout-v1, port: 8080, weight: -1}]\n",
+        ];
+        let got: Vec<String> = cases.iter().map(|c| r(c)).collect();
+        let want = [
+            "routes.yaml:7:26: spec.rules[0].backendRefs[0].name: no Service shop/nope",
+            "routes.yaml:7:45: spec.rules[0].backendRefs[0].port: Service shop/checkout-v1 has no port 9999",
+            "routes.yaml:7:18: spec.rules[0].backendRefs: every backendRef has weight 0: the rule can send traffic nowhere",
+            "routes.yaml:7:55: spec.rules[0].matches[0].path.value: invalid regular expression \"/a(\": unclosed group",
+            "routes.yaml:7:45: spec.rules[0].timeouts.backendRequest: backendRequest timeout (2s) is longer than the request timeout (1s)",
+            "routes.yaml:7:25: spec.rules[0].timeouts.request: invalid duration \"10 seconds\" (expected 1 to 4 number+unit parts with units h, m, s or ms, e.g. 10s, 500ms, 1h30m)",
+            "routes.yaml:7:33: spec.rules[0].matches[0].headers[0].name: invalid header name \"bad header\"",
+            "routes.yaml:7:92: spec.rules[0].filters[0].requestHeaderModifier.set[0].value: invalid header value \"a\\nb\"",
+            "routes.yaml:8:60: spec.rules[0].filters[0].urlRewrite.path.type: ReplacePrefixMatch is only valid when every match of the rule is a PathPrefix match",
+            "routes.yaml:7:45: spec.rules[0].backendRefs[0].port: port 70000 out of range (1-65535)",
+            "routes.yaml:7:24: spec.rules[0].matches[0].method: unknown method \"FETCH\" (expected one of GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH)",
+            "routes.yaml:7:30: spec.rules[0].matches[0].path.value: path must start with \"/\"",
+            "routes.yaml:7:59: spec.rules[0].backendRefs[0].weight: weight -1 out of range (0-1000000)",
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn parent_refs() {
+        let missing = route("  - backendRefs: [{name: checkout-v1, port: 8080}]\n").replace("name: checkout, port: 8080", "name: gone");
+        assert_eq!(one(&missing), "routes.yaml:5:49: spec.parentRefs[0].name: no Service shop/gone");
+        let bad_port = route("  - {}\n").replace("port: 8080}", "port: 81}");
+        assert_eq!(one(&bad_port), "routes.yaml:5:65: spec.parentRefs[0].port: Service shop/checkout has no port 81");
+        let gateway = route("  - {}\n").replace("{group: \"\", kind: Service, name: checkout, port: 8080}", "{name: gw, sectionName: http}");
+        let d = diags(&gateway);
+        assert_eq!(
+            d,
+            vec![
+                "routes.yaml:5:16: spec.parentRefs[0]: warning: parentRef to Gateway shop/gw ignored: Tern only attaches routes to Services (group \"\", kind Service)",
+                "routes.yaml:5:27: spec.parentRefs[0].sectionName: warning: field \"sectionName\" is not supported by Tern yet; ignored",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicates_point_at_the_second() {
+        let svc = SHOP.split("\n---\n").nth(1).unwrap_or_default();
+        let d = diags(svc);
+        assert_eq!(
+            d,
+            vec!["routes.yaml:3:18: metadata.name: duplicate Service shop/checkout-v1 (first defined at svc.yaml:10:18)"]
+        );
+    }
+
+    #[test]
+    fn service_and_slice_checks() {
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: Bad_Name}\nspec:\n  ports:\n  - {name: a, port: 0}\n  - {port: 81}\n  - {name: a, port: 81}\n";
+        assert_eq!(
+            diags(svc),
+            vec![
+                "routes.yaml:3:18: metadata.name: invalid name \"Bad_Name\": must be a DNS label (lower-case letters, digits and '-', at most 63 characters)",
+                "routes.yaml:6:21: spec.ports[0].port: port 0 out of range (1-65535)",
+                "routes.yaml:7:5: spec.ports[1]: a Service with several ports must name each of them",
+                "routes.yaml:8:12: spec.ports[2].name: duplicate port name \"a\" (also spec.ports[0])",
+                "routes.yaml:8:21: spec.ports[2].port: duplicate port 81 (also spec.ports[1])",
+            ]
+        );
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, namespace: shop, labels: {kubernetes.io/service-name: nope}}\naddressType: IPv4\nendpoints: [{addresses: [\"::1\"]}]\n";
+        assert_eq!(
+            diags(slice),
+            vec![
+                "routes.yaml:3:75: metadata.labels.kubernetes.io/service-name: warning: no Service shop/nope; this EndpointSlice is ignored",
+                "routes.yaml:5:26: endpoints[0].addresses[0]: invalid IPv4 address \"::1\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn grpc_checks() {
+        let g = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: checkout}]\n  rules:\n  - matches: [{method: {type: Exact}}, {method: {type: RegularExpression, service: \"(\"}}]\n    filters: [{type: URLRewrite}]\n";
+        let d = diags(g);
+        assert_eq!(d.len(), 3, "{d:#?}");
+        assert_eq!(d[0], "routes.yaml:7:24: spec.rules[0].matches[0].method: an Exact method match needs a service, a method or both");
+        assert!(d[1].starts_with("routes.yaml:7:84: spec.rules[0].matches[1].method.service: invalid regular expression"), "{}", d[1]);
+        assert!(d[2].starts_with("routes.yaml:8:22: spec.rules[0].filters[0].type: unknown filter type \"URLRewrite\""), "{}", d[2]);
+    }
+}
