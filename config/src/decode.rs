@@ -318,9 +318,11 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
         Kind::Service => {
             let spec = spec_fields(&mut f, s).map(|sf| service_spec(s, sf));
             f.finish(s, &["status"], &[]);
+            let (ports, incomplete) = spec.unwrap_or((Vec::new(), true));
             Resource::Service(Service {
                 meta: meta?,
-                ports: spec.unwrap_or_default(),
+                ports,
+                incomplete,
             })
         }
         Kind::EndpointSlice => {
@@ -386,8 +388,9 @@ fn meta(s: &mut Sink, mut f: Fields) -> Option<Meta> {
     })
 }
 
-fn service_spec(s: &mut Sink, mut f: Fields) -> Vec<ServicePort> {
+fn service_spec(s: &mut Sink, mut f: Fields) -> (Vec<ServicePort>, bool) {
     let mut ports = Vec::new();
+    let mut incomplete = false;
     for (n, p) in f.list(s, "ports") {
         let Some(mut pf) = Fields::new(s, n, &p) else { continue };
         let name = pf.str(s, "name");
@@ -403,16 +406,17 @@ fn service_spec(s: &mut Sink, mut f: Fields) -> Vec<ServicePort> {
         pf.str(s, "protocol");
         pf.int(s, "nodePort");
         pf.finish(s, &[], &[]);
-        if let Some(port) = port {
-            ports.push(ServicePort {
+        match port {
+            Some(port) => ports.push(ServicePort {
                 name,
                 port,
                 app_protocol,
-            });
+            }),
+            None => incomplete = true,
         }
     }
     f.finish(s, SERVICE_SPEC_SILENT, &[]);
-    ports
+    (ports, incomplete)
 }
 
 fn endpoint_slice(s: &mut Sink, f: &mut Fields) -> EndpointSlice {

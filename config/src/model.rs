@@ -135,6 +135,10 @@ pub struct Meta {
 pub struct Service {
     pub meta: Meta,
     pub ports: Vec<ServicePort>,
+    /// Some port failed to decode (already reported), so "no such port" checks against
+    /// this Service would only repeat that error.
+    #[serde(skip)]
+    pub incomplete: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

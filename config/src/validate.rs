@@ -207,6 +207,7 @@ impl V<'_> {
             };
             if let Some(port) = p.port
                 && self.port_range(&format!("{path}.port"), port)
+                && !svc.incomplete
                 && !svc.ports.iter().any(|sp| sp.port == port)
             {
                 self.err(
@@ -256,6 +257,7 @@ impl V<'_> {
                 continue;
             };
             if self.port_range(&format!("{path}.port"), port)
+                && !svc.incomplete
                 && !svc.ports.iter().any(|sp| sp.port == port)
             {
                 self.err(

@@ -1,0 +1,61 @@
+//! Fixture directories: a broken one whose diagnostics must match
+//! `fixtures/broken.expected` line for line, and a valid one that compiles cleanly.
+
+use std::path::{Path, PathBuf};
+
+use tern_config::{ConfigError, load_dir};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn broken_fixture_diagnostics_match_exactly() {
+    let err = load_dir(&fixture("broken")).expect_err("broken fixture must not load");
+    let ConfigError::Invalid { diagnostics } = err else {
+        panic!("expected Invalid, got {err}");
+    };
+    let got: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+    let expected_text = std::fs::read_to_string(fixture("broken.expected")).unwrap();
+    let expected: Vec<&str> = expected_text.lines().filter(|l| !l.is_empty()).collect();
+    if std::env::var_os("TERN_BLESS").is_some() {
+        std::fs::write(fixture("broken.expected"), got.join("\n") + "\n").unwrap();
+        return;
+    }
+    assert_eq!(got, expected, "\nactual:\n{}", got.join("\n"));
+}
+
+#[test]
+fn valid_fixture_compiles_cleanly() {
+    let compiled = match load_dir(&fixture("valid")) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert!(compiled.warnings.is_empty(), "{:?}", compiled.warnings);
+    let snap = &compiled.snapshot;
+    assert_eq!(snap.services.len(), 3);
+    let http = snap.resolve("checkout.shop.svc.cluster.local", Some(8080), "default").unwrap();
+    assert_eq!(http.http.len(), 3);
+    assert!(http.default_rule.is_none());
+    let grpc = snap.resolve("checkout", Some(9090), "shop").unwrap();
+    assert_eq!(grpc.grpc.len(), 1);
+    assert_eq!(snap.json["version"], snap.version.as_str());
+}
+
+#[test]
+fn empty_dir_is_an_empty_snapshot() {
+    let dir = std::env::temp_dir().join(format!("tern-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let compiled = load_dir(&dir).unwrap();
+    assert!(compiled.snapshot.services.is_empty());
+    assert!(compiled.warnings.is_empty());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn missing_dir_is_an_io_error() {
+    let err = load_dir(&fixture("does-not-exist")).unwrap_err();
+    assert!(matches!(err, ConfigError::Io { .. }), "{err}");
+}
