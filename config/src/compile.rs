@@ -23,7 +23,9 @@ use serde_json::{Value, json};
 use crate::model::{self, Filter, Kind, MatchType, PathType, Resource};
 use crate::resources::Resources;
 use crate::snapshot::*;
-use crate::validate::{REGION_LABEL, SERVICE_NAME_LABEL, full_regex, parse_duration, timestamp_key};
+use crate::validate::{
+    REGION_LABEL, SERVICE_NAME_LABEL, full_regex, parse_duration, timestamp_key,
+};
 
 /// Builds the snapshot of a resource set that passed validation.
 pub fn compile(res: &Resources) -> Snapshot {
@@ -36,7 +38,9 @@ pub fn compile(res: &Resources) -> Snapshot {
     let mut by_name: HashMap<String, Vec<String>> = HashMap::new();
     let mut json_services = Vec::new();
     for obj in res.of_kind(Kind::Service) {
-        let Resource::Service(svc) = &obj.resource else { continue };
+        let Resource::Service(svc) = &obj.resource else {
+            continue;
+        };
         let id = ObjectRef {
             namespace: svc.meta.namespace.clone(),
             name: svc.meta.name.clone(),
@@ -44,7 +48,9 @@ pub fn compile(res: &Resources) -> Snapshot {
         let mut ports = Vec::new();
         let mut json_ports = Vec::new();
         for p in &svc.ports {
-            let Ok(port) = u16::try_from(p.port) else { continue };
+            let Ok(port) = u16::try_from(p.port) else {
+                continue;
+            };
             let sp = c.service_port(&id, port, p);
             json_ports.push(port_json(&sp));
             ports.push(Arc::new(sp));
@@ -81,7 +87,18 @@ struct Compiler<'a> {
 }
 
 /// Sort key of an HTTP match entry; see the module doc.
-type HttpKey = (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>, AgeKey, usize, usize);
+type HttpKey = (
+    u8,
+    Reverse<usize>,
+    bool,
+    Reverse<usize>,
+    Reverse<usize>,
+    AgeKey,
+    usize,
+    usize,
+);
+/// Sort key of a gRPC match entry; see the module doc.
+type GrpcKey = (u8, usize, Reverse<usize>, AgeKey, usize, usize);
 /// Route tie-breakers: age (absent = newest), then namespace/name.
 type AgeKey = (bool, (String, u32), String, String);
 
@@ -96,9 +113,14 @@ fn age_key(meta: &model::Meta) -> AgeKey {
 }
 
 impl Compiler<'_> {
-    fn service_port(&mut self, id: &ObjectRef, port: u16, spec: &model::ServicePort) -> ServicePort {
+    fn service_port(
+        &mut self,
+        id: &ObjectRef,
+        port: u16,
+        spec: &model::ServicePort,
+    ) -> ServicePort {
         let mut http: Vec<(HttpKey, HttpRuleMatch)> = Vec::new();
-        let mut grpc: Vec<((u8, usize, Reverse<usize>, AgeKey, usize, usize), GrpcRuleMatch)> = Vec::new();
+        let mut grpc: Vec<(GrpcKey, GrpcRuleMatch)> = Vec::new();
         let mut attached = false;
         for obj in self.res.iter() {
             match &obj.resource {
@@ -131,7 +153,13 @@ impl Compiler<'_> {
                                 ri,
                                 mi,
                             );
-                            http.push((key, HttpRuleMatch { m: hm, rule: compiled.clone() }));
+                            http.push((
+                                key,
+                                HttpRuleMatch {
+                                    m: hm,
+                                    rule: compiled.clone(),
+                                },
+                            ));
                         }
                     }
                 }
@@ -169,7 +197,13 @@ impl Compiler<'_> {
                                 ri,
                                 mi,
                             );
-                            grpc.push((key, GrpcRuleMatch { m: gm, rule: compiled.clone() }));
+                            grpc.push((
+                                key,
+                                GrpcRuleMatch {
+                                    m: gm,
+                                    rule: compiled.clone(),
+                                },
+                            ));
                         }
                     }
                 }
@@ -217,7 +251,10 @@ impl Compiler<'_> {
         let mut entries = Vec::new();
         let mut total: u32 = 0;
         for b in refs {
-            let (Some(port), Ok(weight)) = (b.port.and_then(|p| u16::try_from(p).ok()), u32::try_from(b.weight)) else {
+            let (Some(port), Ok(weight)) = (
+                b.port.and_then(|p| u16::try_from(p).ok()),
+                u32::try_from(b.weight),
+            ) else {
                 continue;
             };
             if weight == 0 {
@@ -251,9 +288,14 @@ impl Compiler<'_> {
                 Filter::ResponseHeaderModifier(m) => rule.response_headers = header_modifier(m),
                 Filter::URLRewrite(u) => {
                     rule.url_rewrite = Some(UrlRewrite {
-                        hostname: u.hostname.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+                        hostname: u
+                            .hostname
+                            .as_deref()
+                            .and_then(|h| HeaderValue::from_str(h).ok()),
                         path: u.path.as_ref().map(|p| match p {
-                            model::PathModifier::ReplaceFullPath(v) => PathRewrite::ReplaceFullPath(v.clone()),
+                            model::PathModifier::ReplaceFullPath(v) => {
+                                PathRewrite::ReplaceFullPath(v.clone())
+                            }
                             model::PathModifier::ReplacePrefixMatch(v) => {
                                 PathRewrite::ReplacePrefixMatch(v.clone())
                             }
@@ -292,7 +334,9 @@ impl Compiler<'_> {
     fn endpoints(&self, svc: &model::Service, sp: &model::ServicePort) -> Vec<Endpoint> {
         let mut out = Vec::new();
         for obj in self.res.of_kind(Kind::EndpointSlice) {
-            let Resource::EndpointSlice(slice) = &obj.resource else { continue };
+            let Resource::EndpointSlice(slice) = &obj.resource else {
+                continue;
+            };
             if slice.meta.namespace != svc.meta.namespace
                 || slice.meta.labels.get(SERVICE_NAME_LABEL) != Some(&svc.meta.name)
                 || !matches!(slice.address_type.as_str(), "IPv4" | "IPv6")
@@ -304,15 +348,26 @@ impl Compiler<'_> {
                 .ports
                 .iter()
                 .find(|p| name(&p.name) == name(&sp.name))
-                .or_else(|| (svc.ports.len() == 1 && slice.ports.len() == 1).then(|| &slice.ports[0]));
-            let Some(port) = slice_port.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else {
+                .or_else(|| {
+                    (svc.ports.len() == 1 && slice.ports.len() == 1).then(|| &slice.ports[0])
+                });
+            let Some(port) = slice_port
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+            else {
                 continue;
             };
-            let region: Option<Arc<str>> = slice.meta.labels.get(REGION_LABEL).map(|r| r.as_str().into());
+            let region: Option<Arc<str>> = slice
+                .meta
+                .labels
+                .get(REGION_LABEL)
+                .map(|r| r.as_str().into());
             for ep in &slice.endpoints {
                 let zone: Option<Arc<str>> = ep.zone.as_deref().map(Into::into);
                 for a in &ep.addresses {
-                    let Ok(ip) = a.parse::<IpAddr>() else { continue };
+                    let Ok(ip) = a.parse::<IpAddr>() else {
+                        continue;
+                    };
                     out.push(Endpoint {
                         addr: SocketAddr::new(ip, port),
                         ready: ep.ready,
@@ -527,18 +582,16 @@ fn port_json(sp: &ServicePort) -> Value {
                 PathMatch::Prefix(p) => json!({"type": "PathPrefix", "value": p}),
                 PathMatch::Regex(re) => json!({"type": "RegularExpression", "value": unanchor(re)}),
             };
-            let headers: BTreeMap<&str, Value> = h
-                .m
-                .headers
-                .iter()
-                .map(|m| (m.name.as_str(), string_match_json(&m.value)))
-                .collect();
-            let query: BTreeMap<&str, Value> = h
-                .m
-                .query
-                .iter()
-                .map(|m| (m.name.as_str(), string_match_json(&m.value)))
-                .collect();
+            let headers: BTreeMap<&str, Value> =
+                h.m.headers
+                    .iter()
+                    .map(|m| (m.name.as_str(), string_match_json(&m.value)))
+                    .collect();
+            let query: BTreeMap<&str, Value> =
+                h.m.query
+                    .iter()
+                    .map(|m| (m.name.as_str(), string_match_json(&m.value)))
+                    .collect();
             json!({
                 "match": {
                     "path": path,
@@ -554,12 +607,11 @@ fn port_json(sp: &ServicePort) -> Value {
         .grpc
         .iter()
         .map(|g| {
-            let headers: BTreeMap<&str, Value> = g
-                .m
-                .headers
-                .iter()
-                .map(|m| (m.name.as_str(), string_match_json(&m.value)))
-                .collect();
+            let headers: BTreeMap<&str, Value> =
+                g.m.headers
+                    .iter()
+                    .map(|m| (m.name.as_str(), string_match_json(&m.value)))
+                    .collect();
             json!({
                 "match": {
                     "service": g.m.service.as_ref().map(string_match_json),
@@ -605,10 +657,19 @@ mod tests {
         c.snapshot.resolve(svc, Some(8080), "shop").unwrap().clone()
     }
 
-    fn pick(sp: &ServicePort, method: Method, path: &str, query: Option<&str>, hdrs: &[(&str, &str)]) -> Option<(String, usize)> {
+    fn pick(
+        sp: &ServicePort,
+        method: Method,
+        path: &str,
+        query: Option<&str>,
+        hdrs: &[(&str, &str)],
+    ) -> Option<(String, usize)> {
         let mut h = HeaderMap::new();
         for (k, v) in hdrs {
-            h.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         sp.route(&method, path, query, &h)
             .map(|m| (m.rule.route.to_string(), m.rule.rule_index))
@@ -630,7 +691,9 @@ mod tests {
         assert_eq!(&*m.rule.backends.entries[0].1.name, "shop/checkout-v2:8080");
         assert_eq!(m.rule.backends.entries[0].1.protocol, Protocol::H2c);
 
-        let m = sp.route(&Method::GET, "/api", None, &HeaderMap::new()).unwrap();
+        let m = sp
+            .route(&Method::GET, "/api", None, &HeaderMap::new())
+            .unwrap();
         assert_eq!(m.rule.rule_index, 1);
         let w = &m.rule.backends;
         assert_eq!(w.total, 100);
@@ -638,13 +701,24 @@ mod tests {
         assert_eq!(&*w.pick(89).unwrap().name, "shop/checkout-v1:8080");
         assert_eq!(&*w.pick(90).unwrap().name, "shop/checkout-v2:8080");
         assert_eq!(m.rule.timeouts.request, Some(Duration::from_secs(10)));
-        assert_eq!(m.rule.timeouts.backend_request, Some(Duration::from_secs(2)));
-        assert!(sp.route(&Method::GET, "/other", None, &HeaderMap::new()).is_none());
+        assert_eq!(
+            m.rule.timeouts.backend_request,
+            Some(Duration::from_secs(2))
+        );
+        assert!(
+            sp.route(&Method::GET, "/other", None, &HeaderMap::new())
+                .is_none()
+        );
 
         // Backends are deduplicated: checkout-v2:8080 is used by both rules.
         // The default rules of checkout-v1/v2 reuse the same two backends.
         assert_eq!(c.snapshot.backends.len(), 2);
-        let names: Vec<_> = c.snapshot.backends.iter().map(|b| b.name.to_string()).collect();
+        let names: Vec<_> = c
+            .snapshot
+            .backends
+            .iter()
+            .map(|b| b.name.to_string())
+            .collect();
         let mut dedup = names.clone();
         dedup.sort();
         dedup.dedup();
@@ -657,7 +731,12 @@ mod tests {
     #[test]
     fn endpoints_ports_zones_regions() {
         let c = compile(SPLIT);
-        let v1 = c.snapshot.backends.iter().find(|b| &*b.name == "shop/checkout-v1:8080").unwrap();
+        let v1 = c
+            .snapshot
+            .backends
+            .iter()
+            .find(|b| &*b.name == "shop/checkout-v1:8080")
+            .unwrap();
         assert_eq!(v1.protocol, Protocol::Http1);
         assert_eq!(v1.endpoints.len(), 2);
         assert_eq!(v1.endpoints[0].addr, "10.0.0.1:9000".parse().unwrap());
@@ -666,7 +745,12 @@ mod tests {
         assert_eq!(v1.endpoints[0].region.as_deref(), Some("eu"));
         assert!(!v1.endpoints[1].ready);
         // Single-port Service and single-port slice map even though the names differ.
-        let v2 = c.snapshot.backends.iter().find(|b| &*b.name == "shop/checkout-v2:8080").unwrap();
+        let v2 = c
+            .snapshot
+            .backends
+            .iter()
+            .find(|b| &*b.name == "shop/checkout-v2:8080")
+            .unwrap();
         assert_eq!(v2.endpoints[0].addr, "10.0.1.1:9001".parse().unwrap());
     }
 
@@ -677,8 +761,13 @@ mod tests {
         let rule = sp.default_rule.as_ref().unwrap();
         assert_eq!(rule.kind, RouteKind::Default);
         assert_eq!(&*rule.route, "shop/checkout-v1");
-        let m = sp.route(&Method::GET, "/anything", None, &HeaderMap::new()).unwrap();
-        assert_eq!(&*m.rule.backends.pick(0).unwrap().name, "shop/checkout-v1:8080");
+        let m = sp
+            .route(&Method::GET, "/anything", None, &HeaderMap::new())
+            .unwrap();
+        assert_eq!(
+            &*m.rule.backends.pick(0).unwrap().name,
+            "shop/checkout-v1:8080"
+        );
         assert_eq!(c.snapshot.by_name["checkout"], vec!["shop".to_string()]);
     }
 
@@ -699,21 +788,40 @@ mod tests {
             .iter()
             .map(|h| match &h.m.path {
                 PathMatch::Exact(p) => format!("E{p}"),
-                PathMatch::Prefix(p) => format!("P{p}|m{}|h{}|q{}", h.m.method.is_some() as u8, h.m.headers.len(), h.m.query.len()),
+                PathMatch::Prefix(p) => format!(
+                    "P{p}|m{}|h{}|q{}",
+                    h.m.method.is_some() as u8,
+                    h.m.headers.len(),
+                    h.m.query.len()
+                ),
                 PathMatch::Regex(_) => "R".into(),
             })
             .collect();
         assert_eq!(
             kinds,
-            vec!["E/a/b", "P/a/b|m1|h0|q0", "P/a/b|m0|h2|q0", "P/a/b|m0|h1|q0", "P/a/b|m0|h0|q1", "P/a/b|m0|h0|q0", "P/a|m0|h0|q0", "R"],
+            vec![
+                "E/a/b",
+                "P/a/b|m1|h0|q0",
+                "P/a/b|m0|h2|q0",
+                "P/a/b|m0|h1|q0",
+                "P/a/b|m0|h0|q1",
+                "P/a/b|m0|h0|q0",
+                "P/a|m0|h0|q0",
+                "R"
+            ],
         );
-        assert_eq!(pick(&sp, Method::GET, "/a/b/c", None, &[]), Some(("shop/r".into(), 0)));
+        assert_eq!(
+            pick(&sp, Method::GET, "/a/b/c", None, &[]),
+            Some(("shop/r".into(), 0))
+        );
     }
 
     #[test]
     fn older_route_wins_ties_then_name() {
         let mk = |name: &str, ts: Option<&str>, backend: &str| {
-            let ts = ts.map(|t| format!(", creationTimestamp: \"{t}\"")).unwrap_or_default();
+            let ts = ts
+                .map(|t| format!(", creationTimestamp: \"{t}\""))
+                .unwrap_or_default();
             format!(
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop{ts}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: checkout}}]\n  rules: [{{backendRefs: [{{name: {backend}, port: 8080}}]}}]\n---\n"
             )
@@ -763,10 +871,16 @@ mod tests {
     fn version_ignores_file_names_and_order() {
         use crate::load_sources;
         let docs: Vec<&str> = crate::testutil::SHOP.split("\n---\n").collect();
-        let a: Vec<(String, String)> = vec![("a.yaml".into(), docs.join("\n---\n")), ("b.yaml".into(), SPLIT.into())];
+        let a: Vec<(String, String)> = vec![
+            ("a.yaml".into(), docs.join("\n---\n")),
+            ("b.yaml".into(), SPLIT.into()),
+        ];
         let mut rev = docs.clone();
         rev.reverse();
-        let b: Vec<(String, String)> = vec![("x.yaml".into(), SPLIT.into()), ("y.yml".into(), rev.join("\n---\n"))];
+        let b: Vec<(String, String)> = vec![
+            ("x.yaml".into(), SPLIT.into()),
+            ("y.yml".into(), rev.join("\n---\n")),
+        ];
         let va = load_sources(&a).unwrap().snapshot.version;
         let vb = load_sources(&b).unwrap().snapshot.version;
         assert_eq!(va, vb);
@@ -783,12 +897,21 @@ mod tests {
         assert_eq!(j["version"], c.snapshot.version.as_str());
         let port = &j["services"][0]["ports"][0];
         assert_eq!(j["services"][0]["service"], "shop/checkout");
-        assert_eq!(port["http"][0]["match"]["headers"]["x-canary"]["value"], "1");
+        assert_eq!(
+            port["http"][0]["match"]["headers"]["x-canary"]["value"],
+            "1"
+        );
         let second = &port["http"][1]["rule"];
         assert_eq!(second["backends"][0]["weight"], 90);
         assert_eq!(second["backends"][1]["weight"], 10);
         assert_eq!(second["timeouts"]["request"], "10s");
         assert_eq!(second["timeouts"]["backendRequest"], "2s");
-        assert!(j["backends"].as_array().unwrap().iter().any(|b| b["endpoints"][0]["addr"] == "10.0.0.1:9000"));
+        assert!(
+            j["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b["endpoints"][0]["addr"] == "10.0.0.1:9000")
+        );
     }
 }

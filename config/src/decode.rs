@@ -185,7 +185,10 @@ impl<'n> Fields<'n> {
                 continue;
             };
             let path = join(&self.path, key);
-            if self.entries[..i].iter().any(|(k2, _)| k2.key_text() == Some(key)) {
+            if self.entries[..i]
+                .iter()
+                .any(|(k2, _)| k2.key_text() == Some(key))
+            {
                 s.error(k.loc, &path, format!("duplicate key \"{key}\""));
             } else if self.used[i] || silent.contains(&key) {
             } else if unsupported.contains(&key) {
@@ -334,7 +337,10 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
             })
         }
         Kind::HTTPRoute => {
-            let ns = meta.as_ref().map(|m| m.namespace.clone()).unwrap_or_default();
+            let ns = meta
+                .as_ref()
+                .map(|m| m.namespace.clone())
+                .unwrap_or_default();
             let spec = spec_fields(&mut f, s).map(|sf| http_route_spec(s, sf, &ns));
             f.finish(s, &["status"], &[]);
             let (parent_refs, rules) = spec.unwrap_or_default();
@@ -345,7 +351,10 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
             })
         }
         Kind::GRPCRoute => {
-            let ns = meta.as_ref().map(|m| m.namespace.clone()).unwrap_or_default();
+            let ns = meta
+                .as_ref()
+                .map(|m| m.namespace.clone())
+                .unwrap_or_default();
             let spec = spec_fields(&mut f, s).map(|sf| grpc_route_spec(s, sf, &ns));
             f.finish(s, &["status"], &[]);
             let (parent_refs, rules) = spec.unwrap_or_default();
@@ -373,7 +382,9 @@ fn meta(s: &mut Sink, mut f: Fields) -> Option<Meta> {
     let mut labels = BTreeMap::new();
     if let Some(lf) = f.map(s, "labels") {
         for (k, v) in &lf.entries {
-            let (Some(key), false) = (k.key_text(), v.is_null()) else { continue };
+            let (Some(key), false) = (k.key_text(), v.is_null()) else {
+                continue;
+            };
             if let Some(val) = string(s, v, &format!("metadata.labels.{key}")) {
                 labels.insert(key.to_string(), val);
             }
@@ -392,7 +403,9 @@ fn service_spec(s: &mut Sink, mut f: Fields) -> (Vec<ServicePort>, bool) {
     let mut ports = Vec::new();
     let mut incomplete = false;
     for (n, p) in f.list(s, "ports") {
-        let Some(mut pf) = Fields::new(s, n, &p) else { continue };
+        let Some(mut pf) = Fields::new(s, n, &p) else {
+            continue;
+        };
         let name = pf.str(s, "name");
         let app_protocol = pf.str(s, "appProtocol");
         let port = if pf.has("port") {
@@ -426,7 +439,9 @@ fn endpoint_slice(s: &mut Sink, f: &mut Fields) -> EndpointSlice {
     });
     let mut endpoints = Vec::new();
     for (n, p) in f.list(s, "endpoints") {
-        let Some(mut ef) = Fields::new(s, n, &p) else { continue };
+        let Some(mut ef) = Fields::new(s, n, &p) else {
+            continue;
+        };
         let mut addresses = Vec::new();
         for (an, ap) in ef.list(s, "addresses") {
             addresses.extend(string(s, an, &ap));
@@ -450,7 +465,9 @@ fn endpoint_slice(s: &mut Sink, f: &mut Fields) -> EndpointSlice {
     }
     let mut ports = Vec::new();
     for (n, p) in f.list(s, "ports") {
-        let Some(mut pf) = Fields::new(s, n, &p) else { continue };
+        let Some(mut pf) = Fields::new(s, n, &p) else {
+            continue;
+        };
         let port = EndpointPort {
             name: pf.str(s, "name"),
             port: pf.int(s, "port"),
@@ -471,7 +488,9 @@ fn endpoint_slice(s: &mut Sink, f: &mut Fields) -> EndpointSlice {
 fn parent_refs(s: &mut Sink, f: &mut Fields, ns: &str) -> Vec<ParentRef> {
     let mut refs = Vec::new();
     for (n, p) in f.list(s, "parentRefs") {
-        let Some(mut pf) = Fields::new(s, n, &p) else { continue };
+        let Some(mut pf) = Fields::new(s, n, &p) else {
+            continue;
+        };
         let r = (|| {
             Some(ParentRef {
                 // Gateway API defaults a parentRef to a Gateway.
@@ -500,7 +519,9 @@ fn parent_refs(s: &mut Sink, f: &mut Fields, ns: &str) -> Vec<ParentRef> {
 fn backend_refs(s: &mut Sink, f: &mut Fields, ns: &str) -> Vec<BackendRef> {
     let mut refs = Vec::new();
     for (n, p) in f.list(s, "backendRefs") {
-        let Some(mut bf) = Fields::new(s, n, &p) else { continue };
+        let Some(mut bf) = Fields::new(s, n, &p) else {
+            continue;
+        };
         let group = bf.str(s, "group").unwrap_or_default();
         let kind = bf.str(s, "kind").unwrap_or_else(|| "Service".into());
         let namespace = bf.str(s, "namespace").unwrap_or_else(|| ns.into());
@@ -530,7 +551,9 @@ fn backend_refs(s: &mut Sink, f: &mut Fields, ns: &str) -> Vec<BackendRef> {
 fn value_matches(s: &mut Sink, f: &mut Fields, key: &str) -> Vec<ValueMatch> {
     let mut out = Vec::new();
     for (n, p) in f.list(s, key) {
-        let Some(mut mf) = Fields::new(s, n, &p) else { continue };
+        let Some(mut mf) = Fields::new(s, n, &p) else {
+            continue;
+        };
         let match_type = match_type(s, &mut mf);
         let name = mf.required_str(s, "name");
         let value = mf.required_str(s, "value");
@@ -579,7 +602,9 @@ fn filters(s: &mut Sink, f: &mut Fields, grpc: bool) -> Vec<Filter> {
         ]
     };
     for (n, p) in f.list(s, "filters") {
-        let Some(mut ff) = Fields::new(s, n, &p) else { continue };
+        let Some(mut ff) = Fields::new(s, n, &p) else {
+            continue;
+        };
         if !ff.has("type") {
             ff.missing(s, "type");
         }
@@ -600,9 +625,8 @@ fn filters(s: &mut Sink, f: &mut Fields, grpc: bool) -> Vec<Filter> {
                     }
                 })
             }
-            Some("URLRewrite") => {
-                config_fields(s, &mut ff, "urlRewrite").map(|uf| Filter::URLRewrite(url_rewrite(s, uf)))
-            }
+            Some("URLRewrite") => config_fields(s, &mut ff, "urlRewrite")
+                .map(|uf| Filter::URLRewrite(url_rewrite(s, uf))),
             Some(t) => {
                 let loc = ff.take("type").map_or(n.loc, |(tn, _)| tn.loc);
                 s.warn(
@@ -640,7 +664,9 @@ fn header_modifier(s: &mut Sink, mut f: Fields) -> HeaderModifier {
     let mut pairs = |f: &mut Fields, key: &str| {
         let mut out = Vec::new();
         for (n, p) in f.list(s, key) {
-            let Some(mut hf) = Fields::new(s, n, &p) else { continue };
+            let Some(mut hf) = Fields::new(s, n, &p) else {
+                continue;
+            };
             let name = hf.required_str(s, "name");
             let value = hf.required_str(s, "value");
             hf.finish(s, &[], &[]);
@@ -695,11 +721,15 @@ fn http_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Ve
     let parents = parent_refs(s, &mut f, ns);
     let mut rules = Vec::new();
     for (n, p) in f.list(s, "rules") {
-        let Some(mut rf) = Fields::new(s, n, &p) else { continue };
+        let Some(mut rf) = Fields::new(s, n, &p) else {
+            continue;
+        };
         rf.str(s, "name");
         let mut matches = Vec::new();
         for (mn, mp) in rf.list(s, "matches") {
-            let Some(mut mf) = Fields::new(s, mn, &mp) else { continue };
+            let Some(mut mf) = Fields::new(s, mn, &mp) else {
+                continue;
+            };
             let mut m = HttpRouteMatch::default();
             if let Some(mut pf) = mf.map(s, "path") {
                 let ty = if pf.has("type") {
@@ -754,11 +784,15 @@ fn grpc_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Ve
     let parents = parent_refs(s, &mut f, ns);
     let mut rules = Vec::new();
     for (n, p) in f.list(s, "rules") {
-        let Some(mut rf) = Fields::new(s, n, &p) else { continue };
+        let Some(mut rf) = Fields::new(s, n, &p) else {
+            continue;
+        };
         rf.str(s, "name");
         let mut matches = Vec::new();
         for (mn, mp) in rf.list(s, "matches") {
-            let Some(mut mf) = Fields::new(s, mn, &mp) else { continue };
+            let Some(mut mf) = Fields::new(s, mn, &mp) else {
+                continue;
+            };
             let mut m = GrpcRouteMatch::default();
             if let Some(mut gf) = mf.map(s, "method") {
                 let match_type = match_type(s, &mut gf);
@@ -805,7 +839,9 @@ mod tests {
     fn type_errors() {
         let r = |rules: &str| one(&route(rules));
         assert_eq!(
-            r("  - backendRefs:\n    - {name: checkout-v1, port: 8080}\n    - name: checkout-v2\n      port: 8080\n      weight: ten\n"),
+            r(
+                "  - backendRefs:\n    - {name: checkout-v1, port: 8080}\n    - name: checkout-v2\n      port: 8080\n      weight: ten\n"
+            ),
             "routes.yaml:11:15: spec.rules[0].backendRefs[1].weight: expected an integer"
         );
         assert_eq!(
@@ -816,9 +852,15 @@ mod tests {
             r("  - matches: {path: /x}\n"),
             "routes.yaml:7:14: spec.rules[0].matches: expected a list"
         );
-        assert_eq!(r("  - backendRefs: [x]\n"), "routes.yaml:7:19: spec.rules[0].backendRefs[0]: expected a mapping");
+        assert_eq!(
+            r("  - backendRefs: [x]\n"),
+            "routes.yaml:7:19: spec.rules[0].backendRefs[0]: expected a mapping"
+        );
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, namespace: shop, labels: {kubernetes.io/service-name: checkout}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.9], conditions: {ready: yes}}]\n";
-        assert_eq!(one(slice), "routes.yaml:5:57: endpoints[0].conditions.ready: expected true or false");
+        assert_eq!(
+            one(slice),
+            "routes.yaml:5:57: endpoints[0].conditions.ready: expected true or false"
+        );
     }
 
     #[test]
@@ -832,11 +874,15 @@ mod tests {
             "routes.yaml:7:5: spec.rules[0].retry: warning: field \"retry\" is not supported by Tern yet; ignored"
         );
         assert_eq!(
-            one(&route("  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: x}}}]\n")),
+            one(&route(
+                "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: x}}}]\n"
+            )),
             "routes.yaml:7:22: spec.rules[0].filters[0].type: warning: filter type RequestMirror is not supported by Tern yet; ignored"
         );
         assert_eq!(
-            one(&route("  - backendRefs: [{name: checkout-v1, port: 8080, filters: []}]\n")),
+            one(&route(
+                "  - backendRefs: [{name: checkout-v1, port: 8080, filters: []}]\n"
+            )),
             "routes.yaml:7:51: spec.rules[0].backendRefs[0].filters: warning: field \"filters\" is not supported by Tern yet; ignored"
         );
         let meta_ok = "apiVersion: v1\nkind: Service\nmetadata:\n  name: extra\n  namespace: shop\n  labels: {a: b}\n  annotations: {c: d}\n  uid: x\n  resourceVersion: \"1\"\n  creationTimestamp: \"2024-01-01T00:00:00Z\"\n  generation: 3\nspec:\n  type: ClusterIP\n  selector: {app: x}\n  clusterIP: 10.0.0.1\n  ports: [{port: 80, targetPort: http, protocol: TCP}]\n";
@@ -850,7 +896,9 @@ mod tests {
             "routes.yaml:2:7: kind: unknown kind \"Pod\" (Tern reads Service, EndpointSlice, HTTPRoute and GRPCRoute)"
         );
         assert_eq!(
-            one("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata: {name: p}\n"),
+            one(
+                "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata: {name: p}\n"
+            ),
             "routes.yaml:1:13: apiVersion: unsupported apiVersion \"gateway.networking.k8s.io/v1beta1\" for HTTPRoute (expected gateway.networking.k8s.io/v1)"
         );
         assert_eq!(
@@ -869,7 +917,10 @@ mod tests {
     fn syntax_error_drops_the_file() {
         let d = diags(&format!("{}---\nkey: [unclosed\n", crate::testutil::SPLIT));
         assert_eq!(d.len(), 1, "{d:?}");
-        assert!(d[0].starts_with("routes.yaml:16:1: YAML syntax error: while parsing a flow sequence"), "{d:?}");
+        assert!(
+            d[0].starts_with("routes.yaml:16:1: YAML syntax error: while parsing a flow sequence"),
+            "{d:?}"
+        );
         assert!(d[0].contains("YAML syntax error"), "{d:?}");
     }
 
@@ -888,7 +939,9 @@ mod tests {
     #[test]
     fn duplicate_keys() {
         assert_eq!(
-            one("apiVersion: v1\nkind: Service\nmetadata: {name: x, namespace: shop}\nspec: {ports: [{port: 80}]}\nspec: {}\n"),
+            one(
+                "apiVersion: v1\nkind: Service\nmetadata: {name: x, namespace: shop}\nspec: {ports: [{port: 80}]}\nspec: {}\n"
+            ),
             "routes.yaml:5:1: spec: duplicate key \"spec\""
         );
     }

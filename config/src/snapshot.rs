@@ -285,14 +285,15 @@ impl Snapshot {
         let ns = parts.next();
         let svc = self.find_service(name, ns, default_ns, host)?;
         match port {
-            Some(p) => svc
-                .ports
-                .iter()
-                .find(|sp| sp.port == p)
-                .ok_or_else(|| LookupError::UnknownPort {
-                    service: svc.id.to_string(),
-                    port: p,
-                }),
+            Some(p) => {
+                svc.ports
+                    .iter()
+                    .find(|sp| sp.port == p)
+                    .ok_or_else(|| LookupError::UnknownPort {
+                        service: svc.id.to_string(),
+                        port: p,
+                    })
+            }
             None => {
                 if let Some(sp) = svc.ports.iter().find(|sp| sp.port == 80) {
                     Ok(sp)
@@ -324,11 +325,16 @@ impl Snapshot {
         if let Some(s) = lookup(default_ns) {
             return Ok(s);
         }
-        match self.by_name.get(&name.to_ascii_lowercase()).map(Vec::as_slice) {
+        match self
+            .by_name
+            .get(&name.to_ascii_lowercase())
+            .map(Vec::as_slice)
+        {
             Some([only]) => lookup(only).ok_or_else(|| LookupError::UnknownService(host.into())),
-            Some(many) if many.len() > 1 => {
-                Err(LookupError::AmbiguousName(name.to_string(), many.join(", ")))
-            }
+            Some(many) if many.len() > 1 => Err(LookupError::AmbiguousName(
+                name.to_string(),
+                many.join(", "),
+            )),
             _ => Err(LookupError::UnknownService(host.to_string())),
         }
     }
@@ -349,15 +355,16 @@ impl ServicePort {
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Option<Matched<'a>> {
-        if !self.grpc.is_empty() && is_grpc(headers) {
-            if let Some((service, method_name)) = grpc_parts(path) {
-                for g in &self.grpc {
-                    if g.m.matches(service, method_name, headers) {
-                        return Some(Matched {
-                            rule: &g.rule,
-                            prefix: None,
-                        });
-                    }
+        if !self.grpc.is_empty()
+            && is_grpc(headers)
+            && let Some((service, method_name)) = grpc_parts(path)
+        {
+            for g in &self.grpc {
+                if g.m.matches(service, method_name, headers) {
+                    return Some(Matched {
+                        rule: &g.rule,
+                        prefix: None,
+                    });
                 }
             }
         }
@@ -373,7 +380,9 @@ impl ServicePort {
                 });
             }
         }
-        self.default_rule.as_ref().map(|rule| Matched { rule, prefix: None })
+        self.default_rule
+            .as_ref()
+            .map(|rule| Matched { rule, prefix: None })
     }
 }
 
@@ -387,7 +396,8 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 fn grpc_parts(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix('/')?;
     let (service, method) = rest.split_once('/')?;
-    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
 }
 
 impl PathMatch {

@@ -75,7 +75,10 @@ impl V<'_> {
             } else {
                 "a DNS subdomain (lower-case letters, digits, '-' and '.')"
             };
-            self.err("metadata.name", format!("invalid name \"{}\": must be {what}", m.name));
+            self.err(
+                "metadata.name",
+                format!("invalid name \"{}\": must be {what}", m.name),
+            );
         }
         if !is_dns_label(&m.namespace) {
             self.err(
@@ -88,7 +91,9 @@ impl V<'_> {
         {
             self.err(
                 "metadata.creationTimestamp",
-                format!("invalid timestamp \"{ts}\" (expected RFC 3339 UTC, e.g. 2024-05-01T12:00:00Z)"),
+                format!(
+                    "invalid timestamp \"{ts}\" (expected RFC 3339 UTC, e.g. 2024-05-01T12:00:00Z)"
+                ),
             );
         }
     }
@@ -112,7 +117,9 @@ impl V<'_> {
                 );
             }
             match &p.name {
-                None | Some(_) if s.ports.len() > 1 && p.name.as_deref().unwrap_or("").is_empty() => {
+                None | Some(_)
+                    if s.ports.len() > 1 && p.name.as_deref().unwrap_or("").is_empty() =>
+                {
                     self.err(&path, "a Service with several ports must name each of them");
                 }
                 Some(name) if !name.is_empty() => {
@@ -244,7 +251,9 @@ impl V<'_> {
                 };
                 self.err(
                     &format!("{path}.kind"),
-                    format!("unsupported backendRef kind {gk}: only Services (group \"\") are supported"),
+                    format!(
+                        "unsupported backendRef kind {gk}: only Services (group \"\") are supported"
+                    ),
                 );
                 continue;
             }
@@ -279,10 +288,16 @@ impl V<'_> {
             let p = format!("{path}.{what}[{i}]");
             if header {
                 if HeaderName::from_bytes(m.name.as_bytes()).is_err() {
-                    self.err(&format!("{p}.name"), format!("invalid header name \"{}\"", m.name));
+                    self.err(
+                        &format!("{p}.name"),
+                        format!("invalid header name \"{}\"", m.name),
+                    );
                 }
             } else if m.name.is_empty() {
-                self.err(&format!("{p}.name"), "query parameter name must not be empty");
+                self.err(
+                    &format!("{p}.name"),
+                    "query parameter name must not be empty",
+                );
             }
             match m.match_type {
                 MatchType::Exact => {
@@ -338,16 +353,25 @@ impl V<'_> {
             for (i, (name, value)) in pairs.iter().enumerate() {
                 let p = format!("{path}.{what}[{i}]");
                 if HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    self.err(&format!("{p}.name"), format!("invalid header name \"{name}\""));
+                    self.err(
+                        &format!("{p}.name"),
+                        format!("invalid header name \"{name}\""),
+                    );
                 }
                 if HeaderValue::from_str(value).is_err() {
-                    self.err(&format!("{p}.value"), format!("invalid header value {value:?}"));
+                    self.err(
+                        &format!("{p}.value"),
+                        format!("invalid header value {value:?}"),
+                    );
                 }
             }
         }
         for (i, name) in m.remove.iter().enumerate() {
             if HeaderName::from_bytes(name.as_bytes()).is_err() {
-                self.err(&format!("{path}.remove[{i}]"), format!("invalid header name \"{name}\""));
+                self.err(
+                    &format!("{path}.remove[{i}]"),
+                    format!("invalid header name \"{name}\""),
+                );
             }
         }
     }
@@ -356,7 +380,10 @@ impl V<'_> {
         if let Some(h) = &u.hostname
             && !is_dns_subdomain(h)
         {
-            self.err(&format!("{path}.hostname"), format!("invalid hostname \"{h}\""));
+            self.err(
+                &format!("{path}.hostname"),
+                format!("invalid hostname \"{h}\""),
+            );
         }
         match &u.path {
             Some(PathModifier::ReplaceFullPath(p)) if !p.starts_with('/') => self.err(
@@ -401,7 +428,10 @@ impl V<'_> {
                 {
                     self.err(
                         &format!("{mp}.method"),
-                        format!("unknown method \"{method}\" (expected one of {})", METHODS.join(", ")),
+                        format!(
+                            "unknown method \"{method}\" (expected one of {})",
+                            METHODS.join(", ")
+                        ),
                     );
                 }
             }
@@ -489,15 +519,15 @@ impl V<'_> {
 
 fn is_grpc_name(s: &str, dots: bool) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || (dots && b == b'.'))
 }
 
 /// A DNS label (RFC 1123): 1-63 lower-case alphanumerics or '-', alphanumeric at both ends.
 pub fn is_dns_label(s: &str) -> bool {
     (1..=63).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -573,7 +603,8 @@ pub fn full_regex(re: &str) -> Result<regex::Regex, String> {
 /// fraction): the seconds part and the nanoseconds.
 pub fn timestamp_key(ts: &str) -> Option<(String, u32)> {
     let b = ts.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
     let shape = b.len() >= 20
         && digits(0..4)
         && b[4] == b'-'
@@ -613,8 +644,21 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("1h1m1s1ms"), Ok(Duration::from_millis(3_661_001)));
-        for bad in ["", "10", "s", "1.5s", "123456s", "1h1m1s1ms1s", "10 s", "-1s", "1d"] {
+        assert_eq!(
+            parse_duration("1h1m1s1ms"),
+            Ok(Duration::from_millis(3_661_001))
+        );
+        for bad in [
+            "",
+            "10",
+            "s",
+            "1.5s",
+            "123456s",
+            "1h1m1s1ms1s",
+            "10 s",
+            "-1s",
+            "1d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
@@ -702,11 +746,21 @@ mod semantic_tests {
 
     #[test]
     fn parent_refs() {
-        let missing = route("  - backendRefs: [{name: checkout-v1, port: 8080}]\n").replace("name: checkout, port: 8080", "name: gone");
-        assert_eq!(one(&missing), "routes.yaml:5:49: spec.parentRefs[0].name: no Service shop/gone");
+        let missing = route("  - backendRefs: [{name: checkout-v1, port: 8080}]\n")
+            .replace("name: checkout, port: 8080", "name: gone");
+        assert_eq!(
+            one(&missing),
+            "routes.yaml:5:49: spec.parentRefs[0].name: no Service shop/gone"
+        );
         let bad_port = route("  - {}\n").replace("port: 8080}", "port: 81}");
-        assert_eq!(one(&bad_port), "routes.yaml:5:65: spec.parentRefs[0].port: Service shop/checkout has no port 81");
-        let gateway = route("  - {}\n").replace("{group: \"\", kind: Service, name: checkout, port: 8080}", "{name: gw, sectionName: http}");
+        assert_eq!(
+            one(&bad_port),
+            "routes.yaml:5:65: spec.parentRefs[0].port: Service shop/checkout has no port 81"
+        );
+        let gateway = route("  - {}\n").replace(
+            "{group: \"\", kind: Service, name: checkout, port: 8080}",
+            "{name: gw, sectionName: http}",
+        );
         let d = diags(&gateway);
         assert_eq!(
             d,
@@ -723,7 +777,9 @@ mod semantic_tests {
         let d = diags(svc);
         assert_eq!(
             d,
-            vec!["routes.yaml:3:18: metadata.name: duplicate Service shop/checkout-v1 (first defined at svc.yaml:10:18)"]
+            vec![
+                "routes.yaml:3:18: metadata.name: duplicate Service shop/checkout-v1 (first defined at svc.yaml:10:18)"
+            ]
         );
     }
 
@@ -755,7 +811,10 @@ mod semantic_tests {
         let g = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: checkout}]\n  rules:\n  - matches: [{method: {type: Exact}}, {method: {type: RegularExpression, service: \"(\"}}]\n    filters: [{type: URLRewrite}]\n";
         let d = diags(g);
         assert_eq!(d.len(), 3, "{d:#?}");
-        assert_eq!(d[0], "routes.yaml:7:24: spec.rules[0].matches[0].method: an Exact method match needs a service, a method or both");
+        assert_eq!(
+            d[0],
+            "routes.yaml:7:24: spec.rules[0].matches[0].method: an Exact method match needs a service, a method or both"
+        );
         assert!(d[1].starts_with("routes.yaml:7:84: spec.rules[0].matches[1].method.service: invalid regular expression"), "{}", d[1]);
         assert!(d[2].starts_with("routes.yaml:8:22: spec.rules[0].filters[0].type: unknown filter type \"URLRewrite\""), "{}", d[2]);
     }

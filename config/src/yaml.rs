@@ -22,7 +22,10 @@ pub struct Node {
 pub enum NodeKind {
     /// A scalar; `quoted` is true for single/double quoted and block (`|`, `>`) scalars,
     /// which are always strings.
-    Scalar { value: String, quoted: bool },
+    Scalar {
+        value: String,
+        quoted: bool,
+    },
     Seq(Vec<Node>),
     /// Entries in document order; keys are nodes so that their positions are kept.
     Map(Vec<(Node, Node)>),
@@ -91,10 +94,13 @@ fn parse_int(v: &str) -> Option<i64> {
 }
 
 fn is_float(v: &str) -> bool {
-    matches!(v, ".inf" | "-.inf" | "+.inf" | ".nan" | ".NaN" | ".Inf" | "-.Inf")
-        || (v.bytes().any(|b| b.is_ascii_digit())
-            && v.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b))
-            && v.parse::<f64>().is_ok())
+    matches!(
+        v,
+        ".inf" | "-.inf" | "+.inf" | ".nan" | ".NaN" | ".Inf" | "-.Inf"
+    ) || (v.bytes().any(|b| b.is_ascii_digit())
+        && v.bytes()
+            .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b))
+        && v.parse::<f64>().is_ok())
 }
 
 /// A YAML syntax error.
@@ -163,7 +169,13 @@ fn parse_inner(text: &str) -> Result<Vec<Node>, SyntaxError> {
                 None
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some(n) => Some((Node { loc: at, kind: n.kind.clone() }, 0)),
+                Some(n) => Some((
+                    Node {
+                        loc: at,
+                        kind: n.kind.clone(),
+                    },
+                    0,
+                )),
                 None => {
                     return Err(SyntaxError {
                         loc: at,
@@ -309,12 +321,18 @@ mod tests {
     fn locations_and_styles() {
         let docs = parse("a: 1\nb:\n  - x: \"1\"\n    y: 'z'\n---\n---\nc: [1, 2]\n").unwrap();
         assert_eq!(docs.len(), 3);
-        let NodeKind::Map(entries) = &docs[0].kind else { panic!() };
+        let NodeKind::Map(entries) = &docs[0].kind else {
+            panic!()
+        };
         assert_eq!(entries[0].0.loc, Loc { line: 1, column: 1 });
         assert_eq!(entries[0].1.loc, Loc { line: 1, column: 4 });
         assert_eq!(entries[0].1.scalar(), Some(Scalar::Int(1)));
-        let NodeKind::Seq(items) = &entries[1].1.kind else { panic!() };
-        let NodeKind::Map(item) = &items[0].kind else { panic!() };
+        let NodeKind::Seq(items) = &entries[1].1.kind else {
+            panic!()
+        };
+        let NodeKind::Map(item) = &items[0].kind else {
+            panic!()
+        };
         assert_eq!(item[0].1.loc, Loc { line: 3, column: 8 });
         assert_eq!(item[0].1.scalar(), Some(Scalar::Str("1")));
         assert_eq!(item[1].0.loc, Loc { line: 4, column: 5 });
@@ -324,15 +342,20 @@ mod tests {
         assert_eq!(locs.get("b[0].missing"), locs.get("b[0]"));
         assert_eq!(locs.get("b[0]"), Loc { line: 3, column: 5 });
         assert_eq!(locs.get("b"), Loc { line: 3, column: 3 });
-        let flow = parse("x: {a: 1}
-").unwrap();
+        let flow = parse(
+            "x: {a: 1}
+",
+        )
+        .unwrap();
         assert_eq!(LocMap::build(&flow[0]).get("x"), Loc { line: 1, column: 4 });
     }
 
     #[test]
     fn plain_scalar_types() {
         let docs = parse("[~, true, 0x10, -3, 1.5, abc, '', 08]").unwrap();
-        let NodeKind::Seq(items) = &docs[0].kind else { panic!() };
+        let NodeKind::Seq(items) = &docs[0].kind else {
+            panic!()
+        };
         let got: Vec<_> = items.iter().map(|n| n.scalar().unwrap()).collect();
         assert_eq!(
             got,
@@ -360,7 +383,9 @@ mod tests {
     #[test]
     fn anchors_and_aliases() {
         let docs = parse("a: &x {k: v}\nb: *x\n").unwrap();
-        let NodeKind::Map(entries) = &docs[0].kind else { panic!() };
+        let NodeKind::Map(entries) = &docs[0].kind else {
+            panic!()
+        };
         assert!(matches!(entries[1].1.kind, NodeKind::Map(_)));
     }
 }

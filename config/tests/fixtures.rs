@@ -36,7 +36,9 @@ fn valid_fixture_compiles_cleanly() {
     assert!(compiled.warnings.is_empty(), "{:?}", compiled.warnings);
     let snap = &compiled.snapshot;
     assert_eq!(snap.services.len(), 3);
-    let http = snap.resolve("checkout.shop.svc.cluster.local", Some(8080), "default").unwrap();
+    let http = snap
+        .resolve("checkout.shop.svc.cluster.local", Some(8080), "default")
+        .unwrap();
     assert_eq!(http.http.len(), 3);
     assert!(http.default_rule.is_none());
     let grpc = snap.resolve("checkout", Some(9090), "shop").unwrap();
