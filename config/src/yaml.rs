@@ -130,6 +130,9 @@ fn loc(m: &Marker) -> Loc {
     }
 }
 
+/// Deeper documents are refused: later passes recurse over the tree.
+const MAX_DEPTH: usize = 128;
+
 enum Frame {
     Seq(Loc, Vec<Node>),
     /// Entries plus a pending key.
@@ -192,6 +195,15 @@ fn parse_inner(text: &str) -> Result<Vec<Node>, SyntaxError> {
                     },
                     anchor,
                 ))
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _)
+                if stack.len() >= MAX_DEPTH =>
+            {
+                let _ = anchor;
+                return Err(SyntaxError {
+                    loc: at,
+                    message: format!("nesting deeper than {MAX_DEPTH} levels"),
+                });
             }
             Event::SequenceStart(anchor, _) => {
                 stack.push(Frame::Seq(at, Vec::new()));
@@ -378,6 +390,13 @@ mod tests {
         assert!(err.loc.line >= 2, "{err:?}");
         let err = parse("a: b: c\n").unwrap_err();
         assert_eq!(err.loc.line, 1, "{err:?}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let deep = "[".repeat(10_000);
+        let err = parse(&deep).unwrap_err();
+        assert!(err.message.contains("nesting") || err.message.contains("recursion"), "{err:?}");
     }
 
     #[test]
