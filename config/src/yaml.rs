@@ -396,7 +396,10 @@ mod tests {
     fn deep_nesting_is_refused() {
         let deep = "[".repeat(10_000);
         let err = parse(&deep).unwrap_err();
-        assert!(err.message.contains("nesting") || err.message.contains("recursion"), "{err:?}");
+        assert!(
+            err.message.contains("nesting") || err.message.contains("recursion"),
+            "{err:?}"
+        );
     }
 
     #[test]
