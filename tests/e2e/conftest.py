@@ -183,9 +183,11 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.failed:
         start = getattr(item, "_tern_proc_start", 0)
-        for p in _all_procs[:]:
-            if p.alive() or _all_procs.index(p) >= start:
-                rep.sections.append((f"process {p.name}", p.logs()))
+        for i, p in enumerate(_all_procs[:]):
+            if i >= start:  # started by this test: more of its logs
+                rep.sections.append((f"process {p.name}", p.logs(max_lines=150)))
+            elif p.alive():  # shared (module/session) process still running
+                rep.sections.append((f"process {p.name} (shared)", p.logs(max_lines=30)))
 
 
 @pytest.fixture(autouse=True)

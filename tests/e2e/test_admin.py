@@ -63,3 +63,29 @@ def test_metrics_after_traffic(mesh):
     assert any(l.get("version") == mesh.a.config_version() and v == 1 for l, v in info), info
     for l, v in m.get("tern_config_reloads_total"):
         assert l.get("result") in ("applied", "refused"), l
+
+
+def test_flags_from_environment(stack):
+    """Every flag can come from the environment (TERN_*)."""
+    from conftest import Proc, binary, free_addr, http_get, request, service, wait_until
+
+    app = stack.demo("envapp")
+    stack.write("env.yaml", service("envsvc", endpoints=[app.addr]))
+    outbound, inbound, admin = free_addr(), free_addr(), free_addr()
+    p = Proc("proxy-env", [binary("tern-proxy")], stack.log_dir, env={
+        "TERN_CONFIG_DIR": str(stack.config_dir),
+        "TERN_OUTBOUND": outbound,
+        "TERN_INBOUND": inbound,
+        "TERN_APP": app.addr,
+        "TERN_ADMIN": admin,
+        "TERN_NAMESPACE": "default",
+        "TERN_WORKERS": "1",
+        "TERN_DRAIN_TIMEOUT": "5s",
+    })
+    try:
+        wait_until(lambda: p.ensure_alive() or http_get(admin, "/ready")[0] == 200, 30, "env-configured proxy ready")
+        assert request(outbound, "GET", "/o", host="envsvc").json()["service"] == "envapp"
+        assert request(inbound, "GET", "/i", host="anything").json()["service"] == "envapp"
+    finally:
+        p.stop()
+    assert p.returncode() == 0
