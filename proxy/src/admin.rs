@@ -77,7 +77,10 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
                 );
                 resp
             }
-            None => text(StatusCode::SERVICE_UNAVAILABLE, "no configuration loaded yet\n"),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no configuration loaded yet\n",
+            ),
         },
         _ => text(
             StatusCode::NOT_FOUND,

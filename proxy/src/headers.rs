@@ -33,7 +33,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
         // Rare enough (HTTP/1.1 clients mostly send none or `keep-alive`) that collecting
         // the named headers is fine.
-        let named: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+        let named: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
         headers.remove(header::CONNECTION);
         for value in named {
             let Ok(list) = value.to_str() else { continue };

@@ -10,7 +10,7 @@ use tern_config::snapshot::Protocol;
 use crate::body::ProxyBody;
 use crate::headers;
 use crate::metrics::{Direction, RouteLabels};
-use crate::outbound::{refuse_ambiguous_framing, upstream_error};
+use crate::outbound::upstream_error;
 use crate::rescue::ProxyError;
 use crate::upstream;
 use crate::worker::Worker;
@@ -38,8 +38,10 @@ pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBo
     resp
 }
 
-async fn serve(worker: &Worker, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-    refuse_ambiguous_framing(&req)?;
+async fn serve(
+    worker: &Worker,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let app = worker.shared.settings.app;
     let upgrade = headers::is_upgrade(&req);
     headers::strip_hop_by_hop(req.headers_mut(), upgrade);
@@ -48,7 +50,10 @@ async fn serve(worker: &Worker, mut req: Request<Incoming>) -> Result<Response<P
     } else {
         Protocol::Http1
     };
-    if protocol == Protocol::H2c || req.uri().authority().is_some() || req.headers().contains_key(http::header::HOST) {
+    if protocol == Protocol::H2c
+        || req.uri().authority().is_some()
+        || req.headers().contains_key(http::header::HOST)
+    {
         headers::for_upstream(&mut req, protocol)?;
     }
     let sent = if upgrade {

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod framing;
 pub mod headers;
 pub mod inbound;
 pub mod listen;
@@ -27,7 +28,6 @@ pub mod upstream;
 pub mod worker;
 
 use std::net::SocketAddr;
-
 
 pub use server::Limits;
 pub use state::{Settings, Shared};
@@ -68,7 +68,8 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         result => reload::apply(&shared, result),
     }
 
-    let bind = |addr, reuse| listen::bind(addr, reuse).map_err(|source| StartError::Bind { addr, source });
+    let bind =
+        |addr, reuse| listen::bind(addr, reuse).map_err(|source| StartError::Bind { addr, source });
     let workers = settings.workers.max(1);
     let mut listeners = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -131,7 +132,10 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers, run until killed.
         std::future::pending::<()>().await;
         return;
@@ -141,4 +145,3 @@ async fn shutdown_signal() {
         _ = int.recv() => {}
     }
 }
-

@@ -58,7 +58,11 @@ pub fn spawn_worker(
         })
 }
 
-async fn run_worker(shared: Arc<Shared>, listeners: WorkerListeners, mut drain: watch::Receiver<bool>) {
+async fn run_worker(
+    shared: Arc<Shared>,
+    listeners: WorkerListeners,
+    mut drain: watch::Receiver<bool>,
+) {
     let (outbound, inbound) = match (
         TcpListener::from_std(listeners.outbound),
         TcpListener::from_std(listeners.inbound),
@@ -81,7 +85,12 @@ async fn run_worker(shared: Arc<Shared>, listeners: WorkerListeners, mut drain: 
         };
         match accepted {
             Ok((stream, _peer)) => {
-                tracker.spawn(server::serve(worker.clone(), stream, direction, drain.clone()));
+                tracker.spawn(server::serve(
+                    worker.clone(),
+                    stream,
+                    direction,
+                    drain.clone(),
+                ));
             }
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -93,7 +102,10 @@ async fn run_worker(shared: Arc<Shared>, listeners: WorkerListeners, mut drain: 
     drop(outbound);
     drop(inbound);
     tracker.close();
-    if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             remaining = tracker.len(),
             "drain deadline reached; closing remaining connections"

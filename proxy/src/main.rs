@@ -40,7 +40,7 @@ struct Args {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    tern_config::duration::parse(s).map_err(|e| e.to_string())
+    tern_config::validate::parse_duration(s)
 }
 
 fn main() -> ExitCode {
@@ -51,10 +51,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let workers = args.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    });
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let settings = tern_proxy::Settings {
         config_dir: args.config_dir,
         outbound: args.outbound,

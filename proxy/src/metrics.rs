@@ -77,8 +77,7 @@ pub struct Metrics {
 
 /// Latency buckets in seconds: fine below 10 ms where a sidecar hop lives.
 const BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 fn new_histogram() -> Histogram {
@@ -132,7 +131,7 @@ impl Metrics {
         );
         // Make the reload counters visible at zero.
         for result in ["applied", "refused"] {
-            reloads.get_or_create(&ResultLabels { result });
+            let _ = reloads.get_or_create(&ResultLabels { result });
         }
         Metrics {
             registry,
@@ -146,7 +145,9 @@ impl Metrics {
     }
 
     pub fn record_request(&self, route: &RouteLabels, status: u16, elapsed: Duration) {
-        self.durations.get_or_create(route).observe(elapsed.as_secs_f64());
+        self.durations
+            .get_or_create(route)
+            .observe(elapsed.as_secs_f64());
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.clone(),

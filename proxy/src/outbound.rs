@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tern_config::snapshot::{Backend, Protocol};
 
@@ -52,20 +52,24 @@ async fn serve(
     mut req: Request<Incoming>,
     labels: &mut RouteLabels,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    refuse_ambiguous_framing(&req)?;
     let routed = route::route(active, &req, &worker.shared.settings.namespace)?;
     labels.parent_name = active.parent_label(routed.parent);
     let rule = routed.matched.rule;
     labels.route_name = rule.route.clone();
     labels.route_rule = rule.rule_index as u32;
-    let backend = route::pick_backend(rule).ok_or_else(|| ProxyError::NoEndpoints(labels.parent_name.clone()))?;
+    let backend = route::pick_backend(rule)
+        .ok_or_else(|| ProxyError::NoEndpoints(labels.parent_name.clone()))?;
     labels.backend_name = backend.name.clone();
 
     route::apply_request_filters(&mut req, rule, routed.matched.prefix)?;
     let upgrade = headers::is_upgrade(&req);
     headers::strip_hop_by_hop(req.headers_mut(), upgrade);
 
-    let mut resp = policy::timeout::run(rule.timeouts, forward(worker, active, backend, req, upgrade)).await?;
+    let mut resp = policy::timeout::run(
+        rule.timeouts,
+        forward(worker, active, backend, req, upgrade),
+    )
+    .await?;
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(resp.headers_mut(), switching);
@@ -87,7 +91,11 @@ async fn forward(
         .pick(backend.index)
         .ok_or_else(|| ProxyError::NoEndpoints(backend.name.clone()))?;
     // Upgrades are an HTTP/1.1 mechanism: they get an HTTP/1.1 connection of their own.
-    let protocol = if upgrade { Protocol::Http1 } else { backend.protocol };
+    let protocol = if upgrade {
+        Protocol::Http1
+    } else {
+        backend.protocol
+    };
     headers::for_upstream(&mut req, protocol)?;
     let sent = if upgrade {
         upstream::send_upgrade(&worker.pool, addr, req).await
@@ -110,24 +118,10 @@ pub fn upstream_error(
             addr,
             source,
         },
-        UpstreamError::Handshake(source) | UpstreamError::Request(source) => {
-            ProxyError::Upstream {
-                backend,
-                addr,
-                source,
-            }
-        }
+        UpstreamError::Handshake(source) | UpstreamError::Request(source) => ProxyError::Upstream {
+            backend,
+            addr,
+            source,
+        },
     }
-}
-
-/// A request with both Content-Length and Transfer-Encoding is a smuggling vector
-/// (RFC 9112 section 6.3): refuse it rather than pick one.
-pub fn refuse_ambiguous_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
-    let h = req.headers();
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
-        return Err(ProxyError::BadRequest(
-            "both Content-Length and Transfer-Encoding",
-        ));
-    }
-    Ok(())
 }

@@ -84,8 +84,8 @@ impl ProxyError {
     /// The response for this error: `tern-error: <code>: <reason>`, the same text as body.
     pub fn into_response(self) -> Response<ProxyBody> {
         let text = format!("{}: {}", self.code(), self);
-        let header = HeaderValue::from_str(&text)
-            .unwrap_or_else(|_| HeaderValue::from_static(self.code()));
+        let header =
+            HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(self.code()));
         let mut body = text.into_bytes();
         body.push(b'\n');
         let mut resp = Response::new(ProxyBody::local(Bytes::from(body)));

@@ -1,6 +1,7 @@
 //! Serving one client connection: protocol detection, then HTTP/1.1 or HTTP/2 with limits
 //! set on purpose, graceful drain, and per-connection containment of HTTP/2 abuse.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -12,7 +13,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 
-use crate::metrics::Direction;
+use crate::body::ProxyBody;
+use crate::framing::{self, Verdict};
+use crate::metrics::{Direction, RouteLabels};
+use crate::rescue::ProxyError;
 use crate::worker::Worker;
 use crate::{inbound, outbound};
 
@@ -118,10 +122,24 @@ pub async fn serve(
     let io = TokioIo::new(stream);
     match proto {
         Proto::Http1 => {
+            let findings = Arc::new(framing::Findings::default());
+            let io = TokioIo::new(framing::Guarded::new(
+                io.into_inner(),
+                framing::Tracker::new(limits.max_header_bytes, findings.clone()),
+            ));
             let w = worker.clone();
+            let next_index = Cell::new(0u64);
             let svc = service_fn(move |req| {
                 let w = w.clone();
-                async move { Ok::<_, Infallible>(dispatch(&w, direction, req).await) }
+                let index = next_index.replace(next_index.get() + 1);
+                let verdict = findings.verdict(index);
+                async move {
+                    let resp = match verdict {
+                        Verdict::Ok => dispatch(&w, direction, req).await,
+                        bad => refuse(&w, direction, bad),
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let mut builder = http1::Builder::new();
             builder
@@ -198,6 +216,34 @@ async fn dispatch(
 /// Resolves once the drain signal is raised.
 pub async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
+}
+
+/// Answers a request the framing guard flagged, and closes the connection after it.
+fn refuse(worker: &Worker, direction: Direction, verdict: Verdict) -> http::Response<ProxyBody> {
+    let mut resp = match verdict {
+        Verdict::TooLarge => {
+            let mut r = http::Response::new(ProxyBody::empty());
+            *r.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            r
+        }
+        _ => ProxyError::BadRequest("both Content-Length and Transfer-Encoding").into_response(),
+    };
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    let labels = RouteLabels {
+        direction,
+        parent_name: worker.empty.clone(),
+        route_name: worker.empty.clone(),
+        route_rule: 0,
+        backend_name: worker.empty.clone(),
+    };
+    worker
+        .shared
+        .metrics
+        .record_request(&labels, resp.status().as_u16(), Duration::ZERO);
+    resp
 }
 
 fn log_end(res: Result<(), hyper::Error>) {

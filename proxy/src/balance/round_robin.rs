@@ -19,13 +19,25 @@ impl RoundRobin {
         let ready: Vec<Box<[SocketAddr]>> = snapshot
             .backends
             .iter()
-            .map(|b| b.endpoints.iter().filter(|e| e.ready).map(|e| e.addr).collect())
+            .map(|b| {
+                b.endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|e| e.addr)
+                    .collect()
+            })
             .collect();
         // Start each backend at a random offset so that sidecars restarted together do
         // not all hit the first endpoint first.
         let cursors = ready
             .iter()
-            .map(|r| AtomicUsize::new(if r.is_empty() { 0 } else { fastrand::usize(..r.len()) }))
+            .map(|r| {
+                AtomicUsize::new(if r.is_empty() {
+                    0
+                } else {
+                    fastrand::usize(..r.len())
+                })
+            })
             .collect();
         RoundRobin { ready, cursors }
     }
@@ -53,7 +65,11 @@ mod tests {
     fn cycles_ready_endpoints_only() {
         let rr = RoundRobin {
             ready: vec![
-                vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()].into(),
+                vec![
+                    "127.0.0.1:1".parse().unwrap(),
+                    "127.0.0.1:2".parse().unwrap(),
+                ]
+                .into(),
                 Box::new([]),
             ],
             cursors: vec![AtomicUsize::new(0), AtomicUsize::new(0)].into(),

@@ -35,7 +35,10 @@ pub async fn send(
         Protocol::H2c => {
             let mut sender = pool.h2(addr).await?;
             sender.ready().await.map_err(UpstreamError::Request)?;
-            let resp = sender.send_request(req).await.map_err(UpstreamError::Request)?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(UpstreamError::Request)?;
             Ok(resp.map(PooledBody::new))
         }
     }
@@ -83,7 +86,10 @@ pub async fn send_upgrade(
 ) -> Result<Response<PooledBody>, UpstreamError> {
     let client = hyper::upgrade::on(&mut req);
     let mut sender = pool.connect_h1(addr, true).await?;
-    let mut resp = sender.send_request(req).await.map_err(UpstreamError::Request)?;
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(UpstreamError::Request)?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {

@@ -85,7 +85,11 @@ impl Pool {
         }
     }
 
-    pub async fn connect_h1(&self, addr: SocketAddr, upgrades: bool) -> Result<H1Sender, UpstreamError> {
+    pub async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+        upgrades: bool,
+    ) -> Result<H1Sender, UpstreamError> {
         let io = TokioIo::new(self.connect_tcp(addr).await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
