@@ -440,6 +440,9 @@ async fn live_table(
         .iter()
         .map(|_| metrics::History::default())
         .collect();
+    // Per sidecar: the reload counters last seen, and whether its latest reload was refused.
+    let mut reload_state: Vec<(Option<summary::Reloads>, bool)> =
+        vec![(None, false); plan.slots.len()];
     let mut drawn = 0usize;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -460,9 +463,11 @@ async fn live_table(
         let mut web_routes = None;
         let mut web_error = None;
         let mut window_secs = 1.0;
-        let mut refused = Vec::new();
-        for ((slot, history), (version, metrics)) in
-            plan.slots.iter().zip(histories.iter_mut()).zip(scrapes)
+        for ((slot, (history, (last_reloads, refusing))), (version, metrics)) in plan
+            .slots
+            .iter()
+            .zip(histories.iter_mut().zip(reload_state.iter_mut()))
+            .zip(scrapes)
         {
             let mut view = SidecarView {
                 name: slot.name.to_string(),
@@ -474,12 +479,18 @@ async fn live_table(
             };
             match metrics {
                 Ok(samples) => {
-                    view.reloads = Some(summary::reloads(&samples));
+                    let now_reloads = summary::reloads(&samples);
+                    if let Some(prev) = *last_reloads {
+                        if now_reloads.refused > prev.refused {
+                            *refusing = true;
+                        } else if now_reloads.applied > prev.applied {
+                            *refusing = false;
+                        }
+                    }
+                    *last_reloads = Some(now_reloads);
+                    view.reloads = Some(now_reloads);
                     history.push(now, samples, WINDOW_SCRAPES);
                     if let Some((window, secs)) = history.window() {
-                        if summary::reloads(&window).refused > 0.0 {
-                            refused.push(slot.name);
-                        }
                         view.outbound = Some(summary::direction_counts(&window, "outbound"));
                         view.inbound = Some(summary::direction_counts(&window, "inbound"));
                         if slot.name == "web" {
@@ -511,10 +522,22 @@ async fn live_table(
             window_secs
         );
         let mut footer = generator_footer(stats, args.rps);
-        for name in refused {
+        let refused: Vec<&str> = plan
+            .slots
+            .iter()
+            .zip(&reload_state)
+            .filter(|(_, r)| r.1)
+            .map(|(s, _)| s.name)
+            .collect();
+        if let Some(first) = refused.first() {
             footer.push(format!(
-                "{name}'s sidecar refused a config edit; it says why in {}",
-                procs::log_path(work, &format!("{name}-sidecar")).display()
+                "config edit refused by {} (still serving the previous version); why: {}",
+                if refused.len() == plan.slots.len() {
+                    "every sidecar".to_string()
+                } else {
+                    refused.join(", ")
+                },
+                procs::log_path(work, &format!("{first}-sidecar")).display()
             ));
         }
         let lines = summary::render(
@@ -556,6 +579,12 @@ fn generator_footer(stats: &Mutex<traffic::GenStats>, rps: u32) -> Vec<String> {
         "traffic generator (web): {} sent, {} ok, {} HTTP errors, {} without an answer",
         s.sent, s.ok, s.http_errors, s.transport_errors
     )];
+    if s.skipped > 0 {
+        lines.push(format!(
+            "  {} requests skipped: too many in flight (the mesh is slower than --rps {rps})",
+            s.skipped
+        ));
+    }
     if let Some((status, e)) = &s.last_tern_error {
         lines.push(format!("  last proxy error: {status} tern-error: {e}"));
     }

@@ -95,6 +95,8 @@ pub fn route_rows(window: &[Sample], direction: &str) -> Vec<RouteRow> {
     }
     routes
         .into_iter()
+        // Routes without requests in the window (e.g. a one-off curl) would only add noise.
+        .filter(|(_, parts)| parts.values().any(|c| c.total > 0.0))
         .map(|(route, parts)| {
             let mut total = Counts::default();
             let mut per_rule: BTreeMap<&str, f64> = BTreeMap::new();

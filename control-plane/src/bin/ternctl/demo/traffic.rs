@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 /// One HTTP/1.1 request on a fresh connection, with an overall timeout.
 pub async fn request(
@@ -63,6 +63,8 @@ pub struct GenStats {
     pub last_tern_error: Option<(u16, String)>,
     /// The latest transport error.
     pub last_transport_error: Option<String>,
+    /// Requests not started because too many were in flight.
+    pub skipped: u64,
 }
 
 /// Settings for [`run`].
@@ -111,60 +113,67 @@ pub fn plan_request(r: u32, item: u32) -> Planned {
     }
 }
 
-/// Runs until `stop` turns true: `workers` tasks, each on its own keep-alive connection,
-/// together sending at most `rps` requests per second.
-pub async fn run(g: Generator, stats: Arc<Mutex<GenStats>>, stop: watch::Receiver<bool>) {
-    let rps = g.rps.max(1);
-    let workers = (rps / 4).clamp(1, 16);
-    let period = Duration::from_secs_f64(f64::from(workers) / f64::from(rps));
+/// Requests in flight at most; beyond it, ticks are skipped (and counted).
+const MAX_IN_FLIGHT: usize = 64;
+
+type Conn = http1::SendRequest<Empty<Bytes>>;
+
+/// Runs until `stop` turns true: starts a request every `1/rps` seconds whatever the
+/// latency (so slowing one service down does not slow the traffic to the others), on
+/// keep-alive connections reused from a pool, with at most [`MAX_IN_FLIGHT`] in flight.
+pub async fn run(g: Generator, stats: Arc<Mutex<GenStats>>, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_secs_f64(1.0 / f64::from(g.rps.max(1)));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let pool: Arc<Mutex<Vec<Conn>>> = Arc::default();
+    // Dropping the set at the end aborts whatever is still in flight.
     let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..workers {
-        let stats = stats.clone();
-        let mut stop = stop.clone();
-        let target = g.target;
-        // Stagger the workers so requests spread over the period.
-        let offset = period.mul_f64(f64::from(w) / f64::from(workers));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        while tasks.try_join_next().is_some() {}
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            stats.lock().expect("stats lock").skipped += 1;
+            continue;
+        };
+        let planned = plan_request(fastrand::u32(0..1000), fastrand::u32(..));
+        let (pool, stats, target) = (pool.clone(), stats.clone(), g.target);
         tasks.spawn(async move {
-            let start = tokio::time::Instant::now() + offset;
-            let mut ticker = tokio::time::interval_at(start, period);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut conn: Option<http1::SendRequest<Empty<Bytes>>> = None;
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = stop.changed() => return,
-                }
-                if *stop.borrow() {
-                    return;
-                }
-                let planned = plan_request(fastrand::u32(0..1000), fastrand::u32(..));
-                tokio::select! {
-                    _ = one(target, &mut conn, &planned, &stats) => {}
-                    _ = stop.changed() => return,
-                }
-            }
+            one(target, &pool, &planned, &stats).await;
+            drop(permit);
         });
     }
-    while tasks.join_next().await.is_some() {}
 }
 
 async fn one(
     target: SocketAddr,
-    conn: &mut Option<http1::SendRequest<Empty<Bytes>>>,
+    pool: &Mutex<Vec<Conn>>,
     planned: &Planned,
     stats: &Mutex<GenStats>,
 ) {
     let result = tokio::time::timeout(Duration::from_secs(15), async {
-        if conn.as_ref().is_none_or(|c| c.is_closed()) {
-            let stream = TcpStream::connect(target)
-                .await
-                .with_context(|| format!("connecting to web's sidecar at {target}"))?;
-            let _ = stream.set_nodelay(true);
-            let (sender, c) = http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(c);
-            *conn = Some(sender);
-        }
-        let sender = conn.as_mut().expect("just connected");
+        let idle = {
+            let mut idle = pool.lock().expect("pool lock");
+            std::iter::from_fn(|| idle.pop()).find(|c| !c.is_closed())
+        };
+        let mut sender = match idle {
+            Some(c) => c,
+            None => {
+                let stream = TcpStream::connect(target)
+                    .await
+                    .with_context(|| format!("connecting to web's sidecar at {target}"))?;
+                let _ = stream.set_nodelay(true);
+                let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                sender
+            }
+        };
         sender.ready().await?;
         let mut req = Request::builder()
             .method(Method::GET)
@@ -182,6 +191,7 @@ async fn one(
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         // Read the whole body so the connection can carry the next request.
         resp.into_body().collect().await?;
+        pool.lock().expect("pool lock").push(sender);
         anyhow::Ok((status, tern_error))
     })
     .await
@@ -202,7 +212,6 @@ async fn one(
         Err(e) => {
             s.transport_errors += 1;
             s.last_transport_error = Some(format!("{e:#}"));
-            *conn = None;
         }
     }
 }
