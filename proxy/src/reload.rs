@@ -36,17 +36,30 @@ pub fn apply(shared: &Shared, result: Result<Compiled, ConfigError>) {
     }
 }
 
+/// True for a change to a YAML file of the directory, or to the `..data` symlink that
+/// Kubernetes swaps when a mounted ConfigMap changes. Other files (a log written into the
+/// directory, an editor's swap file) and our own reads (access events) are ignored.
+fn is_config_change(event: &notify::Event) -> bool {
+    let kind = matches!(
+        event.kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+    );
+    kind && event.paths.iter().any(|p| {
+        let yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        let configmap = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(".."));
+        yaml || configmap
+    })
+}
+
 /// Watches the config directory until the process ends.
 pub async fn watch(shared: Arc<Shared>) -> Result<(), notify::Error> {
     let dir = shared.settings.config_dir.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res {
-            // Our own reads show up as access events: ignore them.
-            if matches!(
-                event.kind,
-                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
-            ) {
+            if is_config_change(&event) {
                 let _ = tx.try_send(());
             }
         }
@@ -62,4 +75,31 @@ pub async fn watch(shared: Arc<Shared>) -> Result<(), notify::Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, CreateKind, ModifyKind};
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(path.into())
+    }
+
+    #[test]
+    fn only_yaml_and_configmap_changes_count() {
+        let modify = EventKind::Modify(ModifyKind::Any);
+        assert!(is_config_change(&event(modify, "/c/routes.yaml")));
+        assert!(is_config_change(&event(modify, "/c/routes.yml")));
+        assert!(is_config_change(&event(
+            EventKind::Create(CreateKind::Any),
+            "/c/..data"
+        )));
+        assert!(!is_config_change(&event(modify, "/c/proxy.log")));
+        assert!(!is_config_change(&event(modify, "/c/.routes.yaml.swp")));
+        assert!(!is_config_change(&event(
+            EventKind::Access(AccessKind::Any),
+            "/c/routes.yaml"
+        )));
+    }
 }
