@@ -110,9 +110,8 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             _ = shutdown_signal() => {}
             res = watcher => {
                 // The watcher only ends on error.
-                match res {
-                    Ok(Err(err)) => return Err(StartError::Watch(err)),
-                    Ok(Ok(())) | Err(_) => {}
+                if let Ok(Err(err)) = res {
+                    return Err(StartError::Watch(err));
                 }
             }
         }

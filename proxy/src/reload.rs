@@ -58,10 +58,10 @@ pub async fn watch(shared: Arc<Shared>) -> Result<(), notify::Error> {
     let dir = shared.settings.config_dir.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res {
-            if is_config_change(&event) {
-                let _ = tx.try_send(());
-            }
+        if let Ok(event) = res
+            && is_config_change(&event)
+        {
+            let _ = tx.try_send(());
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;

@@ -88,10 +88,10 @@ impl Shared {
     /// Installs a new snapshot unless it has the version already in force. Requests in
     /// flight keep the `Arc<Active>` they loaded and finish on their version.
     pub fn apply(&self, snapshot: Snapshot) -> bool {
-        if let Some(current) = self.active.load().as_ref() {
-            if current.snapshot.version == snapshot.version {
-                return false;
-            }
+        if let Some(current) = self.active.load().as_ref()
+            && current.snapshot.version == snapshot.version
+        {
+            return false;
         }
         self.metrics.config_version(&snapshot.version);
         self.active.store(Some(Arc::new(Active::new(snapshot))));

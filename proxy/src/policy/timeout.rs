@@ -34,11 +34,9 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn slow() -> impl Future<Output = Result<u8, ProxyError>> {
-        async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok(1)
-        }
+    async fn slow() -> Result<u8, ProxyError> {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(1)
     }
 
     #[tokio::test(start_paused = true)]
