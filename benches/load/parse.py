@@ -143,6 +143,11 @@ def parse_h2load_log(lines: Iterable[str]) -> list[int]:
 # statistics
 
 
+def _rank(p: float, n: int) -> int:
+    """1-based nearest rank; rounding guards against 0.99 * 1000 = 990.0000000000001."""
+    return min(max(math.ceil(round(p * n / 100.0, 6)), 1), n)
+
+
 def percentile(values: list, p: float) -> float:
     """Nearest-rank percentile (the smallest value with at least p% of samples <= it).
 
@@ -153,8 +158,7 @@ def percentile(values: list, p: float) -> float:
     if not 0 < p <= 100:
         raise ValueError("p must be in (0, 100]")
     s = sorted(values)
-    rank = math.ceil(p / 100.0 * len(s))
-    return s[max(rank, 1) - 1]
+    return s[_rank(p, len(s)) - 1]
 
 
 def latency_percentiles_ms(durations_us: list[int]) -> dict:
@@ -162,8 +166,7 @@ def latency_percentiles_ms(durations_us: list[int]) -> dict:
         return {pkey(p) + "_ms": None for p in PERCENTILES}
     s = sorted(durations_us)
     n = len(s)
-    return {pkey(p) + "_ms": s[max(math.ceil(p / 100.0 * n), 1) - 1] / 1000.0
-            for p in PERCENTILES}
+    return {pkey(p) + "_ms": s[_rank(p, n) - 1] / 1000.0 for p in PERCENTILES}
 
 
 def median(values: Iterable[Optional[float]]) -> Optional[float]:

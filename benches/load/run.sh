@@ -65,13 +65,11 @@ TERN_BIN="$ROOT/target/release/tern-proxy"
 TERN_ERR=""
 if [ "$BUILD" = 1 ]; then
   echo "building tern-proxy (release)..."
+  # pipefail: a failed cargo fails the pipeline
   if ! (cd "$ROOT" && cargo build --release -p tern-proxy 2>&1 | tail -n 3); then
-    TERN_ERR="cargo build --release -p tern-proxy failed"
-  elif [ "${PIPESTATUS[0]:-0}" != 0 ]; then
     TERN_ERR="cargo build --release -p tern-proxy failed"
   fi
 fi
-# pipefail makes the `if !` above catch a failed cargo; double-check the binary
 if [ -z "$TERN_ERR" ] && [ ! -x "$TERN_BIN" ]; then TERN_ERR="$TERN_BIN not found"; fi
 if [ -n "$TERN_ERR" ]; then
   echo "warning: $TERN_ERR; tern targets will be reported as not run" >&2
