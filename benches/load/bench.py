@@ -133,6 +133,24 @@ def cpu_ticks(pids: list[int]) -> int:
     return total
 
 
+def sched_ns(pids: list[int]) -> int:
+    """On-CPU nanoseconds of all live threads (/proc/PID/task/TID/schedstat, field 1).
+
+    Finer than stat's clock ticks, used as a cross-check (threads that exited are lost)."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
 def status_kb(pids: list[int], field_name: str) -> Optional[int]:
     total, seen = 0, False
     for pid in pids:
@@ -504,9 +522,9 @@ def measure(procs: Procs, target: Target, test: Test, duration: float, raw: Path
     cmd = load_cmd(target, test, duration, log_file)
     reset_hwm(pids)
     t0 = time.monotonic()
-    c0 = cpu_ticks(pids)
+    c0, s0 = cpu_ticks(pids), sched_ns(pids)
     out = run_load(cmd, timeout=duration + 60)
-    c1 = cpu_ticks(pids)
+    c1, s1 = cpu_ticks(pids), sched_ns(pids)
     wall = time.monotonic() - t0
     hwm = status_kb(pids, "VmHWM") if pids else None
     (raw / f"{target.name}_{test.name}_r{rep}.txt").write_text(" ".join(cmd) + "\n\n" + out)
@@ -519,6 +537,8 @@ def measure(procs: Procs, target: Target, test: Test, duration: float, raw: Path
         log_file.unlink()  # can be large; percentiles are kept
     res["cpu_us_per_req"] = (parse.cpu_us_per_request(c0, c1, CLK_TCK, res["requests"])
                              if pids else None)
+    res["cpu_us_per_req_schedstat"] = ((s1 - s0) / 1e3 / res["requests"]
+                                       if pids and res["requests"] else None)
     res["proxy_cpu_pct"] = ((c1 - c0) / CLK_TCK / wall * 100) if pids else None
     res["peak_rss_kb"] = hwm
     res["rep"] = rep
@@ -583,8 +603,8 @@ def idle_test(procs: Procs, conf: Path, which: str, n: int, tern_bin: Optional[s
 # summary
 
 
-METRICS = ["rps"] + [pkey(p) + "_ms" for p in PERCENTILES] + ["cpu_us_per_req", "peak_rss_kb",
-                                                              "proxy_cpu_pct"]
+METRICS = ["rps"] + [pkey(p) + "_ms" for p in PERCENTILES] + [
+    "cpu_us_per_req", "cpu_us_per_req_schedstat", "peak_rss_kb", "proxy_cpu_pct"]
 
 
 def summarise(cells: dict, targets: dict[str, Target], tests: list[str]) -> list[dict]:
