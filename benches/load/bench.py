@@ -706,7 +706,7 @@ def render(meta: dict, rows: list[dict], idle: list[dict], targets: dict[str, Ta
     L.append("")
     by = {(r["target"], r["test"]): r for r in rows}
     headers = ["target", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "CPU µs/req",
-               "proxy CPU %", "peak RSS MB", "ratio ref", "req/s ×", "p99 ×", "CPU ×", "RSS ×"]
+               "CPU µs/req (schedstat)", "proxy CPU %", "peak RSS MB", "ratio ref", "req/s ×", "p99 ×", "CPU ×", "RSS ×"]
     for te in tests:
         L.append(f"## {te}: {TESTS[te].desc}")
         L.append("")
@@ -722,6 +722,7 @@ def render(meta: dict, rows: list[dict], idle: list[dict], targets: dict[str, Ta
             body.append([name, fmt(r["rps"], ",.0f"), fmt(r["p50_ms"], ".3f"),
                          fmt(r["p90_ms"], ".3f"), fmt(r["p99_ms"], ".3f"),
                          fmt(r["p99.9_ms"], ".3f"), fmt(r["cpu_us_per_req"], ".1f"),
+                         fmt(r.get("cpu_us_per_req_schedstat"), ".1f"),
                          fmt(r["proxy_cpu_pct"], ".0f"), fmt(mb(r["peak_rss_kb"]), ".1f"),
                          t.ref if tn != "direct" else "nginx",
                          fmt(ra["rps"], ".2f"), fmt(ra["p99_ms"], ".2f"),
@@ -793,7 +794,7 @@ def machine_meta(args) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", type=Path, help="run directory (required unless --render)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
@@ -804,8 +805,25 @@ def main():
     ap.add_argument("--tern-bin", default=None)
     ap.add_argument("--tern-error", default=None)
     ap.add_argument("--latest", type=Path, default=None, help="directory for latest.md/.jsonl")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only re-render summary.md from an existing results.jsonl")
     args = ap.parse_args()
+    if args.render:
+        objs = [json.loads(x) for x in args.render.read_text().splitlines() if x.strip()]
+        meta = next(o for o in objs if o.get("kind") == "meta")
+        rows = [o for o in objs if o.get("kind") == "load"]
+        idle = [{k: v for k, v in o.items() if k != "kind"} for o in objs if o.get("kind") == "idle"]
+        tests = list(dict.fromkeys(r["test"] for r in rows))
+        all_t = make_targets()
+        present = {r["target"] for r in rows}
+        targets = {n: t for n, t in all_t.items() if n in present}
+        md = render(meta, rows, idle, targets, tests)
+        (args.render.parent / "summary.md").write_text(md)
+        print(md)
+        return
 
+    if args.out is None:
+        ap.error("--out is required")
     idle_conns.raise_nofile(65536)
     out: Path = args.out
     raw = out / "raw"

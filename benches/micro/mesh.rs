@@ -8,24 +8,36 @@ use std::fmt::Write;
 pub fn services(n: usize) -> String {
     let mut y = String::new();
     for i in 0..n {
+        let (a, b, j) = (i / 250, i % 250, (i + 1) % n);
         let _ = write!(
             y,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
-spec: {{ports: [{{name: http, port: 80}}]}}\n---\n\
-apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-metadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
-addressType: IPv4\nendpoints:\n\
-- {{addresses: [\"10.0.{a}.{b}\"], zone: z1}}\n- {{addresses: [\"10.1.{a}.{b}\"], zone: z2}}\n- {{addresses: [\"10.2.{a}.{b}\"], zone: z3}}\n\
-ports: [{{name: http, port: 8080}}]\n---\n\
-apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
-spec:\n  parentRefs: [{{group: \"\", kind: Service, name: svc-{i}, port: 80}}]\n  rules:\n\
-  - matches: [{{path: {{type: PathPrefix, value: /api}}, headers: [{{name: x-canary, value: \"1\"}}]}}]\n\
-    backendRefs: [{{name: svc-{i}, port: 80}}]\n\
-  - backendRefs: [{{name: svc-{i}, port: 80, weight: 90}}, {{name: svc-{j}, port: 80, weight: 10}}]\n\
-    timeouts: {{request: 10s, backendRequest: 2s}}\n---\n",
-            a = i / 250,
-            b = i % 250,
-            j = (i + 1) % n,
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: svc-{i}, namespace: bench}}
+spec: {{ports: [{{name: http, port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}
+addressType: IPv4
+endpoints:
+- {{addresses: ["10.0.{a}.{b}"], zone: z1}}
+- {{addresses: ["10.1.{a}.{b}"], zone: z2}}
+- {{addresses: ["10.2.{a}.{b}"], zone: z3}}
+ports: [{{name: http, port: 8080}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: svc-{i}, namespace: bench}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: svc-{i}, port: 80}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /api}}, headers: [{{name: x-canary, value: "1"}}]}}]
+    backendRefs: [{{name: svc-{i}, port: 80}}]
+  - backendRefs: [{{name: svc-{i}, port: 80, weight: 90}}, {{name: svc-{j}, port: 80, weight: 10}}]
+    timeouts: {{request: 10s, backendRequest: 2s}}
+---
+"#
         );
     }
     y
@@ -34,18 +46,30 @@ spec:\n  parentRefs: [{{group: \"\", kind: Service, name: svc-{i}, port: 80}}]\n
 /// One Service whose HTTPRoute has `n` rules with distinct path prefixes.
 pub fn one_service_many_rules(n: usize) -> String {
     let mut y = String::from(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: big, namespace: bench}\n\
-spec: {ports: [{name: http, port: 80}]}\n---\n\
-apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-metadata: {name: big-1, namespace: bench, labels: {kubernetes.io/service-name: big}}\n\
-addressType: IPv4\nendpoints: [{addresses: [\"10.0.0.1\"]}]\nports: [{name: http, port: 8080}]\n---\n\
-apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: big, namespace: bench}\n\
-spec:\n  parentRefs: [{group: \"\", kind: Service, name: big, port: 80}]\n  rules:\n",
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: big, namespace: bench}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: big-1, namespace: bench, labels: {kubernetes.io/service-name: big}}
+addressType: IPv4
+endpoints: [{addresses: ["10.0.0.1"]}]
+ports: [{name: http, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: big, namespace: bench}
+spec:
+  parentRefs: [{group: "", kind: Service, name: big, port: 80}]
+  rules:
+"#,
     );
     for i in 0..n {
-        let _ = write!(
+        let _ = writeln!(
             y,
-            "  - matches: [{{path: {{type: PathPrefix, value: /p{i}}}}}]\n    backendRefs: [{{name: big, port: 80}}]\n"
+            "  - matches: [{{path: {{type: PathPrefix, value: /p{i}}}}}]\n    backendRefs: [{{name: big, port: 80}}]"
         );
     }
     y

@@ -204,6 +204,16 @@ impl Tracker {
                 return data;
             }
         }
+        // Common case: the whole head arrived in one read; judge it in place.
+        if self.head.is_empty() {
+            if let Some(end) = find_head_end(data) {
+                self.on_head(&data[..end]);
+                return &data[end..];
+            }
+            self.head.extend_from_slice(data);
+            self.check_partial();
+            return &[];
+        }
         let prev = self.head.len();
         let from = prev.saturating_sub(3);
         self.head.extend_from_slice(data);
@@ -219,12 +229,17 @@ impl Tracker {
                 &data[consumed..]
             }
             None => {
-                if self.head.len() > self.max_head {
-                    self.findings.record(self.index, Verdict::TooLarge);
-                    self.state = State::Off;
-                }
+                self.check_partial();
                 &[]
             }
+        }
+    }
+
+    /// A head still without its end is already too large: judge it now.
+    fn check_partial(&mut self) {
+        if self.head.len() > self.max_head {
+            self.findings.record(self.index, Verdict::TooLarge);
+            self.state = State::Off;
         }
     }
 
@@ -246,6 +261,13 @@ impl Tracker {
         let mut chunked = None;
         let mut upgrade = false;
         for line in lines {
+            // Only three names matter; most lines are rejected on their first byte.
+            if !matches!(
+                line.first().map(u8::to_ascii_lowercase),
+                Some(b'c' | b't' | b'u')
+            ) {
+                continue;
+            }
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let Some(colon) = line.iter().position(|b| *b == b':') else {
                 continue;
@@ -294,7 +316,7 @@ impl Tracker {
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+    memchr::memmem::find(buf, b"\r\n\r\n").map(|p| p + 4)
 }
 
 fn trim(v: &[u8]) -> &[u8] {

@@ -1,29 +1,29 @@
 //! The inbound pipeline: requests from other sidecars, forwarded to the local
 //! application over the protocol they arrived in.
 
-use std::time::Instant;
-
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tern_config::snapshot::Protocol;
 
 use crate::body::ProxyBody;
 use crate::headers;
-use crate::metrics::{Direction, RouteLabels};
+use crate::metrics::{Direction, RequestRecorder, RouteLabels};
 use crate::outbound::upstream_error;
 use crate::rescue::ProxyError;
 use crate::upstream;
 use crate::worker::Worker;
 
 pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
-    let start = Instant::now();
-    let labels = RouteLabels {
-        direction: Direction::Inbound,
-        parent_name: worker.empty.clone(),
-        route_name: worker.empty.clone(),
-        route_rule: 0,
-        backend_name: worker.app_label.clone(),
-    };
+    let recorder = RequestRecorder::new(
+        &worker.shared.metrics,
+        RouteLabels {
+            direction: Direction::Inbound,
+            parent_name: worker.empty.clone(),
+            route_name: worker.empty.clone(),
+            route_rule: 0,
+            backend_name: worker.app_label.clone(),
+        },
+    );
     let resp = match serve(worker, req).await {
         Ok(resp) => resp,
         Err(err) => {
@@ -31,10 +31,7 @@ pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBo
             err.into_response()
         }
     };
-    worker
-        .shared
-        .metrics
-        .record_request(&labels, resp.status().as_u16(), start.elapsed());
+    recorder.finish(resp.status().as_u16());
     resp
 }
 

@@ -63,6 +63,45 @@ struct VersionLabels {
     version: String,
 }
 
+/// Status recorded for a request whose client went away before the response (nginx's
+/// convention).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Records one request when it ends: at [`RequestRecorder::finish`] with its status, or
+/// on drop as [`CLIENT_CLOSED`] when the client cancelled it first.
+pub struct RequestRecorder<'a> {
+    metrics: &'a Metrics,
+    pub labels: RouteLabels,
+    start: std::time::Instant,
+    done: bool,
+}
+
+impl<'a> RequestRecorder<'a> {
+    pub fn new(metrics: &'a Metrics, labels: RouteLabels) -> Self {
+        RequestRecorder {
+            metrics,
+            labels,
+            start: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    pub fn finish(mut self, status: u16) {
+        self.done = true;
+        self.metrics
+            .record_request(&self.labels, status, self.start.elapsed());
+    }
+}
+
+impl Drop for RequestRecorder<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics
+                .record_request(&self.labels, CLIENT_CLOSED, self.start.elapsed());
+        }
+    }
+}
+
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -217,5 +256,28 @@ mod tests {
         assert!(text.contains("tern_config_info{version=\"def\"} 1"));
         assert!(!text.contains("version=\"abc\""));
         assert!(text.contains("tern_config_reloads_total{result=\"refused\"} 0"));
+    }
+
+    #[test]
+    fn a_dropped_request_counts_as_client_closed() {
+        let m = Metrics::new();
+        let labels = RouteLabels {
+            direction: Direction::Inbound,
+            parent_name: "".into(),
+            route_name: "".into(),
+            route_rule: 0,
+            backend_name: "app".into(),
+        };
+        drop(RequestRecorder::new(&m, labels.clone()));
+        RequestRecorder::new(&m, labels).finish(200);
+        let text = m.encode();
+        assert!(
+            text.contains("backend_name=\"app\",status_code=\"499\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("backend_name=\"app\",status_code=\"200\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -3,15 +3,13 @@
 //! route (one snapshot load) -> request filters -> timeouts -> balancer -> pool ->
 //! upstream; any error climbs back to `rescue` and becomes a response.
 
-use std::time::Instant;
-
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tern_config::snapshot::{Backend, Protocol};
 
 use crate::body::ProxyBody;
 use crate::headers;
-use crate::metrics::{Direction, RouteLabels};
+use crate::metrics::{Direction, RequestRecorder, RouteLabels};
 use crate::policy;
 use crate::rescue::ProxyError;
 use crate::route;
@@ -20,18 +18,20 @@ use crate::upstream::{self, UpstreamError, pool::PooledBody};
 use crate::worker::Worker;
 
 pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
-    let start = Instant::now();
-    let mut labels = RouteLabels {
-        direction: Direction::Outbound,
-        parent_name: worker.empty.clone(),
-        route_name: worker.empty.clone(),
-        route_rule: 0,
-        backend_name: worker.empty.clone(),
-    };
+    let mut recorder = RequestRecorder::new(
+        &worker.shared.metrics,
+        RouteLabels {
+            direction: Direction::Outbound,
+            parent_name: worker.empty.clone(),
+            route_name: worker.empty.clone(),
+            route_rule: 0,
+            backend_name: worker.empty.clone(),
+        },
+    );
     // The one snapshot load of this request: every step below uses this version.
     let resp = match worker.shared.active.load_full() {
         None => ProxyError::NotReady.into_response(),
-        Some(active) => match serve(worker, &active, req, &mut labels).await {
+        Some(active) => match serve(worker, &active, req, &mut recorder.labels).await {
             Ok(resp) => resp,
             Err(err) => {
                 tracing::debug!(error = %err, "outbound request failed");
@@ -39,10 +39,7 @@ pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBo
             }
         },
     };
-    worker
-        .shared
-        .metrics
-        .record_request(&labels, resp.status().as_u16(), start.elapsed());
+    recorder.finish(resp.status().as_u16());
     resp
 }
 
