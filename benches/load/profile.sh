@@ -53,9 +53,9 @@ sleep 1
 perf record -e cpu-clock -F 1999 -g -p "$TERN" -o "$OUT/perf.data" -- sleep "$SECS" 2>"$OUT/perf-record.log"
 wait "${PIDS[-1]}" || true
 perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
-  | grep -v '^$' | grep -E '^ +[0-9]' | head -40 > "$OUT/report.txt"
+  | grep -v '^$' | grep -E '^ +[0-9]' | head -40 > "$OUT/report.txt" || true
 perf report -i "$OUT/perf.data" --children --sort symbol --stdio -g none 2>/dev/null \
-  | grep -E '^ +[0-9]' | head -60 > "$OUT/report-children.txt"
+  | grep -E '^ +[0-9]' | head -60 > "$OUT/report-children.txt" || true
 echo "== self time (top 40) =="; cat "$OUT/report.txt"
 echo "== including children (top 60) =="; cat "$OUT/report-children.txt"
 echo "load:"; grep -E "requests in|Requests/sec|finished in|requests:" "$OUT/load.txt" || true
