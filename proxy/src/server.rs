@@ -37,9 +37,14 @@ pub struct Limits {
     pub h2_max_pending_accept_reset_streams: usize,
     /// Streams the server may reset because of client errors before closing.
     pub h2_max_local_error_reset_streams: usize,
-    /// Rapid Reset: close a connection whose client cancelled at least this many streams
-    /// within one second, when they are at least half of the streams it opened.
+    /// Rapid Reset: GOAWAY a client connection whose client cancelled at least this many
+    /// streams within one second, when they are at least half of the streams it opened.
     pub h2_max_cancelled_per_second: u32,
+    /// The same on inbound, higher: a connection from another sidecar multiplexes many of
+    /// its clients, and their cancellations travel with it.
+    pub h2_max_cancelled_per_second_inbound: u32,
+    /// After such a GOAWAY, streams in flight get this long before the socket is closed.
+    pub h2_abuse_grace: Duration,
 }
 
 impl Default for Limits {
@@ -55,6 +60,8 @@ impl Default for Limits {
             h2_max_pending_accept_reset_streams: 20,
             h2_max_local_error_reset_streams: 100,
             h2_max_cancelled_per_second: 200,
+            h2_max_cancelled_per_second_inbound: 1000,
+            h2_abuse_grace: Duration::from_secs(5),
         }
     }
 }
@@ -159,7 +166,11 @@ pub async fn serve(
             }
         }
         Proto::Http2 => {
-            let guard = Arc::new(ResetGuard::new(limits.h2_max_cancelled_per_second));
+            let threshold = match direction {
+                Direction::Outbound => limits.h2_max_cancelled_per_second,
+                Direction::Inbound => limits.h2_max_cancelled_per_second_inbound,
+            };
+            let guard = Arc::new(ResetGuard::new(threshold));
             let w = worker.clone();
             let g = guard.clone();
             let svc = service_fn(move |req| {
@@ -191,7 +202,11 @@ pub async fn serve(
                         ?direction,
                         "closing HTTP/2 connection: client cancelled too many streams (rapid reset)"
                     );
-                    // Dropping the connection closes the socket at once.
+                    // GOAWAY: no new streams. Streams in flight may finish (on a connection
+                    // from another sidecar they belong to innocent clients); after the grace
+                    // period the socket is closed whatever remains.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(limits.h2_abuse_grace, conn.as_mut()).await;
                 }
                 _ = drained(&mut drain) => {
                     conn.as_mut().graceful_shutdown();
