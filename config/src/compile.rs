@@ -35,7 +35,7 @@ pub fn compile(res: &Resources) -> Snapshot {
         backend_ids: HashMap::new(),
     };
     let mut services = HashMap::new();
-    let mut by_name: HashMap<String, Vec<String>> = HashMap::new();
+    let mut by_name: HashMap<String, Vec<Arc<Service>>> = HashMap::new();
     let mut json_services = Vec::new();
     for obj in res.of_kind(Kind::Service) {
         let Resource::Service(svc) = &obj.resource else {
@@ -56,14 +56,18 @@ pub fn compile(res: &Resources) -> Snapshot {
             ports.push(Arc::new(sp));
         }
         json_services.push(json!({"service": id.to_string(), "ports": json_ports}));
+        let service = Arc::new(Service {
+            id: id.clone(),
+            ports,
+        });
         by_name
             .entry(id.name.clone())
             .or_default()
-            .push(id.namespace.clone());
-        services.insert(id.clone(), Arc::new(Service { id, ports }));
+            .push(service.clone());
+        services.insert(id, service);
     }
-    for namespaces in by_name.values_mut() {
-        namespaces.sort();
+    for same_name in by_name.values_mut() {
+        same_name.sort_by(|a, b| a.id.namespace.cmp(&b.id.namespace));
     }
     let version = res.version();
     let json = json!({
@@ -768,7 +772,11 @@ mod tests {
             &*m.rule.backends.pick(0).unwrap().name,
             "shop/checkout-v1:8080"
         );
-        assert_eq!(c.snapshot.by_name["checkout"], vec!["shop".to_string()]);
+        let namespaces: Vec<&str> = c.snapshot.by_name["checkout"]
+            .iter()
+            .map(|s| s.id.namespace.as_str())
+            .collect();
+        assert_eq!(namespaces, ["shop"]);
     }
 
     #[test]

@@ -43,9 +43,9 @@ pub struct Snapshot {
     pub version: String,
     /// Every Service, by namespace/name.
     pub services: HashMap<ObjectRef, Arc<Service>>,
-    /// Service names to the namespaces that hold a Service of that name (sorted), for
-    /// resolving bare hostnames such as `checkout`.
-    pub by_name: HashMap<String, Vec<String>>,
+    /// Every Service by name, sorted by namespace: the per-request lookup index (a
+    /// hostname resolves without building an owned key).
+    pub by_name: HashMap<String, Vec<Arc<Service>>>,
     /// Every backend, indexed by [`Backend::index`] (dense, 0..backends.len()).
     pub backends: Vec<Arc<Backend>>,
     /// A JSON rendering of the snapshot for `/config` and `ternctl`.
@@ -313,30 +313,40 @@ impl Snapshot {
         default_ns: &str,
         host: &str,
     ) -> Result<&Arc<Service>, LookupError> {
-        let lookup = |ns: &str| {
-            self.services.get(&ObjectRef {
-                namespace: ns.to_ascii_lowercase(),
-                name: name.to_ascii_lowercase(),
-            })
+        // Hostnames are case-insensitive; lower-case only when needed (rare).
+        let name = lower(name);
+        let unknown = || LookupError::UnknownService(host.to_string());
+        let same_name = self.by_name.get(name.as_ref()).ok_or_else(unknown)?;
+        let in_ns = |ns: &str| {
+            same_name
+                .iter()
+                .find(|s| s.id.namespace.eq_ignore_ascii_case(ns))
         };
         if let Some(ns) = ns {
-            return lookup(ns).ok_or_else(|| LookupError::UnknownService(host.to_string()));
+            return in_ns(ns).ok_or_else(unknown);
         }
-        if let Some(s) = lookup(default_ns) {
+        if let Some(s) = in_ns(default_ns) {
             return Ok(s);
         }
-        match self
-            .by_name
-            .get(&name.to_ascii_lowercase())
-            .map(Vec::as_slice)
-        {
-            Some([only]) => lookup(only).ok_or_else(|| LookupError::UnknownService(host.into())),
-            Some(many) if many.len() > 1 => Err(LookupError::AmbiguousName(
-                name.to_string(),
-                many.join(", "),
+        match same_name.as_slice() {
+            [only] => Ok(only),
+            [] => Err(unknown()),
+            many => Err(LookupError::AmbiguousName(
+                name.into_owned(),
+                many.iter()
+                    .map(|s| s.id.namespace.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             )),
-            _ => Err(LookupError::UnknownService(host.to_string())),
         }
+    }
+}
+
+fn lower(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(s)
     }
 }
 

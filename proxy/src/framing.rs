@@ -316,7 +316,10 @@ impl Tracker {
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
-    memchr::memmem::find(buf, b"\r\n\r\n").map(|p| p + 4)
+    // Built once: constructing a searcher per call costs more than the search.
+    static END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+    END.find(buf).map(|p| p + 4)
 }
 
 fn trim(v: &[u8]) -> &[u8] {

@@ -29,45 +29,102 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Proxy-Connection`, `Transfer-Encoding`, `TE` (except `trailers`, which gRPC needs end to
 /// end), `Proxy-Authorization` (meant for this proxy) and `Upgrade`. With `upgrade`, the
 /// `Upgrade` header and `Connection: upgrade` are kept so the upgrade passes through.
+///
+/// Hot path: one pass over the names (standard names compare as enums) finds which are
+/// present; only those are removed, and the common `Connection` tokens (`keep-alive`,
+/// `close`) are recognised without parsing a header name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        // Rare enough (HTTP/1.1 clients mostly send none or `keep-alive`) that collecting
-        // the named headers is fine.
-        let named: Vec<HeaderValue> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
-        headers.remove(header::CONNECTION);
-        for value in named {
-            let Ok(list) = value.to_str() else { continue };
-            for token in list.split(',') {
-                let token = token.trim();
-                if token.is_empty() || (upgrade && token.eq_ignore_ascii_case("upgrade")) {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                    // Never let a Connection token strip end-to-end framing we need.
-                    if name != header::TE {
-                        headers.remove(&name);
-                    }
+    let mut present = 0u8;
+    for name in headers.keys() {
+        present |= hop_by_hop_bit(name);
+    }
+    if present != 0 {
+        if present & CONNECTION_BIT != 0 {
+            remove_connection_listed(headers, upgrade);
+        }
+        if present & KEEP_ALIVE_BIT != 0 {
+            headers.remove(&KEEP_ALIVE);
+        }
+        if present & PROXY_CONNECTION_BIT != 0 {
+            headers.remove(&PROXY_CONNECTION);
+        }
+        if present & TRANSFER_ENCODING_BIT != 0 {
+            headers.remove(header::TRANSFER_ENCODING);
+        }
+        if present & PROXY_AUTHORIZATION_BIT != 0 {
+            headers.remove(header::PROXY_AUTHORIZATION);
+        }
+        if present & TE_BIT != 0
+            && headers
+                .get(header::TE)
+                .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        {
+            headers.remove(header::TE);
+        }
+        if present & UPGRADE_BIT != 0 && !upgrade {
+            headers.remove(header::UPGRADE);
+        }
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn remove_connection_listed(headers: &mut HeaderMap, upgrade: bool) {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    let first = values.next().cloned();
+    // Rare: several Connection lines. Collecting them is fine then.
+    let rest: Vec<HeaderValue> = values.cloned().collect();
+    headers.remove(header::CONNECTION);
+    for value in first.iter().chain(rest.iter()) {
+        let Ok(list) = value.to_str() else { continue };
+        for token in list.split(',') {
+            let token = token.trim();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("close")
+                || (upgrade && token.eq_ignore_ascii_case("upgrade"))
+            {
+                continue;
+            }
+            if token.eq_ignore_ascii_case("keep-alive") {
+                headers.remove(&KEEP_ALIVE);
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                // Never let a Connection token strip end-to-end framing we need.
+                if name != header::TE {
+                    headers.remove(&name);
                 }
             }
         }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    if let Some(te) = headers.get(header::TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
-    {
-        headers.remove(header::TE);
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
+const CONNECTION_BIT: u8 = 1;
+const KEEP_ALIVE_BIT: u8 = 2;
+const PROXY_CONNECTION_BIT: u8 = 4;
+const TRANSFER_ENCODING_BIT: u8 = 8;
+const TE_BIT: u8 = 16;
+const UPGRADE_BIT: u8 = 32;
+const PROXY_AUTHORIZATION_BIT: u8 = 64;
+
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        CONNECTION_BIT
+    } else if name == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING_BIT
+    } else if name == header::TE {
+        TE_BIT
+    } else if name == header::UPGRADE {
+        UPGRADE_BIT
+    } else if name == header::PROXY_AUTHORIZATION {
+        PROXY_AUTHORIZATION_BIT
+    } else if name == KEEP_ALIVE {
+        KEEP_ALIVE_BIT
+    } else if name == PROXY_CONNECTION {
+        PROXY_CONNECTION_BIT
     } else {
-        headers.remove(header::UPGRADE);
+        0
     }
 }
 

@@ -14,16 +14,15 @@ use crate::upstream;
 use crate::worker::Worker;
 
 pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
-    let recorder = RequestRecorder::new(
-        &worker.shared.metrics,
-        RouteLabels {
-            direction: Direction::Inbound,
-            parent_name: worker.empty.clone(),
-            route_name: worker.empty.clone(),
-            route_rule: 0,
-            backend_name: worker.app_label.clone(),
-        },
-    );
+    let labels = || RouteLabels {
+        direction: Direction::Inbound,
+        parent_name: worker.empty.clone(),
+        route_name: worker.empty.clone(),
+        route_rule: 0,
+        backend_name: worker.app_label.clone(),
+    };
+    let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels());
+    recorder.route = Some(worker.inbound_metrics(labels));
     let resp = match serve(worker, req).await {
         Ok(resp) => resp,
         Err(err) => {
@@ -54,7 +53,7 @@ async fn serve(
         headers::for_upstream(&mut req, protocol)?;
     }
     let sent = if upgrade {
-        upstream::send_upgrade(&worker.app_pool, app, req).await
+        Box::pin(upstream::send_upgrade(&worker.app_pool, app, req)).await
     } else {
         upstream::send(&worker.app_pool, app, protocol, req).await
     };

@@ -67,11 +67,39 @@ struct VersionLabels {
 /// convention).
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// Metric handles of one route rule and backend, resolved once (per worker and config
+/// version) so that recording a request hashes no label set.
+pub struct RouteMetrics {
+    labels: RouteLabels,
+    duration: Histogram,
+    /// Counters by status code seen so far: a handful per route.
+    counters: std::sync::Mutex<Vec<(u16, Counter)>>,
+}
+
+impl RouteMetrics {
+    fn record(&self, metrics: &Metrics, status: u16, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = counters.iter().find(|(s, _)| *s == status) {
+            c.inc();
+            return;
+        }
+        let c = metrics.requests.get_or_create_owned(&RequestLabels {
+            route: self.labels.clone(),
+            status_code: status,
+        });
+        c.inc();
+        counters.push((status, c));
+    }
+}
+
 /// Records one request when it ends: at [`RequestRecorder::finish`] with its status, or
-/// on drop as [`CLIENT_CLOSED`] when the client cancelled it first.
+/// on drop as [`CLIENT_CLOSED`] when the client cancelled it first. Uses the resolved
+/// [`RouteMetrics`] once routing has found them, the label set otherwise.
 pub struct RequestRecorder<'a> {
     metrics: &'a Metrics,
     pub labels: RouteLabels,
+    pub route: Option<std::sync::Arc<RouteMetrics>>,
     start: std::time::Instant,
     done: bool,
 }
@@ -81,6 +109,7 @@ impl<'a> RequestRecorder<'a> {
         RequestRecorder {
             metrics,
             labels,
+            route: None,
             start: std::time::Instant::now(),
             done: false,
         }
@@ -88,16 +117,22 @@ impl<'a> RequestRecorder<'a> {
 
     pub fn finish(mut self, status: u16) {
         self.done = true;
-        self.metrics
-            .record_request(&self.labels, status, self.start.elapsed());
+        self.record(status);
+    }
+
+    fn record(&self, status: u16) {
+        let elapsed = self.start.elapsed();
+        match &self.route {
+            Some(route) => route.record(self.metrics, status, elapsed),
+            None => self.metrics.record_request(&self.labels, status, elapsed),
+        }
     }
 }
 
 impl Drop for RequestRecorder<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.metrics
-                .record_request(&self.labels, CLIENT_CLOSED, self.start.elapsed());
+            self.record(CLIENT_CLOSED);
         }
     }
 }
@@ -195,6 +230,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Resolves the handles of one route rule and backend (see [`RouteMetrics`]).
+    pub fn route(&self, labels: RouteLabels) -> RouteMetrics {
+        RouteMetrics {
+            duration: self.durations.get_or_create_owned(&labels),
+            labels,
+            counters: std::sync::Mutex::default(),
+        }
+    }
+
     pub fn connection_opened(&self, direction: Direction) {
         let labels = DirectionLabels { direction };
         self.connections.get_or_create(&labels).inc();
@@ -269,14 +313,18 @@ mod tests {
             backend_name: "app".into(),
         };
         drop(RequestRecorder::new(&m, labels.clone()));
-        RequestRecorder::new(&m, labels).finish(200);
+        RequestRecorder::new(&m, labels.clone()).finish(200);
+        // Through resolved handles: the same series.
+        let mut r = RequestRecorder::new(&m, labels.clone());
+        r.route = Some(std::sync::Arc::new(m.route(labels)));
+        r.finish(200);
         let text = m.encode();
         assert!(
             text.contains("backend_name=\"app\",status_code=\"499\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("backend_name=\"app\",status_code=\"200\"} 1"),
+            text.contains("backend_name=\"app\",status_code=\"200\"} 2"),
             "{text}"
         );
     }

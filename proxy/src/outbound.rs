@@ -3,9 +3,11 @@
 //! route (one snapshot load) -> request filters -> timeouts -> balancer -> pool ->
 //! upstream; any error climbs back to `rescue` and becomes a response.
 
+use std::sync::Arc;
+
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tern_config::snapshot::{Backend, Protocol};
+use tern_config::snapshot::{Backend, Protocol, Timeouts};
 
 use crate::body::ProxyBody;
 use crate::headers;
@@ -31,7 +33,7 @@ pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBo
     // The one snapshot load of this request: every step below uses this version.
     let resp = match worker.shared.active.load_full() {
         None => ProxyError::NotReady.into_response(),
-        Some(active) => match serve(worker, &active, req, &mut recorder.labels).await {
+        Some(active) => match serve(worker, &active, req, &mut recorder).await {
             Ok(resp) => resp,
             Err(err) => {
                 tracing::debug!(error = %err, "outbound request failed");
@@ -45,28 +47,43 @@ pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBo
 
 async fn serve(
     worker: &Worker,
-    active: &Active,
+    active: &Arc<Active>,
     mut req: Request<Incoming>,
-    labels: &mut RouteLabels,
+    recorder: &mut RequestRecorder<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let routed = route::route(active, &req, &worker.shared.settings.namespace)?;
-    labels.parent_name = active.parent_label(routed.parent);
     let rule = routed.matched.rule;
-    labels.route_name = rule.route.clone();
-    labels.route_rule = rule.rule_index as u32;
-    let backend = route::pick_backend(rule)
-        .ok_or_else(|| ProxyError::NoEndpoints(labels.parent_name.clone()))?;
-    labels.backend_name = backend.name.clone();
+    let Some(backend) = route::pick_backend(rule) else {
+        let labels = &mut recorder.labels;
+        labels.parent_name = active.parent_label(routed.parent);
+        labels.route_name = rule.route.clone();
+        labels.route_rule = rule.rule_index as u32;
+        return Err(ProxyError::NoEndpoints(labels.parent_name.clone()));
+    };
+    // Metric handles resolved once per worker, route, rule and backend.
+    let key = (
+        Arc::as_ptr(routed.parent) as usize,
+        Arc::as_ptr(rule) as usize,
+        backend.index,
+    );
+    recorder.route = Some(worker.route_metrics(active, key, || RouteLabels {
+        direction: Direction::Outbound,
+        parent_name: active.parent_label(routed.parent),
+        route_name: rule.route.clone(),
+        route_rule: rule.rule_index as u32,
+        backend_name: backend.name.clone(),
+    }));
 
     route::apply_request_filters(&mut req, rule, routed.matched.prefix)?;
     let upgrade = headers::is_upgrade(&req);
     headers::strip_hop_by_hop(req.headers_mut(), upgrade);
 
-    let mut resp = policy::timeout::run(
-        rule.timeouts,
-        forward(worker, active, backend, req, upgrade),
-    )
-    .await?;
+    let attempt = forward(worker, active, backend, req, upgrade);
+    let mut resp = if rule.timeouts == Timeouts::default() {
+        attempt.await?
+    } else {
+        policy::timeout::run(rule.timeouts, attempt).await?
+    };
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(resp.headers_mut(), switching);
@@ -95,7 +112,7 @@ async fn forward(
     };
     headers::for_upstream(&mut req, protocol)?;
     let sent = if upgrade {
-        upstream::send_upgrade(&worker.pool, addr, req).await
+        Box::pin(upstream::send_upgrade(&worker.pool, addr, req)).await
     } else {
         upstream::send(&worker.pool, addr, protocol, req).await
     };

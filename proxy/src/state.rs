@@ -2,7 +2,7 @@
 //! metrics, and the drain signal. State that learns from traffic lives beside the
 //! snapshot, rebuilt or carried over when the snapshot changes, never inside it.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,13 +38,13 @@ pub struct Active {
     /// `parent_name` metric labels (`ns/name:port`), keyed by the address of the
     /// `ServicePort` inside `snapshot` (stable: the snapshot is immutable and kept alive
     /// by this struct), so a request does not format a label.
-    parent_labels: HashMap<usize, Arc<str>>,
+    parent_labels: FxHashMap<usize, Arc<str>>,
 }
 
 impl Active {
     pub fn new(snapshot: Snapshot) -> Self {
         let balancer = RoundRobin::new(&snapshot);
-        let mut parent_labels = HashMap::new();
+        let mut parent_labels = FxHashMap::default();
         for svc in snapshot.services.values() {
             for sp in &svc.ports {
                 parent_labels.insert(

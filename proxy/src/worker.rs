@@ -1,9 +1,12 @@
 //! One worker: a single-threaded runtime with its own listeners (SO_REUSEPORT) and its
 //! own upstream pools, so a request stays on one core from accept to upstream and back.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use crate::state::Shared;
+use rustc_hash::FxHashMap;
+
+use crate::metrics::{RouteLabels, RouteMetrics};
+use crate::state::{Active, Shared};
 use crate::upstream::pool::{Pool, PoolSettings};
 
 pub struct Worker {
@@ -15,6 +18,17 @@ pub struct Worker {
     /// The empty label value, shared so an unrouted request allocates nothing.
     pub empty: Arc<str>,
     pub app_label: Arc<str>,
+    /// Resolved metric handles for this worker, for the config version in `active`.
+    metrics_cache: Mutex<MetricsCache>,
+}
+
+#[derive(Default)]
+struct MetricsCache {
+    /// Held so that the addresses used as keys stay valid (and unique) while cached.
+    active: Option<Arc<Active>>,
+    /// (service port, rule, backend index) addresses in `active`'s snapshot.
+    routes: FxHashMap<(usize, usize, usize), Arc<RouteMetrics>>,
+    inbound: Option<Arc<RouteMetrics>>,
 }
 
 impl Worker {
@@ -25,6 +39,40 @@ impl Worker {
             app_pool: Pool::new(PoolSettings::default()),
             empty: Arc::from(""),
             app_label: Arc::from("app"),
+            metrics_cache: Mutex::default(),
         })
+    }
+
+    /// The metric handles of a routed outbound request; `labels` builds the label set
+    /// on the first request of this route, rule and backend under this config version.
+    pub fn route_metrics(
+        &self,
+        active: &Arc<Active>,
+        key: (usize, usize, usize),
+        labels: impl FnOnce() -> RouteLabels,
+    ) -> Arc<RouteMetrics> {
+        let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if !cache
+            .active
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, active))
+        {
+            cache.active = Some(active.clone());
+            cache.routes.clear();
+        }
+        cache
+            .routes
+            .entry(key)
+            .or_insert_with(|| Arc::new(self.shared.metrics.route(labels())))
+            .clone()
+    }
+
+    /// The metric handles of inbound requests (one label set per sidecar).
+    pub fn inbound_metrics(&self, labels: impl FnOnce() -> RouteLabels) -> Arc<RouteMetrics> {
+        let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .inbound
+            .get_or_insert_with(|| Arc::new(self.shared.metrics.route(labels())))
+            .clone()
     }
 }

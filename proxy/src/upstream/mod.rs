@@ -52,7 +52,9 @@ async fn send_h1(
     loop {
         let (mut sender, reused) = match pool.take_h1(addr) {
             Some(s) => (s, true),
-            None => (pool.connect_h1(addr, false).await?, false),
+            // Boxed: connecting is the cold path, and its large state would otherwise be
+            // moved around with every request's future.
+            None => (Box::pin(pool.connect_h1(addr, false)).await?, false),
         };
         if sender.ready().await.is_err() {
             if reused {

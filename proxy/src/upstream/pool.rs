@@ -4,7 +4,7 @@
 //! when its response body has been read to the end. HTTP/2: one multiplexed connection
 //! per endpoint, shared by all requests of the worker, replaced when it closes.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -49,8 +49,9 @@ impl Default for PoolSettings {
 
 pub struct Pool {
     settings: PoolSettings,
-    h1_idle: Mutex<HashMap<SocketAddr, Vec<(H1Sender, Instant)>>>,
-    h2: Mutex<HashMap<SocketAddr, H2Sender>>,
+    // FxHash: the keys are endpoint addresses from the config, not attacker input.
+    h1_idle: Mutex<FxHashMap<SocketAddr, Vec<(H1Sender, Instant)>>>,
+    h2: Mutex<FxHashMap<SocketAddr, H2Sender>>,
 }
 
 impl Pool {
@@ -118,6 +119,11 @@ impl Pool {
                 map.remove(&addr);
             }
         }
+        Box::pin(self.connect_h2(addr)).await
+    }
+
+    /// The cold part of [`Pool::h2`], kept out of the per-request future.
+    async fn connect_h2(&self, addr: SocketAddr) -> Result<H2Sender, UpstreamError> {
         let io = TokioIo::new(self.connect_tcp(addr).await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
