@@ -102,7 +102,8 @@ t_small=$(total tern-$SMALL "$SMALL" "$tern_ready" upstream.bench "$TERN" "${ter
 n_big=$(total nginx-$N "$N" "$nginx_ready" localhost "$NGINX" "${nginx_cmd[@]}")
 n_small=$(total nginx-$SMALL "$SMALL" "$nginx_ready" localhost "$NGINX" "${nginx_cmd[@]}")
 
-callgrind_annotate --inclusive=no "$OUT/tern-$N.out" 2>/dev/null | head -60 >"$OUT/tern-top.txt"
+callgrind_annotate --inclusive=no "$OUT/tern-$N.out" >"$OUT/tern-annotate.txt" 2>/dev/null || true
+sed -n 1,60p "$OUT/tern-annotate.txt" >"$OUT/tern-top.txt"
 python3 - "$N" "$SMALL" "$t_big" "$t_small" "$n_big" "$n_small" <<'EOF' | tee "$OUT/summary.md"
 import sys
 n, small, tb, ts, nb, ns = map(int, sys.argv[1:])
