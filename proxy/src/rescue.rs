@@ -21,6 +21,8 @@ pub enum ProxyError {
     MissingAuthority,
     #[error("{0}")]
     BadRequest(&'static str),
+    #[error("request head larger than {0} bytes")]
+    HeadTooLarge(usize),
     #[error("{0}")]
     UnknownService(#[from] LookupError),
     #[error("no rule of {parent} matches {method} {path}")]
@@ -57,6 +59,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::MissingAuthority | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnknownService(_) | ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoints(_) | ProxyError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -70,6 +73,7 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::MissingAuthority | ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::HeadTooLarge(_) => "headers-too-large",
             ProxyError::UnknownService(_) => "unknown-service",
             ProxyError::NoRoute { .. } => "no-route",
             ProxyError::NoEndpoints(_) => "no-endpoints",

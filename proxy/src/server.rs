@@ -235,12 +235,9 @@ pub async fn drained(drain: &mut watch::Receiver<bool>) {
 
 /// Answers a request the framing guard flagged, and closes the connection after it.
 fn refuse(worker: &Worker, direction: Direction, verdict: Verdict) -> http::Response<ProxyBody> {
+    let limit = worker.shared.settings.limits.max_header_bytes;
     let mut resp = match verdict {
-        Verdict::TooLarge => {
-            let mut r = http::Response::new(ProxyBody::empty());
-            *r.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-            r
-        }
+        Verdict::TooLarge => ProxyError::HeadTooLarge(limit).into_response(),
         _ => ProxyError::BadRequest("both Content-Length and Transfer-Encoding").into_response(),
     };
     resp.headers_mut().insert(
