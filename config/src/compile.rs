@@ -29,11 +29,7 @@ use crate::validate::{
 
 /// Builds the snapshot of a resource set that passed validation.
 pub fn compile(res: &Resources) -> Snapshot {
-    let mut c = Compiler {
-        res,
-        backends: Vec::new(),
-        backend_ids: HashMap::new(),
-    };
+    let mut c = Compiler::new(res);
     let mut services = HashMap::new();
     let mut by_name: HashMap<String, Vec<Arc<Service>>> = HashMap::new();
     let mut json_services = Vec::new();
@@ -88,6 +84,50 @@ struct Compiler<'a> {
     res: &'a Resources,
     backends: Vec<Arc<Backend>>,
     backend_ids: HashMap<(ObjectRef, u16), usize>,
+    /// Routes by the Service (namespace, name) they attach to, in resource order.
+    routes: HashMap<(&'a str, &'a str), Vec<&'a model::Object>>,
+    /// EndpointSlices by the Service (namespace, name) they label, in resource order.
+    slices: HashMap<(&'a str, &'a str), Vec<&'a model::Object>>,
+}
+
+impl<'a> Compiler<'a> {
+    /// Indexes routes and slices once, so that compiling is linear in the number of
+    /// resources rather than Services x resources.
+    fn new(res: &'a Resources) -> Self {
+        let mut routes: HashMap<(&str, &str), Vec<&model::Object>> = HashMap::new();
+        let mut slices: HashMap<(&str, &str), Vec<&model::Object>> = HashMap::new();
+        for obj in res.iter() {
+            let parents = match &obj.resource {
+                Resource::HTTPRoute(r) => &r.parent_refs,
+                Resource::GRPCRoute(r) => &r.parent_refs,
+                Resource::EndpointSlice(s) => {
+                    if let Some(svc) = s.meta.labels.get(SERVICE_NAME_LABEL) {
+                        slices
+                            .entry((s.meta.namespace.as_str(), svc.as_str()))
+                            .or_default()
+                            .push(obj);
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            let mut seen: Vec<(&str, &str)> = Vec::new();
+            for p in parents.iter().filter(|p| p.is_service()) {
+                let key = (p.namespace.as_str(), p.name.as_str());
+                if !seen.contains(&key) {
+                    seen.push(key);
+                    routes.entry(key).or_default().push(obj);
+                }
+            }
+        }
+        Compiler {
+            res,
+            backends: Vec::new(),
+            backend_ids: HashMap::new(),
+            routes,
+            slices,
+        }
+    }
 }
 
 /// Sort key of an HTTP match entry; see the module doc.
@@ -126,7 +166,13 @@ impl Compiler<'_> {
         let mut http: Vec<(HttpKey, HttpRuleMatch)> = Vec::new();
         let mut grpc: Vec<(GrpcKey, GrpcRuleMatch)> = Vec::new();
         let mut attached = false;
-        for obj in self.res.iter() {
+        // A copy of the (short) list: compiling rules needs `&mut self`.
+        let attached_here: Vec<&model::Object> = self
+            .routes
+            .get(&(id.namespace.as_str(), id.name.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        for obj in attached_here {
             match &obj.resource {
                 Resource::HTTPRoute(r) if attaches(&r.parent_refs, id, port) => {
                     attached = true;
@@ -337,7 +383,11 @@ impl Compiler<'_> {
     /// Every endpoint of a Service port, from the EndpointSlices labelled with its name.
     fn endpoints(&self, svc: &model::Service, sp: &model::ServicePort) -> Vec<Endpoint> {
         let mut out = Vec::new();
-        for obj in self.res.of_kind(Kind::EndpointSlice) {
+        let labelled: &[&model::Object] = self
+            .slices
+            .get(&(svc.meta.namespace.as_str(), svc.meta.name.as_str()))
+            .map_or(&[], Vec::as_slice);
+        for obj in labelled.iter().copied() {
             let Resource::EndpointSlice(slice) = &obj.resource else {
                 continue;
             };
