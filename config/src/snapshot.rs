@@ -523,6 +523,84 @@ mod tests {
         assert!(w.pick(100).is_none());
     }
 
+    fn two_namespaces() -> Snapshot {
+        let svc = |ns: &str, name: &str, ports: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{ports: {ports}}}\n---\n"
+            )
+        };
+        let yaml = svc("shop", "checkout", "[{name: http, port: 8080}]")
+            + &svc("dev", "checkout", "[{name: http, port: 8080}]")
+            + &svc(
+                "shop",
+                "catalog",
+                "[{name: http, port: 80}, {name: admin, port: 9000}]",
+            )
+            + &svc(
+                "shop",
+                "multi",
+                "[{name: a, port: 81}, {name: b, port: 82}]",
+            );
+        match crate::load_sources(&[("t.yaml".into(), yaml)]) {
+            Ok(c) => c.snapshot,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn resolve_forms_case_and_namespaces() {
+        let s = two_namespaces();
+        let ns_of = |r: Result<&Arc<ServicePort>, LookupError>| {
+            r.map(|sp| format!("{}:{}", sp.service, sp.port))
+        };
+        // Qualified forms, any case, with or without the cluster suffix and port.
+        for host in [
+            "checkout.shop",
+            "CHECKOUT.Shop.svc",
+            "checkout.shop.svc.cluster.local.",
+        ] {
+            assert_eq!(
+                ns_of(s.resolve(host, None, "default")).unwrap(),
+                "shop/checkout:8080"
+            );
+        }
+        assert_eq!(
+            ns_of(s.resolve("checkout.dev", Some(8080), "x")).unwrap(),
+            "dev/checkout:8080"
+        );
+        // A bare name: the caller's namespace first; ambiguous elsewhere.
+        assert_eq!(
+            ns_of(s.resolve("checkout", None, "dev")).unwrap(),
+            "dev/checkout:8080"
+        );
+        assert!(matches!(
+            s.resolve("checkout", None, "default"),
+            Err(LookupError::AmbiguousName(_, _))
+        ));
+        // Unique elsewhere: found.
+        assert_eq!(
+            ns_of(s.resolve("Catalog", None, "default")).unwrap(),
+            "shop/catalog:80"
+        );
+        // Ports: 80 by default, named port by number, unknown and ambiguous ports refused.
+        assert_eq!(
+            ns_of(s.resolve("catalog.shop", Some(9000), "x")).unwrap(),
+            "shop/catalog:9000"
+        );
+        assert!(matches!(
+            s.resolve("catalog.shop", Some(1), "x"),
+            Err(LookupError::UnknownPort { .. })
+        ));
+        assert!(matches!(
+            s.resolve("multi.shop", None, "x"),
+            Err(LookupError::AmbiguousPort(_))
+        ));
+        assert!(matches!(
+            s.resolve("nope.shop", None, "x"),
+            Err(LookupError::UnknownService(_))
+        ));
+    }
+
     #[test]
     fn suffix_strip() {
         assert_eq!(
