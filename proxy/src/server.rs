@@ -116,7 +116,7 @@ pub async fn serve(
     worker: Arc<Worker>,
     stream: TcpStream,
     direction: Direction,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     worker.shared.metrics.connection_opened(direction);
@@ -126,93 +126,112 @@ pub async fn serve(
     };
     let limits = worker.shared.settings.limits;
     let proto = detect(&stream, limits.header_read_timeout).await;
-    let io = TokioIo::new(stream);
+    // Each protocol's connection state is boxed separately, so an HTTP/1.1 connection
+    // does not carry the (larger) HTTP/2 state in its task, and vice versa.
     match proto {
-        Proto::Http1 => {
-            let findings = Arc::new(framing::Findings::default());
-            let io = TokioIo::new(framing::Guarded::new(
-                io.into_inner(),
-                framing::Tracker::new(limits.max_header_bytes, findings.clone()),
-            ));
-            let w = worker.clone();
-            let next_index = Cell::new(0u64);
-            let svc = service_fn(move |req| {
-                let w = w.clone();
-                let index = next_index.replace(next_index.get() + 1);
-                let verdict = findings.verdict(index);
-                async move {
-                    let resp = match verdict {
-                        Verdict::Ok => dispatch(&w, direction, req).await,
-                        bad => refuse(&w, direction, bad),
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .max_buf_size(limits.max_header_bytes)
-                .max_headers(limits.max_headers)
-                .keep_alive(true);
-            let conn = builder.serve_connection(io, svc).with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => log_end(res),
-                _ = drained(&mut drain) => {
-                    conn.as_mut().graceful_shutdown();
-                    log_end(conn.await);
-                }
-            }
-        }
-        Proto::Http2 => {
-            let threshold = match direction {
-                Direction::Outbound => limits.h2_max_cancelled_per_second,
-                Direction::Inbound => limits.h2_max_cancelled_per_second_inbound,
+        Proto::Http1 => Box::pin(serve_h1(&worker, stream, direction, limits, drain)).await,
+        Proto::Http2 => Box::pin(serve_h2(&worker, stream, direction, limits, drain)).await,
+    }
+}
+
+async fn serve_h1(
+    worker: &Arc<Worker>,
+    stream: TcpStream,
+    direction: Direction,
+    limits: Limits,
+    mut drain: watch::Receiver<bool>,
+) {
+    let io = TokioIo::new(stream);
+    let findings = Arc::new(framing::Findings::default());
+    let io = TokioIo::new(framing::Guarded::new(
+        io.into_inner(),
+        framing::Tracker::new(limits.max_header_bytes, findings.clone()),
+    ));
+    let w = worker.clone();
+    let next_index = Cell::new(0u64);
+    let svc = service_fn(move |req| {
+        let w = w.clone();
+        let index = next_index.replace(next_index.get() + 1);
+        let verdict = findings.verdict(index);
+        async move {
+            let resp = match verdict {
+                Verdict::Ok => dispatch(&w, direction, req).await,
+                bad => refuse(&w, direction, bad),
             };
-            let guard = Arc::new(ResetGuard::new(threshold));
-            let w = worker.clone();
-            let g = guard.clone();
-            let svc = service_fn(move |req| {
-                let w = w.clone();
-                let stream = StreamGuard::new(g.clone());
-                async move {
-                    let resp = dispatch(&w, direction, req).await;
-                    stream.finish();
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(limits.h2_max_concurrent_streams)
-                .max_header_list_size(limits.h2_max_header_list_size)
-                .initial_stream_window_size(limits.h2_stream_window)
-                .initial_connection_window_size(limits.h2_connection_window)
-                .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
-                .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
-                .keep_alive_interval(Duration::from_secs(60))
-                .keep_alive_timeout(Duration::from_secs(20));
-            let conn = builder.serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => log_end(res),
-                _ = guard.tripped() => {
-                    tracing::warn!(
-                        ?direction,
-                        "closing HTTP/2 connection: client cancelled too many streams (rapid reset)"
-                    );
-                    // GOAWAY: no new streams. Streams in flight may finish (on a connection
-                    // from another sidecar they belong to innocent clients); after the grace
-                    // period the socket is closed whatever remains.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(limits.h2_abuse_grace, conn.as_mut()).await;
-                }
-                _ = drained(&mut drain) => {
-                    conn.as_mut().graceful_shutdown();
-                    log_end(conn.await);
-                }
-            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    let conn = builder.serve_connection(io, svc).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => log_end(res),
+        _ = drained(&mut drain) => {
+            conn.as_mut().graceful_shutdown();
+            log_end(conn.await);
+        }
+    }
+}
+
+async fn serve_h2(
+    worker: &Arc<Worker>,
+    stream: TcpStream,
+    direction: Direction,
+    limits: Limits,
+    mut drain: watch::Receiver<bool>,
+) {
+    let io = TokioIo::new(stream);
+    let threshold = match direction {
+        Direction::Outbound => limits.h2_max_cancelled_per_second,
+        Direction::Inbound => limits.h2_max_cancelled_per_second_inbound,
+    };
+    let guard = Arc::new(ResetGuard::new(threshold));
+    let w = worker.clone();
+    let g = guard.clone();
+    let svc = service_fn(move |req| {
+        let w = w.clone();
+        let stream = StreamGuard::new(g.clone());
+        async move {
+            let resp = dispatch(&w, direction, req).await;
+            stream.finish();
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.h2_max_header_list_size)
+        .initial_stream_window_size(limits.h2_stream_window)
+        .initial_connection_window_size(limits.h2_connection_window)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
+        .keep_alive_interval(Duration::from_secs(60))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => log_end(res),
+        _ = guard.tripped() => {
+            tracing::warn!(
+                ?direction,
+                "closing HTTP/2 connection: client cancelled too many streams (rapid reset)"
+            );
+            // GOAWAY: no new streams. Streams in flight may finish (on a connection
+            // from another sidecar they belong to innocent clients); after the grace
+            // period the socket is closed whatever remains.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.h2_abuse_grace, conn.as_mut()).await;
+        }
+        _ = drained(&mut drain) => {
+            conn.as_mut().graceful_shutdown();
+            log_end(conn.await);
         }
     }
 }
@@ -376,5 +395,71 @@ mod tests {
             g.cancelled();
         }
         assert!(!g.window.lock().unwrap().tripped);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// Every open connection holds its task's future: keep it small. (Idle HTTP/1.1
+    /// connections are the common case; the HTTP/2 state is boxed separately.)
+    #[test]
+    fn connection_futures_stay_small() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let settings = crate::Settings {
+                config_dir: ".".into(),
+                outbound: addr,
+                inbound: addr,
+                app: addr,
+                admin: addr,
+                namespace: "default".into(),
+                workers: 1,
+                drain_timeout: std::time::Duration::from_secs(1),
+                limits: super::Limits::default(),
+            };
+            let worker = crate::worker::Worker::new(crate::Shared::new(settings));
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            let limits = super::Limits::default();
+            let h1 = super::serve_h1(
+                &worker,
+                c,
+                crate::metrics::Direction::Outbound,
+                limits,
+                rx.clone(),
+            );
+            let h1_size = std::mem::size_of_val(&h1);
+            assert!(
+                h1_size <= 2048,
+                "HTTP/1.1 connection future is {h1_size} bytes"
+            );
+            drop(h1);
+            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let h2 = super::serve_h2(
+                &worker,
+                c,
+                crate::metrics::Direction::Outbound,
+                limits,
+                rx.clone(),
+            );
+            let h2_size = std::mem::size_of_val(&h2);
+            assert!(
+                h2_size <= 4096,
+                "HTTP/2 connection future is {h2_size} bytes"
+            );
+            drop(h2);
+            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let fut = super::serve(worker.clone(), c, crate::metrics::Direction::Outbound, rx);
+            let outer = std::mem::size_of_val(&fut);
+            assert!(
+                outer <= 1024,
+                "connection future before detection is {outer} bytes"
+            );
+        });
     }
 }
