@@ -400,66 +400,43 @@ mod tests {
 
 #[cfg(test)]
 mod size_tests {
+    use super::*;
+
     /// Every open connection holds its task's future: keep it small. (Idle HTTP/1.1
     /// connections are the common case; the HTTP/2 state is boxed separately.)
-    #[test]
-    fn connection_futures_stay_small() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap();
-            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let settings = crate::Settings {
-                config_dir: ".".into(),
-                outbound: addr,
-                inbound: addr,
-                app: addr,
-                admin: addr,
-                namespace: "default".into(),
-                workers: 1,
-                drain_timeout: std::time::Duration::from_secs(1),
-                limits: super::Limits::default(),
-            };
-            let worker = crate::worker::Worker::new(crate::Shared::new(settings));
-            let (_tx, rx) = tokio::sync::watch::channel(false);
-            let limits = super::Limits::default();
-            let h1 = super::serve_h1(
-                &worker,
-                c,
-                crate::metrics::Direction::Outbound,
-                limits,
-                rx.clone(),
-            );
-            let h1_size = std::mem::size_of_val(&h1);
+    #[tokio::test]
+    async fn connection_futures_stay_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = crate::Settings {
+            config_dir: ".".into(),
+            outbound: addr,
+            inbound: addr,
+            app: addr,
+            admin: addr,
+            namespace: "default".into(),
+            workers: 1,
+            drain_timeout: Duration::from_secs(1),
+            limits: Limits::default(),
+        };
+        let worker = Worker::new(crate::Shared::new(settings));
+        let (_tx, rx) = watch::channel(false);
+        let (limits, out) = (Limits::default(), Direction::Outbound);
+        let stream = || TcpStream::connect(addr);
+
+        let h1 = serve_h1(&worker, stream().await.unwrap(), out, limits, rx.clone());
+        let h2 = serve_h2(&worker, stream().await.unwrap(), out, limits, rx.clone());
+        let outer = serve(worker.clone(), stream().await.unwrap(), out, rx);
+        let sizes = [
+            ("HTTP/1.1 state", size_of_val(&h1), 2048),
+            ("HTTP/2 state", size_of_val(&h2), 4096),
+            ("before detection", size_of_val(&outer), 1024),
+        ];
+        for (what, size, limit) in sizes {
             assert!(
-                h1_size <= 2048,
-                "HTTP/1.1 connection future is {h1_size} bytes"
+                size <= limit,
+                "connection future {what}: {size} bytes > {limit}"
             );
-            drop(h1);
-            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let h2 = super::serve_h2(
-                &worker,
-                c,
-                crate::metrics::Direction::Outbound,
-                limits,
-                rx.clone(),
-            );
-            let h2_size = std::mem::size_of_val(&h2);
-            assert!(
-                h2_size <= 4096,
-                "HTTP/2 connection future is {h2_size} bytes"
-            );
-            drop(h2);
-            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let fut = super::serve(worker.clone(), c, crate::metrics::Direction::Outbound, rx);
-            let outer = std::mem::size_of_val(&fut);
-            assert!(
-                outer <= 1024,
-                "connection future before detection is {outer} bytes"
-            );
-        });
+        }
     }
 }
