@@ -63,16 +63,32 @@ impl Pool {
         })
     }
 
-    /// An idle HTTP/1.1 connection to `addr`, if one is open and fresh.
+    /// An idle HTTP/1.1 connection to `addr` that can take a request now.
+    ///
+    /// Closed and stale connections are dropped. A connection that is open but not ready
+    /// stays in the list: it went back when its response ended while its request body was
+    /// still streaming (the upstream answered early), and waiting for it could stall this
+    /// request behind a slow client.
     pub fn take_h1(&self, addr: SocketAddr) -> Option<H1Sender> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&addr)?;
-        while let Some((sender, since)) = list.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(sender);
+        let now = Instant::now();
+        // Most recently returned first; busy ones are set aside (no allocation unless met).
+        let mut busy = Vec::new();
+        let found = loop {
+            let Some((sender, since)) = list.pop() else {
+                break None;
+            };
+            if sender.is_closed() || now.duration_since(since) >= IDLE_TIMEOUT {
+                continue;
             }
-        }
-        None
+            if sender.is_ready() {
+                break Some(sender);
+            }
+            busy.push((sender, since));
+        };
+        list.extend(busy);
+        found
     }
 
     fn put_h1(&self, addr: SocketAddr, sender: H1Sender) {
