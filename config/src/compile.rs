@@ -278,12 +278,14 @@ impl Compiler<'_> {
                 timeouts: Timeouts::default(),
             })
         });
+        let http: Vec<HttpRuleMatch> = http.into_iter().map(|(_, m)| m).collect();
         ServicePort {
             service: id.clone(),
             port,
             name: spec.name.clone().filter(|n| !n.is_empty()),
             protocol: protocol(spec.app_protocol.as_deref()),
-            http: http.into_iter().map(|(_, m)| m).collect(),
+            http_index: HttpIndex::build(&http),
+            http,
             grpc: grpc.into_iter().map(|(_, m)| m).collect(),
             default_rule,
         }

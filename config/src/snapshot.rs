@@ -68,12 +68,88 @@ pub struct ServicePort {
     /// HTTP rules from every HTTPRoute attached to this port, one entry per match, sorted by
     /// Gateway API precedence. Empty when no HTTPRoute is attached.
     pub http: Vec<HttpRuleMatch>,
+    /// `http` indexed by first path segment, for long rule lists.
+    pub http_index: HttpIndex,
     /// GRPCRoute rules, one entry per match, sorted by precedence. Tried before `http` for
     /// requests whose content-type is `application/grpc*`.
     pub grpc: Vec<GrpcRuleMatch>,
     /// Used when no route at all is attached to this port: the Service's own endpoints.
     /// `None` when routes are attached (then an unmatched request is a 404).
     pub default_rule: Option<Arc<Rule>>,
+}
+
+/// Positions in [`ServicePort::http`] by the first segment of the path they can match.
+///
+/// An `Exact` or (segment-wise) `PathPrefix` match other than `/` only matches paths with
+/// the same first segment as its own, so a request need only try those entries plus the
+/// ones that can match anything (`/` prefixes, regexes), merged in precedence order: the
+/// same answer as a linear scan. Built only for long lists, where it pays.
+#[derive(Debug, Default)]
+pub struct HttpIndex {
+    /// `None`: the list is short, scan it.
+    by_segment: Option<HashMap<String, Vec<u32>>>,
+    /// Entries any path may match, in order.
+    anywhere: Vec<u32>,
+}
+
+/// Lists shorter than this are scanned: a hash lookup costs more than a few comparisons.
+const INDEX_FROM: usize = 16;
+
+fn first_segment(path: &str) -> &str {
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    rest.split('/').next().unwrap_or("")
+}
+
+impl HttpIndex {
+    pub fn build(http: &[HttpRuleMatch]) -> Self {
+        if http.len() < INDEX_FROM {
+            return HttpIndex::default();
+        }
+        let mut by_segment: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut anywhere = Vec::new();
+        for (i, entry) in http.iter().enumerate() {
+            let i = i as u32;
+            match &entry.m.path {
+                PathMatch::Exact(p) => by_segment
+                    .entry(first_segment(p).into())
+                    .or_default()
+                    .push(i),
+                PathMatch::Prefix(p) if p != "/" => by_segment
+                    .entry(first_segment(p).into())
+                    .or_default()
+                    .push(i),
+                _ => anywhere.push(i),
+            }
+        }
+        HttpIndex {
+            by_segment: Some(by_segment),
+            anywhere,
+        }
+    }
+
+    /// Calls `f` on the positions that may match `path`, in precedence order, until it
+    /// returns `Some`. `None` from the index itself means: scan everything.
+    fn find<T>(&self, path: &str, mut f: impl FnMut(usize) -> Option<T>) -> Option<Option<T>> {
+        let by_segment = self.by_segment.as_ref()?;
+        let segment: &[u32] = by_segment
+            .get(first_segment(path))
+            .map_or(&[], Vec::as_slice);
+        let (mut a, mut b) = (segment.iter().peekable(), self.anywhere.iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(&&x), Some(&&y)) if x < y => a.next(),
+                (Some(_), Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, Some(_)) => b.next(),
+                (None, None) => return Some(None),
+            };
+            if let Some(i) = next
+                && let Some(found) = f(*i as usize)
+            {
+                return Some(Some(found));
+            }
+        }
+    }
 }
 
 /// The action part of a route rule, shared by all its matches.
@@ -378,21 +454,26 @@ impl ServicePort {
                 }
             }
         }
-        for h in &self.http {
-            if h.m.matches(method, path, query, headers) {
-                let prefix = match &h.m.path {
-                    PathMatch::Prefix(p) => Some(p.as_str()),
-                    _ => None,
-                };
-                return Some(Matched {
+        let try_entry = |i: usize| {
+            let h = &self.http[i];
+            h.m.matches(method, path, query, headers)
+                .then_some(Matched {
                     rule: &h.rule,
-                    prefix,
-                });
-            }
-        }
-        self.default_rule
-            .as_ref()
-            .map(|rule| Matched { rule, prefix: None })
+                    prefix: match &h.m.path {
+                        PathMatch::Prefix(p) => Some(p.as_str()),
+                        _ => None,
+                    },
+                })
+        };
+        let found = match self.http_index.find(path, try_entry) {
+            Some(found) => found,
+            None => (0..self.http.len()).find_map(try_entry),
+        };
+        found.or_else(|| {
+            self.default_rule
+                .as_ref()
+                .map(|rule| Matched { rule, prefix: None })
+        })
     }
 }
 
@@ -599,6 +680,69 @@ mod tests {
             s.resolve("nope.shop", None, "x"),
             Err(LookupError::UnknownService(_))
         ));
+    }
+
+    #[test]
+    fn indexed_lookup_equals_linear_scan() {
+        // Many prefixes and exacts under a few first segments, plus `/` and a regex,
+        // spread over two routes so precedence interleaves them.
+        let mut rules = String::new();
+        for i in 0..40 {
+            let seg = ["api", "web", "img", "x"][i % 4];
+            let (ty, value) = match i % 3 {
+                0 => ("PathPrefix", format!("/{seg}/v{i}")),
+                1 => ("Exact", format!("/{seg}/e{i}")),
+                _ => ("PathPrefix", format!("/{seg}")),
+            };
+            rules += &format!(
+                "  - matches: [{{path: {{type: {ty}, value: \"{value}\"}}}}]\n    backendRefs: [{{name: s, port: 80}}]\n"
+            );
+        }
+        rules += "  - matches: [{path: {type: RegularExpression, value: \"/img/.*\\\\.png\"}}]\n    backendRefs: [{name: s, port: 80}]\n";
+        rules += "  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: s, port: 80}]\n";
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: ns}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\n\
+apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: ns}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: s, port: 80}}]\n  rules:\n{rules}"
+        );
+        let snap = match crate::load_sources(&[("t.yaml".into(), yaml)]) {
+            Ok(c) => c.snapshot,
+            Err(e) => panic!("{e}"),
+        };
+        let sp = snap.resolve("s.ns", Some(80), "ns").unwrap();
+        assert!(sp.http_index.by_segment.is_some(), "long lists are indexed");
+        let linear = |path: &str| {
+            sp.http
+                .iter()
+                .position(|h| h.m.matches(&Method::GET, path, None, &HeaderMap::new()))
+        };
+        let paths = [
+            "/",
+            "/api",
+            "/api/",
+            "/api/v0",
+            "/api/v0/x",
+            "/api/e1",
+            "/api/e1/x",
+            "/web/v12",
+            "/img/a.png",
+            "/img/v0/b.png",
+            "/img",
+            "/x/e37",
+            "/apix",
+            "/nothing/here",
+            "",
+        ];
+        for path in paths {
+            let indexed = sp
+                .route(&Method::GET, path, None, &HeaderMap::new())
+                .map(|m| {
+                    sp.http
+                        .iter()
+                        .position(|h| std::ptr::eq(&h.rule, m.rule))
+                        .expect("matched an http entry")
+                });
+            assert_eq!(indexed, linear(path), "{path}");
+        }
     }
 
     #[test]
