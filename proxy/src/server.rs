@@ -35,6 +35,10 @@ pub struct Limits {
     pub h2_connection_window: u32,
     /// Streams the client may reset before the server even accepts them (h2's guard).
     pub h2_max_pending_accept_reset_streams: usize,
+    /// The same on inbound, higher: a connection from another sidecar relays the
+    /// cancellations of all its clients, and tripping this guard closes it for everyone
+    /// (Tern's per-second cancellation guard still bounds a peer that abuses it).
+    pub h2_max_pending_accept_reset_streams_inbound: usize,
     /// Streams the server may reset because of client errors before closing.
     pub h2_max_local_error_reset_streams: usize,
     /// Rapid Reset: GOAWAY a client connection whose client cancelled at least this many
@@ -58,6 +62,7 @@ impl Default for Limits {
             h2_stream_window: 1 << 20,
             h2_connection_window: 2 << 20,
             h2_max_pending_accept_reset_streams: 20,
+            h2_max_pending_accept_reset_streams_inbound: 200,
             h2_max_local_error_reset_streams: 100,
             h2_max_cancelled_per_second: 200,
             h2_max_cancelled_per_second_inbound: 1000,
@@ -187,9 +192,15 @@ async fn serve_h2(
     mut drain: watch::Receiver<bool>,
 ) {
     let io = TokioIo::new(stream);
-    let threshold = match direction {
-        Direction::Outbound => limits.h2_max_cancelled_per_second,
-        Direction::Inbound => limits.h2_max_cancelled_per_second_inbound,
+    let (threshold, pending_resets) = match direction {
+        Direction::Outbound => (
+            limits.h2_max_cancelled_per_second,
+            limits.h2_max_pending_accept_reset_streams,
+        ),
+        Direction::Inbound => (
+            limits.h2_max_cancelled_per_second_inbound,
+            limits.h2_max_pending_accept_reset_streams_inbound,
+        ),
     };
     let guard = Arc::new(ResetGuard::new(threshold));
     let w = worker.clone();
@@ -210,7 +221,7 @@ async fn serve_h2(
         .max_header_list_size(limits.h2_max_header_list_size)
         .initial_stream_window_size(limits.h2_stream_window)
         .initial_connection_window_size(limits.h2_connection_window)
-        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_pending_accept_reset_streams(pending_resets)
         .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
         .keep_alive_interval(Duration::from_secs(60))
         .keep_alive_timeout(Duration::from_secs(20));
