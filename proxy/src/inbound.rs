@@ -7,20 +7,14 @@ use tern_config::snapshot::Protocol;
 
 use crate::body::ProxyBody;
 use crate::headers;
-use crate::metrics::{Direction, RequestRecorder, RouteLabels};
+use crate::metrics::{Direction, RequestRecorder};
 use crate::outbound::upstream_error;
 use crate::rescue::ProxyError;
 use crate::upstream;
 use crate::worker::Worker;
 
 pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
-    let labels = || RouteLabels {
-        direction: Direction::Inbound,
-        parent_name: worker.empty.clone(),
-        route_name: worker.empty.clone(),
-        route_rule: 0,
-        backend_name: worker.app_label.clone(),
-    };
+    let labels = || worker.unrouted(Direction::Inbound, &worker.app_label);
     let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels());
     recorder.route = Some(worker.inbound_metrics(labels));
     let resp = match serve(worker, req).await {

@@ -22,13 +22,7 @@ use crate::worker::Worker;
 pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut recorder = RequestRecorder::new(
         &worker.shared.metrics,
-        RouteLabels {
-            direction: Direction::Outbound,
-            parent_name: worker.empty.clone(),
-            route_name: worker.empty.clone(),
-            route_rule: 0,
-            backend_name: worker.empty.clone(),
-        },
+        worker.unrouted(Direction::Outbound, &worker.empty),
     );
     // The one snapshot load of this request: every step below uses this version.
     let resp = match worker.shared.active.load_full() {

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::body::ProxyBody;
 use crate::framing::{self, Verdict};
-use crate::metrics::{Direction, RouteLabels};
+use crate::metrics::Direction;
 use crate::rescue::ProxyError;
 use crate::worker::Worker;
 use crate::{inbound, outbound};
@@ -146,10 +146,9 @@ async fn serve_h1(
     limits: Limits,
     mut drain: watch::Receiver<bool>,
 ) {
-    let io = TokioIo::new(stream);
     let findings = Arc::new(framing::Findings::default());
     let io = TokioIo::new(framing::Guarded::new(
-        io.into_inner(),
+        stream,
         framing::Tracker::new(limits.max_header_bytes, findings.clone()),
     ));
     let w = worker.clone();
@@ -274,13 +273,7 @@ fn refuse(worker: &Worker, direction: Direction, verdict: Verdict) -> http::Resp
         http::header::CONNECTION,
         http::HeaderValue::from_static("close"),
     );
-    let labels = RouteLabels {
-        direction,
-        parent_name: worker.empty.clone(),
-        route_name: worker.empty.clone(),
-        route_rule: 0,
-        backend_name: worker.empty.clone(),
-    };
+    let labels = worker.unrouted(direction, &worker.empty);
     worker
         .shared
         .metrics

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHashMap;
 
-use crate::metrics::{RouteLabels, RouteMetrics};
+use crate::metrics::{Direction, RouteLabels, RouteMetrics};
 use crate::state::{Active, Shared};
 use crate::upstream::pool::{Pool, PoolSettings};
 
@@ -41,6 +41,17 @@ impl Worker {
             app_label: Arc::from("app"),
             metrics_cache: Mutex::default(),
         })
+    }
+
+    /// Labels of a request before (or without) routing: no parent, route or rule.
+    pub fn unrouted(&self, direction: Direction, backend: &Arc<str>) -> RouteLabels {
+        RouteLabels {
+            direction,
+            parent_name: self.empty.clone(),
+            route_name: self.empty.clone(),
+            route_rule: 0,
+            backend_name: backend.clone(),
+        }
     }
 
     /// The metric handles of a routed outbound request; `labels` builds the label set
