@@ -276,6 +276,7 @@ impl Compiler<'_> {
                 response_headers: HeaderModifier::default(),
                 url_rewrite: None,
                 timeouts: Timeouts::default(),
+                retry: None,
             })
         });
         let http: Vec<HttpRuleMatch> = http.into_iter().map(|(_, m)| m).collect();
@@ -333,6 +334,7 @@ impl Compiler<'_> {
                 request: timeout(&timeouts.request),
                 backend_request: timeout(&timeouts.backend_request),
             },
+            retry: None,
         };
         for f in filters {
             match f {
@@ -376,6 +378,7 @@ impl Compiler<'_> {
             port,
             protocol: protocol(sp.app_protocol.as_deref()),
             endpoints: self.endpoints(svc, sp),
+            policy: Arc::new(BackendPolicy::default()),
         });
         self.backends.push(backend.clone());
         self.backend_ids.insert((id.clone(), port), index);

@@ -165,6 +165,124 @@ pub struct Rule {
     pub response_headers: HeaderModifier,
     pub url_rewrite: Option<UrlRewrite>,
     pub timeouts: Timeouts,
+    /// HTTPRoute `retry` (or Tern's `retry` on GRPCRoute rules). `None`: only attempts
+    /// that never reached the upstream (connect failures) are retried.
+    pub retry: Option<RetryPolicy>,
+}
+
+/// When and how often a rule's requests are retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (Gateway API `attempts`; default 2).
+    pub attempts: u32,
+    /// Base of the exponential backoff with full jitter (Gateway API `backoff`; default 25ms).
+    pub backoff: Duration,
+    /// HTTP status codes that are retried (HTTPRoute `codes`).
+    pub codes: Vec<u16>,
+    /// gRPC status codes that are retried, read from `grpc-status` in the response
+    /// headers (trailers-only responses), for GRPCRoute rules.
+    pub grpc_codes: Vec<u8>,
+    /// The route allows retrying methods that are not idempotent (annotation
+    /// `retry.tern.dev/non-idempotent: "true"` on the route).
+    pub non_idempotent: bool,
+}
+
+/// A `BackendPolicy` (policy.tern.dev/v1alpha1) as applied to one backend, or the
+/// defaults when no policy targets its Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendPolicy {
+    /// `namespace/name` of the policy; `None` for the defaults.
+    pub source: Option<ObjectRef>,
+    pub retry_budget: RetryBudget,
+    pub circuit_breaker: CircuitBreaker,
+    pub limits: Limits,
+}
+
+/// Retries allowed: `percent` of the requests over `interval`, plus
+/// `min_retries_per_second` x `interval` in reserve (Finagle's definition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBudget {
+    pub percent: u32,
+    pub min_retries_per_second: u32,
+    pub interval: Duration,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget {
+            percent: 20,
+            min_retries_per_second: 10,
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Per-endpoint circuit breaking (outlier ejection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    /// Trip after this many failures in a row; `None` (0 in YAML) disables it.
+    pub consecutive_failures: Option<u32>,
+    /// Trip when failures reach `percent` of at least `min_requests` over `interval`.
+    pub failure_rate: Option<FailureRate>,
+    pub ejection: Ejection,
+    /// Responses with these statuses count as failures (connect errors and timeouts
+    /// always do).
+    pub failure_status_codes: Vec<u16>,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            consecutive_failures: Some(5),
+            failure_rate: None,
+            ejection: Ejection::default(),
+            failure_status_codes: vec![502, 503, 504],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureRate {
+    pub percent: u32,
+    pub min_requests: u32,
+    pub interval: Duration,
+}
+
+/// How long a tripped endpoint stays out: `base`, doubling with each repeated trip, up to
+/// `max`; at most `max_ejected_percent` of a backend's endpoints out at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    pub base: Duration,
+    pub max: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Ejection {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(120),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Per-backend limits, per sidecar. Overflow is an immediate 503 `overflow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -308,6 +426,8 @@ pub struct Backend {
     pub protocol: Protocol,
     /// Every endpoint from the Service's EndpointSlices for this port (ready or not).
     pub endpoints: Vec<Endpoint>,
+    /// The BackendPolicy targeting the Service (or its defaults).
+    pub policy: Arc<BackendPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -591,6 +711,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Http1,
                 endpoints: vec![],
+                policy: Default::default(),
             })
         };
         let w = WeightedBackends {
