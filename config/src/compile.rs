@@ -24,8 +24,18 @@ use crate::model::{self, Filter, Kind, MatchType, PathType, Resource};
 use crate::resources::Resources;
 use crate::snapshot::*;
 use crate::validate::{
-    REGION_LABEL, SERVICE_NAME_LABEL, full_regex, parse_duration, timestamp_key,
+    GRPC_CODES, NON_IDEMPOTENT_ANNOTATION, REGION_LABEL, SERVICE_NAME_LABEL, full_regex, grpc_code,
+    parse_duration, timestamp_key,
 };
+
+/// Retries after the first attempt when `retry.attempts` is omitted.
+const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// `retry.backoff` when omitted.
+const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+/// HTTP statuses retried when `retry.codes` is omitted.
+const DEFAULT_RETRY_CODES: [u16; 3] = [502, 503, 504];
+/// gRPC codes retried when `retry.codes` is omitted: UNAVAILABLE.
+const DEFAULT_GRPC_RETRY_CODES: [u8; 1] = [14];
 
 /// Builds the snapshot of a resource set that passed validation.
 pub fn compile(res: &Resources) -> Snapshot {
@@ -88,6 +98,12 @@ struct Compiler<'a> {
     routes: HashMap<(&'a str, &'a str), Vec<&'a model::Object>>,
     /// EndpointSlices by the Service (namespace, name) they label, in resource order.
     slices: HashMap<(&'a str, &'a str), Vec<&'a model::Object>>,
+    /// BackendPolicies by the Service (namespace, name) they target, in resource order.
+    policies: HashMap<(&'a str, &'a str), Vec<&'a model::BackendPolicy>>,
+    /// Compiled policies by policy (one Arc per policy, shared by its backends).
+    compiled_policies: HashMap<ObjectRef, Arc<BackendPolicy>>,
+    /// Shared by every backend no policy targets.
+    default_policy: Arc<BackendPolicy>,
 }
 
 impl<'a> Compiler<'a> {
@@ -96,8 +112,22 @@ impl<'a> Compiler<'a> {
     fn new(res: &'a Resources) -> Self {
         let mut routes: HashMap<(&str, &str), Vec<&model::Object>> = HashMap::new();
         let mut slices: HashMap<(&str, &str), Vec<&model::Object>> = HashMap::new();
+        let mut policies: HashMap<(&str, &str), Vec<&model::BackendPolicy>> = HashMap::new();
         for obj in res.iter() {
             let parents = match &obj.resource {
+                Resource::BackendPolicy(p) => {
+                    let mut seen: Vec<&str> = Vec::new();
+                    for t in p.target_refs.iter().filter(|t| t.is_service()) {
+                        if !seen.contains(&t.name.as_str()) {
+                            seen.push(&t.name);
+                            policies
+                                .entry((p.meta.namespace.as_str(), t.name.as_str()))
+                                .or_default()
+                                .push(p);
+                        }
+                    }
+                    continue;
+                }
                 Resource::HTTPRoute(r) => &r.parent_refs,
                 Resource::GRPCRoute(r) => &r.parent_refs,
                 Resource::EndpointSlice(s) => {
@@ -126,8 +156,63 @@ impl<'a> Compiler<'a> {
             backend_ids: HashMap::new(),
             routes,
             slices,
+            policies,
+            compiled_policies: HashMap::new(),
+            default_policy: Arc::new(BackendPolicy::default()),
         }
     }
+}
+
+/// Every BackendPolicy of namespace `ns` with a Service targetRef naming `service`, in
+/// resource order.
+pub(crate) fn policies_targeting<'a>(
+    res: &'a Resources,
+    ns: &str,
+    service: &str,
+) -> Vec<&'a model::BackendPolicy> {
+    res.of_kind(Kind::BackendPolicy)
+        .filter_map(|o| match &o.resource {
+            Resource::BackendPolicy(p)
+                if p.meta.namespace == ns
+                    && p.target_refs
+                        .iter()
+                        .any(|t| t.is_service() && t.name == service) =>
+            {
+                Some(p)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The policies of `candidates` (all targeting Service `service`) that apply to its port
+/// named `port_name`, best first, as (specificity, targetRef index, policy): specificity 0
+/// targets the port by `sectionName`, 1 the whole Service; ties go to the oldest policy,
+/// then namespace/name (as for routes). The first one applies.
+pub(crate) fn rank_policies<'a>(
+    candidates: &[&'a model::BackendPolicy],
+    service: &str,
+    port_name: Option<&str>,
+) -> Vec<(u8, usize, &'a model::BackendPolicy)> {
+    let port_name = port_name.filter(|n| !n.is_empty());
+    let mut ranked: Vec<(u8, usize, &model::BackendPolicy)> = candidates
+        .iter()
+        .filter_map(|p| {
+            p.target_refs
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.is_service() && t.name == service)
+                .filter_map(|(i, t)| match t.section_name.as_deref() {
+                    None => Some((1, i)),
+                    Some(section) if Some(section) == port_name => Some((0, i)),
+                    Some(_) => None,
+                })
+                .min()
+                .map(|(rank, i)| (rank, i, *p))
+        })
+        .collect();
+    ranked.sort_by_cached_key(|(rank, i, p)| (*rank, age_key(&p.meta), *i));
+    ranked
 }
 
 /// Sort key of an HTTP match entry; see the module doc.
@@ -144,9 +229,9 @@ type HttpKey = (
 /// Sort key of a gRPC match entry; see the module doc.
 type GrpcKey = (u8, usize, Reverse<usize>, AgeKey, usize, usize);
 /// Route tie-breakers: age (absent = newest), then namespace/name.
-type AgeKey = (bool, (String, u32), String, String);
+pub(crate) type AgeKey = (bool, (String, u32), String, String);
 
-fn age_key(meta: &model::Meta) -> AgeKey {
+pub(crate) fn age_key(meta: &model::Meta) -> AgeKey {
     let ts = meta.creation_timestamp.as_deref().and_then(timestamp_key);
     (
         ts.is_none(),
@@ -177,15 +262,25 @@ impl Compiler<'_> {
                 Resource::HTTPRoute(r) if attaches(&r.parent_refs, id, port) => {
                     attached = true;
                     let label: Arc<str> = format!("{}/{}", r.meta.namespace, r.meta.name).into();
+                    let non_idempotent = r
+                        .meta
+                        .annotations
+                        .get(NON_IDEMPOTENT_ANNOTATION)
+                        .is_some_and(|v| v == "true");
                     for (ri, rule) in r.rules.iter().enumerate() {
-                        let compiled = Arc::new(self.rule(
-                            &label,
-                            ri,
-                            RouteKind::HTTPRoute,
-                            &rule.backend_refs,
-                            &rule.filters,
-                            &rule.timeouts,
-                        ));
+                        let compiled = Arc::new(
+                            self.rule(
+                                &label,
+                                ri,
+                                RouteKind::HTTPRoute,
+                                &rule.backend_refs,
+                                &rule.filters,
+                                &rule.timeouts,
+                                rule.retry
+                                    .as_ref()
+                                    .map(|rt| retry_policy(rt, false, non_idempotent)),
+                            ),
+                        );
                         for (mi, m) in rule.matches.iter().enumerate() {
                             let Some(hm) = http_match(m) else { continue };
                             let (class, len) = match m.path_type {
@@ -224,6 +319,7 @@ impl Compiler<'_> {
                             &rule.backend_refs,
                             &rule.filters,
                             &model::Timeouts::default(),
+                            rule.retry.as_ref().map(|rt| retry_policy(rt, true, true)),
                         ));
                         for (mi, m) in rule.matches.iter().enumerate() {
                             let Some(gm) = grpc_match(m) else { continue };
@@ -292,6 +388,7 @@ impl Compiler<'_> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn rule(
         &mut self,
         route: &Arc<str>,
@@ -300,6 +397,7 @@ impl Compiler<'_> {
         refs: &[model::BackendRef],
         filters: &[Filter],
         timeouts: &model::Timeouts,
+        retry: Option<RetryPolicy>,
     ) -> Rule {
         let mut entries = Vec::new();
         let mut total: u32 = 0;
@@ -334,7 +432,7 @@ impl Compiler<'_> {
                 request: timeout(&timeouts.request),
                 backend_request: timeout(&timeouts.backend_request),
             },
-            retry: None,
+            retry,
         };
         for f in filters {
             match f {
@@ -378,11 +476,30 @@ impl Compiler<'_> {
             port,
             protocol: protocol(sp.app_protocol.as_deref()),
             endpoints: self.endpoints(svc, sp),
-            policy: Arc::new(BackendPolicy::default()),
+            policy: self.policy(id, sp.name.as_deref()),
         });
         self.backends.push(backend.clone());
         self.backend_ids.insert((id.clone(), port), index);
         Some(backend)
+    }
+
+    /// The policy for a Service port: see [`rank_policies`].
+    fn policy(&mut self, id: &ObjectRef, port_name: Option<&str>) -> Arc<BackendPolicy> {
+        let candidates = self
+            .policies
+            .get(&(id.namespace.as_str(), id.name.as_str()))
+            .map_or(&[][..], Vec::as_slice);
+        let Some(&(_, _, p)) = rank_policies(candidates, &id.name, port_name).first() else {
+            return self.default_policy.clone();
+        };
+        let source = ObjectRef {
+            namespace: p.meta.namespace.clone(),
+            name: p.meta.name.clone(),
+        };
+        self.compiled_policies
+            .entry(source)
+            .or_insert_with_key(|source| Arc::new(backend_policy(source.clone(), p)))
+            .clone()
     }
 
     /// Every endpoint of a Service port, from the EndpointSlices labelled with its name.
@@ -447,6 +564,101 @@ fn attaches(refs: &[model::ParentRef], id: &ObjectRef, port: u16) -> bool {
             && p.name == id.name
             && p.port.is_none_or(|pp| pp == i64::from(port))
     })
+}
+
+/// A rule's `retry` with defaults filled in. HTTP codes and gRPC codes are sorted and
+/// deduplicated.
+fn retry_policy(r: &model::Retry, grpc: bool, non_idempotent: bool) -> RetryPolicy {
+    let mut codes: Vec<u16> = Vec::new();
+    let mut grpc_codes: Vec<u8> = Vec::new();
+    match (&r.codes, grpc) {
+        (None, false) => codes = DEFAULT_RETRY_CODES.to_vec(),
+        (None, true) => grpc_codes = DEFAULT_GRPC_RETRY_CODES.to_vec(),
+        (Some(cs), false) => {
+            codes = cs
+                .iter()
+                .filter_map(|c| match c {
+                    model::RetryCode::Number(n) => u16::try_from(*n).ok(),
+                    _ => None,
+                })
+                .collect()
+        }
+        (Some(cs), true) => grpc_codes = cs.iter().filter_map(grpc_code).collect(),
+    }
+    codes.sort_unstable();
+    codes.dedup();
+    grpc_codes.sort_unstable();
+    grpc_codes.dedup();
+    RetryPolicy {
+        attempts: r
+            .attempts
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(DEFAULT_RETRY_ATTEMPTS),
+        backoff: positive(&r.backoff).unwrap_or(DEFAULT_RETRY_BACKOFF),
+        codes,
+        grpc_codes,
+        non_idempotent,
+    }
+}
+
+/// A BackendPolicy as applied to a backend: every setting not given takes its default.
+fn backend_policy(source: ObjectRef, p: &model::BackendPolicy) -> BackendPolicy {
+    let n = |v: Option<i64>, default: u32| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(default);
+    let d = |v: &Option<String>, default: Duration| positive(v).unwrap_or(default);
+    let mut policy = BackendPolicy {
+        source: Some(source),
+        ..BackendPolicy::default()
+    };
+    if let Some(b) = &p.retry_budget {
+        let r = &mut policy.retry_budget;
+        r.percent = n(b.percent, r.percent);
+        r.min_retries_per_second = n(b.min_retries_per_second, r.min_retries_per_second);
+        r.interval = d(&b.interval, r.interval);
+    }
+    if let Some(cb) = &p.circuit_breaker {
+        let c = &mut policy.circuit_breaker;
+        if let Some(v) = cb.consecutive_failures {
+            c.consecutive_failures = u32::try_from(v).ok().filter(|v| *v > 0);
+        }
+        c.failure_rate = cb.failure_rate.as_ref().map(|r| {
+            let f = FailureRate::default();
+            FailureRate {
+                percent: n(r.percent, f.percent),
+                min_requests: n(r.min_requests, f.min_requests),
+                interval: d(&r.interval, f.interval),
+            }
+        });
+        if let Some(e) = &cb.ejection {
+            let j = &mut c.ejection;
+            j.base = d(&e.base, j.base);
+            j.max = d(&e.max, j.max).max(j.base);
+            j.max_ejected_percent = n(e.max_ejected_percent, j.max_ejected_percent);
+        }
+        if let Some(codes) = &cb.failure_status_codes {
+            let mut codes: Vec<u16> = codes
+                .iter()
+                .flatten()
+                .filter_map(|c| u16::try_from(*c).ok())
+                .collect();
+            codes.sort_unstable();
+            codes.dedup();
+            c.failure_status_codes = codes;
+        }
+    }
+    if let Some(l) = &p.limits {
+        let m = &mut policy.limits;
+        m.max_connections = n(l.max_connections, m.max_connections);
+        m.max_pending_requests = n(l.max_pending_requests, m.max_pending_requests);
+        m.max_requests = n(l.max_requests, m.max_requests);
+    }
+    policy
+}
+
+/// A duration that parses and is longer than zero.
+fn positive(v: &Option<String>) -> Option<Duration> {
+    v.as_deref()
+        .and_then(|v| parse_duration(v).ok())
+        .filter(|d| !d.is_zero())
 }
 
 fn protocol(app_protocol: Option<&str>) -> Protocol {
@@ -628,6 +840,48 @@ fn rule_json(r: &Rule) -> Value {
         "requestHeaders": header_modifier_json(&r.request_headers),
         "responseHeaders": header_modifier_json(&r.response_headers),
         "urlRewrite": rewrite,
+        "retry": r.retry.as_ref().map(retry_json),
+    })
+}
+
+fn retry_json(r: &RetryPolicy) -> Value {
+    json!({
+        "attempts": r.attempts,
+        "backoff": duration_json(Some(r.backoff)),
+        "codes": r.codes,
+        "grpcCodes": r.grpc_codes.iter().map(|c| GRPC_CODES.get(usize::from(*c)).copied().unwrap_or("?")).collect::<Vec<_>>(),
+        "nonIdempotent": r.non_idempotent,
+    })
+}
+
+fn policy_json(p: &BackendPolicy) -> Value {
+    let cb = &p.circuit_breaker;
+    json!({
+        "source": p.source.as_ref().map(ToString::to_string),
+        "retryBudget": {
+            "percent": p.retry_budget.percent,
+            "minRetriesPerSecond": p.retry_budget.min_retries_per_second,
+            "interval": duration_json(Some(p.retry_budget.interval)),
+        },
+        "circuitBreaker": {
+            "consecutiveFailures": cb.consecutive_failures,
+            "failureRate": cb.failure_rate.map(|r| json!({
+                "percent": r.percent,
+                "minRequests": r.min_requests,
+                "interval": duration_json(Some(r.interval)),
+            })),
+            "ejection": {
+                "base": duration_json(Some(cb.ejection.base)),
+                "max": duration_json(Some(cb.ejection.max)),
+                "maxEjectedPercent": cb.ejection.max_ejected_percent,
+            },
+            "failureStatusCodes": cb.failure_status_codes,
+        },
+        "limits": {
+            "maxConnections": p.limits.max_connections,
+            "maxPendingRequests": p.limits.max_pending_requests,
+            "maxRequests": p.limits.max_requests,
+        },
     })
 }
 
@@ -696,6 +950,7 @@ fn backend_json(b: &Backend) -> Value {
         "index": b.index,
         "name": &*b.name,
         "protocol": b.protocol,
+        "policy": policy_json(&b.policy),
         "endpoints": b.endpoints.iter().map(|e| json!({
             "addr": e.addr.to_string(),
             "ready": e.ready,

@@ -14,7 +14,6 @@ use crate::yaml::{self, LocMap, Node, NodeKind, Scalar, join};
 
 /// Standard ObjectMeta fields that carry nothing Tern needs: accepted silently.
 const META_SILENT: &[&str] = &[
-    "annotations",
     "uid",
     "resourceVersion",
     "generation",
@@ -288,7 +287,7 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
                     n.loc,
                     "kind",
                     format!(
-                        "unknown kind \"{k}\" (Tern reads Service, EndpointSlice, HTTPRoute and GRPCRoute)"
+                        "unknown kind \"{k}\" (Tern reads Service, EndpointSlice, HTTPRoute, GRPCRoute and BackendPolicy)"
                     ),
                 );
                 None
@@ -364,6 +363,21 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
                 rules,
             })
         }
+        Kind::BackendPolicy => {
+            let spec = spec_fields(&mut f, s).map(|sf| backend_policy_spec(s, sf));
+            f.finish(s, &["status"], &[]);
+            let spec = spec.unwrap_or(BackendPolicy {
+                meta: Meta::default(),
+                target_refs: Vec::new(),
+                retry_budget: None,
+                circuit_breaker: None,
+                limits: None,
+            });
+            Resource::BackendPolicy(BackendPolicy {
+                meta: meta?,
+                ..spec
+            })
+        }
     };
     Some(resource)
 }
@@ -379,24 +393,32 @@ fn meta(s: &mut Sink, mut f: Fields) -> Option<Meta> {
     let name = f.required_str(s, "name");
     let namespace = f.str(s, "namespace").unwrap_or_else(|| "default".into());
     let creation_timestamp = f.str(s, "creationTimestamp");
-    let mut labels = BTreeMap::new();
-    if let Some(lf) = f.map(s, "labels") {
-        for (k, v) in &lf.entries {
-            let (Some(key), false) = (k.key_text(), v.is_null()) else {
-                continue;
-            };
-            if let Some(val) = string(s, v, &format!("metadata.labels.{key}")) {
-                labels.insert(key.to_string(), val);
-            }
-        }
-    }
+    let labels = string_map(s, &mut f, "labels");
+    let annotations = string_map(s, &mut f, "annotations");
     f.finish(s, META_SILENT, &[]);
     Some(Meta {
         name: name?,
         namespace,
         creation_timestamp,
         labels,
+        annotations,
     })
+}
+
+/// `metadata.labels` / `metadata.annotations`: string values; null values are skipped.
+fn string_map(s: &mut Sink, f: &mut Fields, key: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(mf) = f.map(s, key) {
+        for (k, v) in &mf.entries {
+            let (Some(name), false) = (k.key_text(), v.is_null()) else {
+                continue;
+            };
+            if let Some(val) = string(s, v, &join(&mf.path, name)) {
+                out.insert(name.to_string(), val);
+            }
+        }
+    }
+    out
 }
 
 fn service_spec(s: &mut Sink, mut f: Fields) -> (Vec<ServicePort>, bool) {
@@ -768,12 +790,14 @@ fn http_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Ve
             timeouts.backend_request = tf.str(s, "backendRequest");
             tf.finish(s, &[], &[]);
         }
-        rf.finish(s, &[], &["retry", "sessionPersistence"]);
+        let retry = retry(s, &mut rf, false);
+        rf.finish(s, &[], &["sessionPersistence"]);
         rules.push(HttpRule {
             matches,
             filters,
             backend_refs,
             timeouts,
+            retry,
         });
     }
     f.finish(s, &[], &["hostnames"]);
@@ -814,15 +838,143 @@ fn grpc_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Ve
         }
         let filters = filters(s, &mut rf, true);
         let backend_refs = backend_refs(s, &mut rf, ns);
+        let retry = retry(s, &mut rf, true);
         rf.finish(s, &[], &["sessionPersistence"]);
         rules.push(GrpcRule {
             matches,
             filters,
             backend_refs,
+            retry,
         });
     }
     f.finish(s, &[], &["hostnames"]);
     (parents, rules)
+}
+
+/// A rule's `retry: {attempts, backoff, codes}`. HTTP codes are integers; gRPC codes are
+/// integers or names (checked by validation).
+fn retry(s: &mut Sink, f: &mut Fields, grpc: bool) -> Option<Retry> {
+    let mut rf = f.map(s, "retry")?;
+    let attempts = rf.int(s, "attempts");
+    let backoff = rf.str(s, "backoff");
+    let codes = rf.take("codes").map(|(n, p)| {
+        list(s, n, &p)
+            .into_iter()
+            .map(|(cn, cp)| match cn.scalar() {
+                Some(Scalar::Int(i)) => RetryCode::Number(i),
+                Some(Scalar::Str(name)) if grpc => RetryCode::Name(name.to_string()),
+                _ if grpc => {
+                    s.error(
+                        cn.loc,
+                        &cp,
+                        "expected a gRPC status code (a number or a name such as UNAVAILABLE)",
+                    );
+                    RetryCode::Invalid
+                }
+                _ => {
+                    s.error(cn.loc, &cp, "expected an integer");
+                    RetryCode::Invalid
+                }
+            })
+            .collect()
+    });
+    rf.finish(s, &[], &[]);
+    Some(Retry {
+        attempts,
+        backoff,
+        codes,
+    })
+}
+
+fn backend_policy_spec(s: &mut Sink, mut f: Fields) -> BackendPolicy {
+    let mut target_refs = Vec::new();
+    match f.take("targetRefs") {
+        None => f.missing(s, "targetRefs"),
+        Some((n, p)) => {
+            let items = list(s, n, &p);
+            if items.is_empty() && matches!(n.kind, NodeKind::Seq(_)) {
+                s.error(n.loc, &p, "at least one targetRef is required");
+            }
+            for (tn, tp) in items {
+                let Some(mut tf) = Fields::new(s, tn, &tp) else {
+                    continue;
+                };
+                let group = tf.str(s, "group").unwrap_or_default();
+                let kind = tf.str(s, "kind").unwrap_or_else(|| "Service".into());
+                let name = tf.required_str(s, "name");
+                let section_name = tf.str(s, "sectionName");
+                tf.finish(s, &[], &[]);
+                if let Some(name) = name {
+                    target_refs.push(PolicyTargetRef {
+                        group,
+                        kind,
+                        name,
+                        section_name,
+                    });
+                }
+            }
+        }
+    }
+    let retry_budget = f.map(s, "retryBudget").map(|mut bf| {
+        let b = RetryBudgetSpec {
+            percent: bf.int(s, "percent"),
+            min_retries_per_second: bf.int(s, "minRetriesPerSecond"),
+            interval: bf.str(s, "interval"),
+        };
+        bf.finish(s, &[], &[]);
+        b
+    });
+    let circuit_breaker = f.map(s, "circuitBreaker").map(|mut cf| {
+        let consecutive_failures = cf.int(s, "consecutiveFailures");
+        let failure_rate = cf.map(s, "failureRate").map(|mut rf| {
+            let r = FailureRateSpec {
+                percent: rf.int(s, "percent"),
+                min_requests: rf.int(s, "minRequests"),
+                interval: rf.str(s, "interval"),
+            };
+            rf.finish(s, &[], &[]);
+            r
+        });
+        let ejection = cf.map(s, "ejection").map(|mut ef| {
+            let e = EjectionSpec {
+                base: ef.str(s, "base"),
+                max: ef.str(s, "max"),
+                max_ejected_percent: ef.int(s, "maxEjectedPercent"),
+            };
+            ef.finish(s, &[], &[]);
+            e
+        });
+        let failure_status_codes = cf.take("failureStatusCodes").map(|(n, p)| {
+            list(s, n, &p)
+                .into_iter()
+                .map(|(cn, cp)| int(s, cn, &cp))
+                .collect()
+        });
+        cf.finish(s, &[], &[]);
+        CircuitBreakerSpec {
+            consecutive_failures,
+            failure_rate,
+            ejection,
+            failure_status_codes,
+        }
+    });
+    let limits = f.map(s, "limits").map(|mut lf| {
+        let l = LimitsSpec {
+            max_connections: lf.int(s, "maxConnections"),
+            max_pending_requests: lf.int(s, "maxPendingRequests"),
+            max_requests: lf.int(s, "maxRequests"),
+        };
+        lf.finish(s, &[], &[]);
+        l
+    });
+    f.finish(s, &[], &[]);
+    BackendPolicy {
+        meta: Meta::default(),
+        target_refs,
+        retry_budget,
+        circuit_breaker,
+        limits,
+    }
 }
 
 #[cfg(test)]
@@ -870,8 +1022,8 @@ mod tests {
             "routes.yaml:7:5: spec.rules[0].matchs: unknown field \"matchs\""
         );
         assert_eq!(
-            one(&route("  - retry: {attempts: 2}\n")),
-            "routes.yaml:7:5: spec.rules[0].retry: warning: field \"retry\" is not supported by Tern yet; ignored"
+            one(&route("  - sessionPersistence: {type: Cookie}\n")),
+            "routes.yaml:7:5: spec.rules[0].sessionPersistence: warning: field \"sessionPersistence\" is not supported by Tern yet; ignored"
         );
         assert_eq!(
             one(&route(
@@ -893,7 +1045,7 @@ mod tests {
     fn document_level_errors() {
         assert_eq!(
             one("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"),
-            "routes.yaml:2:7: kind: unknown kind \"Pod\" (Tern reads Service, EndpointSlice, HTTPRoute and GRPCRoute)"
+            "routes.yaml:2:7: kind: unknown kind \"Pod\" (Tern reads Service, EndpointSlice, HTTPRoute, GRPCRoute and BackendPolicy)"
         );
         assert_eq!(
             one(

@@ -21,6 +21,7 @@ pub enum Kind {
     EndpointSlice,
     HTTPRoute,
     GRPCRoute,
+    BackendPolicy,
 }
 
 impl Kind {
@@ -29,6 +30,7 @@ impl Kind {
             Kind::Service => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::HTTPRoute | Kind::GRPCRoute => "gateway.networking.k8s.io/v1",
+            Kind::BackendPolicy => "policy.tern.dev/v1alpha1",
         }
     }
 
@@ -38,6 +40,7 @@ impl Kind {
             "EndpointSlice" => Kind::EndpointSlice,
             "HTTPRoute" => Kind::HTTPRoute,
             "GRPCRoute" => Kind::GRPCRoute,
+            "BackendPolicy" => Kind::BackendPolicy,
             _ => return None,
         })
     }
@@ -100,6 +103,7 @@ pub enum Resource {
     EndpointSlice(EndpointSlice),
     HTTPRoute(HttpRoute),
     GRPCRoute(GrpcRoute),
+    BackendPolicy(BackendPolicy),
 }
 
 impl Resource {
@@ -109,6 +113,7 @@ impl Resource {
             Resource::EndpointSlice(_) => Kind::EndpointSlice,
             Resource::HTTPRoute(_) => Kind::HTTPRoute,
             Resource::GRPCRoute(_) => Kind::GRPCRoute,
+            Resource::BackendPolicy(_) => Kind::BackendPolicy,
         }
     }
 
@@ -118,6 +123,7 @@ impl Resource {
             Resource::EndpointSlice(r) => &r.meta,
             Resource::HTTPRoute(r) => &r.meta,
             Resource::GRPCRoute(r) => &r.meta,
+            Resource::BackendPolicy(r) => &r.meta,
         }
     }
 }
@@ -129,6 +135,7 @@ pub struct Meta {
     /// RFC 3339, as written; orders routes by age.
     pub creation_timestamp: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -212,6 +219,26 @@ pub struct HttpRule {
     pub filters: Vec<Filter>,
     pub backend_refs: Vec<BackendRef>,
     pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
+}
+
+/// A rule's `retry` (Gateway API on HTTPRoute, Tern's extension on GRPCRoute), as
+/// written; absent fields take their defaults when compiled.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Retry {
+    pub attempts: Option<i64>,
+    pub backoff: Option<String>,
+    /// `None` when omitted (the defaults apply); `Some(vec![])` for an explicit `[]`.
+    pub codes: Option<Vec<RetryCode>>,
+}
+
+/// One entry of `retry.codes`: HTTP statuses are numbers; gRPC codes are numbers or names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum RetryCode {
+    Number(i64),
+    Name(String),
+    /// Neither (already reported); kept so that list positions match the YAML.
+    Invalid,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -303,6 +330,8 @@ pub struct GrpcRule {
     pub matches: Vec<GrpcRouteMatch>,
     pub filters: Vec<Filter>,
     pub backend_refs: Vec<BackendRef>,
+    /// Tern's extension: retry on gRPC status codes.
+    pub retry: Option<Retry>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -316,4 +345,69 @@ pub struct GrpcMethodMatch {
     pub match_type: MatchType,
     pub service: Option<String>,
     pub method: Option<String>,
+}
+
+/// A `BackendPolicy` (`policy.tern.dev/v1alpha1`): retry budget, circuit breaker and
+/// limits for the Services it targets. Every setting is optional (defaults in
+/// [`crate::snapshot`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendPolicy {
+    pub meta: Meta,
+    pub target_refs: Vec<PolicyTargetRef>,
+    pub retry_budget: Option<RetryBudgetSpec>,
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    pub limits: Option<LimitsSpec>,
+}
+
+/// A `targetRefs[]` entry: a Service in the policy's namespace, optionally one port of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyTargetRef {
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    /// A Service port name; `None` targets every port.
+    pub section_name: Option<String>,
+}
+
+impl PolicyTargetRef {
+    pub fn is_service(&self) -> bool {
+        self.group.is_empty() && self.kind == "Service"
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RetryBudgetSpec {
+    pub percent: Option<i64>,
+    pub min_retries_per_second: Option<i64>,
+    pub interval: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CircuitBreakerSpec {
+    pub consecutive_failures: Option<i64>,
+    pub failure_rate: Option<FailureRateSpec>,
+    pub ejection: Option<EjectionSpec>,
+    /// `None` entries did not decode (already reported); kept so that positions match.
+    pub failure_status_codes: Option<Vec<Option<i64>>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FailureRateSpec {
+    pub percent: Option<i64>,
+    pub min_requests: Option<i64>,
+    pub interval: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EjectionSpec {
+    pub base: Option<String>,
+    pub max: Option<String>,
+    pub max_ejected_percent: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LimitsSpec {
+    pub max_connections: Option<i64>,
+    pub max_pending_requests: Option<i64>,
+    pub max_requests: Option<i64>,
 }

@@ -248,6 +248,18 @@ pub struct FailureRate {
     pub interval: Duration,
 }
 
+/// The values a `failureRate: {}` takes for the fields it omits (the failure rate itself
+/// is off unless given).
+impl Default for FailureRate {
+    fn default() -> Self {
+        FailureRate {
+            percent: 50,
+            min_requests: 20,
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
 /// How long a tripped endpoint stays out: `base`, doubling with each repeated trip, up to
 /// `max`; at most `max_ejected_percent` of a backend's endpoints out at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,6 +18,30 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Label giving the region of an EndpointSlice's endpoints.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 
+/// Route annotation allowing retries of methods that are not idempotent (HTTPRoute).
+pub const NON_IDEMPOTENT_ANNOTATION: &str = "retry.tern.dev/non-idempotent";
+
+/// Canonical gRPC status code names, by code.
+pub const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
 const METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
@@ -40,6 +64,7 @@ pub fn validate(res: &Resources) -> Vec<Diagnostic> {
             Resource::EndpointSlice(s) => v.endpoint_slice(s),
             Resource::HTTPRoute(r) => v.http_route(r),
             Resource::GRPCRoute(r) => v.grpc_route(r),
+            Resource::BackendPolicy(p) => v.backend_policy(p),
         }
     }
     diags
@@ -409,6 +434,7 @@ impl V<'_> {
     }
 
     fn http_route(&mut self, r: &HttpRoute) {
+        self.non_idempotent_annotation(&r.meta, false);
         self.parent_refs(&r.meta.namespace, &r.parent_refs);
         for (i, rule) in r.rules.iter().enumerate() {
             let rp = format!("spec.rules[{i}]");
@@ -465,10 +491,14 @@ impl V<'_> {
                     ),
                 );
             }
+            if let Some(retry) = &rule.retry {
+                self.retry(&rp, retry, false);
+            }
         }
     }
 
     fn grpc_route(&mut self, r: &GrpcRoute) {
+        self.non_idempotent_annotation(&r.meta, true);
         self.parent_refs(&r.meta.namespace, &r.parent_refs);
         for (i, rule) in r.rules.iter().enumerate() {
             let rp = format!("spec.rules[{i}]");
@@ -513,8 +543,326 @@ impl V<'_> {
             }
             self.filters(&rp, &rule.filters, None);
             self.backend_refs(&rp, &rule.backend_refs);
+            if let Some(retry) = &rule.retry {
+                self.retry(&rp, retry, true);
+            }
         }
     }
+
+    fn non_idempotent_annotation(&mut self, m: &Meta, grpc: bool) {
+        let Some(v) = m.annotations.get(NON_IDEMPOTENT_ANNOTATION) else {
+            return;
+        };
+        let path = format!("metadata.annotations.{NON_IDEMPOTENT_ANNOTATION}");
+        match v.as_str() {
+            "true" | "false" if grpc => self.warn(
+                &path,
+                "no effect on a GRPCRoute: a gRPC retry applies to every method (listing a status code is the service owner's permission)",
+            ),
+            "true" | "false" => {}
+            _ => self.err(
+                &path,
+                format!("invalid value \"{v}\" (expected \"true\" or \"false\")"),
+            ),
+        }
+    }
+
+    fn retry(&mut self, rule_path: &str, r: &Retry, grpc: bool) {
+        let path = format!("{rule_path}.retry");
+        if let Some(a) = r.attempts
+            && !(0..=MAX_RETRY_ATTEMPTS).contains(&a)
+        {
+            self.err(
+                &format!("{path}.attempts"),
+                format!("attempts {a} out of range (0-{MAX_RETRY_ATTEMPTS})"),
+            );
+        }
+        if let Some(b) = &r.backoff {
+            self.positive_duration(&format!("{path}.backoff"), b);
+        }
+        for (i, c) in r.codes.iter().flatten().enumerate() {
+            let p = format!("{path}.codes[{i}]");
+            match c {
+                RetryCode::Invalid => {}
+                _ if grpc && grpc_code(c).is_some() => {}
+                RetryCode::Number(n) if grpc => {
+                    self.err(&p, format!("gRPC status code {n} out of range (0-16)"))
+                }
+                RetryCode::Name(name) => self.err(
+                    &p,
+                    format!(
+                        "unknown gRPC status code \"{name}\" (expected 0-16 or a name such as UNAVAILABLE or RESOURCE_EXHAUSTED)"
+                    ),
+                ),
+                RetryCode::Number(n) => {
+                    if !(400..=599).contains(n) {
+                        self.err(&p, format!("status code {n} out of range (400-599)"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks an integer field against `lo..=hi`; returns whether it is in range.
+    fn int_range(&mut self, path: &str, v: i64, lo: i64, hi: i64) -> bool {
+        let ok = (lo..=hi).contains(&v);
+        if !ok {
+            let what = path.rsplit('.').next().unwrap_or(path);
+            if hi == i64::from(u32::MAX) {
+                self.err(path, format!("{what} must be at least {lo} (got {v})"));
+            } else {
+                self.err(path, format!("{what} {v} out of range ({lo}-{hi})"));
+            }
+        }
+        ok
+    }
+
+    /// Parses a duration that must be longer than zero.
+    fn positive_duration(&mut self, path: &str, v: &str) -> Option<Duration> {
+        match parse_duration(v) {
+            Err(e) => {
+                self.err(path, e);
+                None
+            }
+            Ok(d) if d.is_zero() => {
+                self.err(path, format!("duration \"{v}\" must be longer than 0"));
+                None
+            }
+            Ok(d) => Some(d),
+        }
+    }
+
+    fn backend_policy(&mut self, bp: &BackendPolicy) {
+        let ns = &bp.meta.namespace;
+        for (i, t) in bp.target_refs.iter().enumerate() {
+            let path = format!("spec.targetRefs[{i}]");
+            if !t.is_service() {
+                let gk = if t.group.is_empty() {
+                    t.kind.clone()
+                } else {
+                    format!("{}/{}", t.group, t.kind)
+                };
+                self.err(
+                    &format!("{path}.kind"),
+                    format!(
+                        "unsupported targetRef kind {gk}: a BackendPolicy targets Services (group \"\", kind Service)"
+                    ),
+                );
+                continue;
+            }
+            let Some(svc) = self.res.service(ns, &t.name) else {
+                self.warn(
+                    &format!("{path}.name"),
+                    format!(
+                        "no Service {ns}/{}: policy attaches to nothing (targetRef ignored)",
+                        t.name
+                    ),
+                );
+                continue;
+            };
+            if let Some(section) = &t.section_name
+                && !svc.incomplete
+                && !svc
+                    .ports
+                    .iter()
+                    .any(|p| !section.is_empty() && p.name.as_deref() == Some(section.as_str()))
+            {
+                self.warn(
+                    &format!("{path}.sectionName"),
+                    format!(
+                        "Service {ns}/{} has no port named \"{section}\": policy attaches to nothing (targetRef ignored)",
+                        t.name
+                    ),
+                );
+            }
+        }
+        self.policy_conflicts(bp);
+        let u32_max = i64::from(u32::MAX);
+        if let Some(b) = &bp.retry_budget {
+            let p = "spec.retryBudget";
+            if let Some(v) = b.percent {
+                self.int_range(&format!("{p}.percent"), v, 0, 100);
+            }
+            if let Some(v) = b.min_retries_per_second {
+                self.int_range(&format!("{p}.minRetriesPerSecond"), v, 0, u32_max);
+            }
+            if let Some(v) = &b.interval {
+                self.positive_duration(&format!("{p}.interval"), v);
+            }
+        }
+        if let Some(cb) = &bp.circuit_breaker {
+            let p = "spec.circuitBreaker";
+            if let Some(v) = cb.consecutive_failures {
+                self.int_range(&format!("{p}.consecutiveFailures"), v, 0, u32_max);
+            }
+            if let Some(r) = &cb.failure_rate {
+                if let Some(v) = r.percent {
+                    self.int_range(&format!("{p}.failureRate.percent"), v, 1, 100);
+                }
+                if let Some(v) = r.min_requests {
+                    self.int_range(&format!("{p}.failureRate.minRequests"), v, 1, u32_max);
+                }
+                if let Some(v) = &r.interval {
+                    self.positive_duration(&format!("{p}.failureRate.interval"), v);
+                }
+            }
+            if let Some(e) = &cb.ejection {
+                let defaults = crate::snapshot::Ejection::default();
+                let base = match &e.base {
+                    Some(v) => self.positive_duration(&format!("{p}.ejection.base"), v),
+                    None => Some(defaults.base),
+                };
+                let max = match &e.max {
+                    Some(v) => self.positive_duration(&format!("{p}.ejection.max"), v),
+                    None => Some(defaults.max),
+                };
+                if let (Some(base), Some(max)) = (base, max)
+                    && max < base
+                {
+                    let shown = |v: &Option<String>, d: Duration| match v {
+                        Some(v) => v.clone(),
+                        None => format!("{}, the default", format_duration(d)),
+                    };
+                    let at = if e.max.is_some() { "max" } else { "base" };
+                    self.err(
+                        &format!("{p}.ejection.{at}"),
+                        format!(
+                            "ejection max ({}) is shorter than base ({})",
+                            shown(&e.max, max),
+                            shown(&e.base, base)
+                        ),
+                    );
+                }
+                if let Some(v) = e.max_ejected_percent {
+                    self.int_range(&format!("{p}.ejection.maxEjectedPercent"), v, 0, 100);
+                }
+            }
+            for (i, c) in cb.failure_status_codes.iter().flatten().enumerate() {
+                if let Some(c) = c
+                    && !(100..=599).contains(c)
+                {
+                    self.err(
+                        &format!("{p}.failureStatusCodes[{i}]"),
+                        format!("status code {c} out of range (100-599)"),
+                    );
+                }
+            }
+        }
+        if let Some(l) = &bp.limits {
+            for (key, v) in [
+                ("maxConnections", l.max_connections),
+                ("maxPendingRequests", l.max_pending_requests),
+                ("maxRequests", l.max_requests),
+            ] {
+                if let Some(v) = v {
+                    self.int_range(&format!("spec.limits.{key}"), v, 1, u32_max);
+                }
+            }
+        }
+    }
+
+    /// Warns at each targetRef of `bp` that ties with an older policy (same Service port,
+    /// same specificity) and therefore applies nowhere on some ports.
+    fn policy_conflicts(&mut self, bp: &BackendPolicy) {
+        let ns = bp.meta.namespace.as_str();
+        // (targetRef index, winner, ports lost) in first-seen order.
+        let mut lost: Vec<(usize, &BackendPolicy, Vec<String>)> = Vec::new();
+        let mut services: Vec<&str> = Vec::new();
+        for t in bp.target_refs.iter().filter(|t| t.is_service()) {
+            if !services.contains(&t.name.as_str()) {
+                services.push(&t.name);
+            }
+        }
+        for name in services {
+            let Some(svc) = self.res.service(ns, name) else {
+                continue;
+            };
+            let all = crate::compile::policies_targeting(self.res, ns, name);
+            for sp in &svc.ports {
+                let ranked = crate::compile::rank_policies(&all, name, sp.name.as_deref());
+                let Some((best_rank, _, winner)) = ranked.first().copied() else {
+                    continue;
+                };
+                let Some((_, ref_index, _)) = ranked
+                    .iter()
+                    .skip(1)
+                    .find(|(rank, _, p)| *rank == best_rank && std::ptr::eq(*p, bp))
+                    .copied()
+                else {
+                    continue;
+                };
+                let port = match sp.name.as_deref().filter(|n| !n.is_empty()) {
+                    Some(n) => format!("{} ({n})", sp.port),
+                    None => sp.port.to_string(),
+                };
+                match lost
+                    .iter_mut()
+                    .find(|(i, w, _)| *i == ref_index && std::ptr::eq(*w, winner))
+                {
+                    Some((_, _, ports)) => ports.push(port),
+                    None => lost.push((ref_index, winner, vec![port])),
+                }
+            }
+        }
+        for (i, winner, ports) in lost {
+            let t = &bp.target_refs[i];
+            let (w, me) = (
+                crate::compile::age_key(&winner.meta),
+                crate::compile::age_key(&bp.meta),
+            );
+            let reason = if (w.0, &w.1) != (me.0, &me.1) {
+                "it is older"
+            } else {
+                "same creationTimestamp, its name sorts first"
+            };
+            let plural = if ports.len() == 1 { "" } else { "s" };
+            self.warn(
+                &format!("spec.targetRefs[{i}]"),
+                format!(
+                    "conflicts with BackendPolicy {ns}/{} on Service {ns}/{} port{plural} {}: {ns}/{} applies there ({reason})",
+                    winner.meta.name,
+                    t.name,
+                    ports.join(", "),
+                    winner.meta.name,
+                ),
+            );
+        }
+    }
+}
+
+/// Most retries a rule may ask for.
+pub const MAX_RETRY_ATTEMPTS: i64 = 10;
+
+/// The gRPC status code of a `retry.codes` entry: 0-16, or a canonical name in any case,
+/// with `-` for `_` (`resource-exhausted`).
+pub fn grpc_code(c: &RetryCode) -> Option<u8> {
+    match c {
+        RetryCode::Number(n) => u8::try_from(*n).ok().filter(|n| *n <= 16),
+        RetryCode::Name(name) => {
+            let canonical = name.to_ascii_uppercase().replace('-', "_");
+            GRPC_CODES
+                .iter()
+                .position(|n| *n == canonical)
+                .and_then(|i| u8::try_from(i).ok())
+        }
+        RetryCode::Invalid => None,
+    }
+}
+
+/// A duration in Gateway API form: `2m`, `1m30s`, `25ms`, `0s`.
+pub fn format_duration(d: Duration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    let mut out = String::new();
+    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)] {
+        if ms >= size {
+            out += &format!("{}{unit}", ms / size);
+            ms %= size;
+        }
+    }
+    out
 }
 
 fn is_grpc_name(s: &str, dots: bool) -> bool {

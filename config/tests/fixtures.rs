@@ -2,6 +2,7 @@
 //! `fixtures/broken.expected` line for line, and a valid one that compiles cleanly.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tern_config::{ConfigError, load_dir};
 
@@ -44,6 +45,60 @@ fn valid_fixture_compiles_cleanly() {
     let grpc = snap.resolve("checkout", Some(9090), "shop").unwrap();
     assert_eq!(grpc.grpc.len(), 1);
     assert_eq!(snap.json["version"], snap.version.as_str());
+
+    // Retry: the annotated HTTPRoute's rule with `retry`, and the GRPCRoute extension.
+    let rule = |i: usize| {
+        &http
+            .http
+            .iter()
+            .find(|h| h.rule.rule_index == i)
+            .unwrap()
+            .rule
+    };
+    let retry = rule(1).retry.as_ref().expect("rule 1 has retry");
+    assert_eq!(
+        (
+            retry.attempts,
+            retry.backoff,
+            &retry.codes[..],
+            retry.non_idempotent
+        ),
+        (3, Duration::from_millis(50), &[502, 503][..], true)
+    );
+    assert!(rule(0).retry.is_none());
+    let retry = grpc.grpc[0]
+        .rule
+        .retry
+        .as_ref()
+        .expect("grpc rule has retry");
+    assert_eq!(retry.grpc_codes, [4, 8, 14]);
+    assert!(retry.codes.is_empty() && retry.non_idempotent);
+
+    // BackendPolicy: service-wide on checkout-v2, its grpc port overridden by sectionName.
+    let backend = |name: &str| {
+        snap.backends
+            .iter()
+            .find(|b| &*b.name == name)
+            .unwrap_or_else(|| panic!("no backend {name}"))
+    };
+    let v2_http = &backend("shop/checkout-v2:8080").policy;
+    assert_eq!(
+        v2_http.source.as_ref().unwrap().to_string(),
+        "shop/checkout-v2"
+    );
+    assert_eq!(v2_http.limits.max_pending_requests, 256);
+    assert_eq!(
+        v2_http.circuit_breaker.ejection.max,
+        Duration::from_secs(120)
+    );
+    let v2_grpc = &backend("shop/checkout-v2:9090").policy;
+    assert_eq!(
+        v2_grpc.source.as_ref().unwrap().to_string(),
+        "shop/checkout-v2-grpc"
+    );
+    assert_eq!(v2_grpc.circuit_breaker.consecutive_failures, Some(3));
+    assert_eq!(v2_grpc.limits, Default::default());
+    assert!(backend("shop/checkout-v1:8080").policy.source.is_none());
 }
 
 #[test]
