@@ -178,7 +178,7 @@ pub(crate) fn policies_targeting<'a>(
                         .iter()
                         .any(|t| t.is_service() && t.name == service) =>
             {
-                Some(p)
+                Some(&**p)
             }
             _ => None,
         })

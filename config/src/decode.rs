@@ -373,10 +373,10 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
                 circuit_breaker: None,
                 limits: None,
             });
-            Resource::BackendPolicy(BackendPolicy {
+            Resource::BackendPolicy(Box::new(BackendPolicy {
                 meta: meta?,
                 ..spec
-            })
+            }))
         }
     };
     Some(resource)

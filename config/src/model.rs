@@ -103,7 +103,7 @@ pub enum Resource {
     EndpointSlice(EndpointSlice),
     HTTPRoute(HttpRoute),
     GRPCRoute(GrpcRoute),
-    BackendPolicy(BackendPolicy),
+    BackendPolicy(Box<BackendPolicy>),
 }
 
 impl Resource {
