@@ -283,7 +283,7 @@ async fn wait_ready(plan: &PortPlan, procs: &mut Procs) -> anyhow::Result<()> {
         }
         let checks = pending
             .iter()
-            .map(|(_, addr, path)| traffic::get(*addr, path, Duration::from_millis(500)));
+            .map(|(_, addr, path)| crate::client::get(*addr, path, Duration::from_millis(500)));
         let results = futures_join_all(checks).await;
         let mut still = Vec::new();
         let mut errors = Vec::new();
@@ -602,7 +602,7 @@ type Scrape = (Result<String, String>, Result<Vec<metrics::Sample>, String>);
 /// A sidecar's config version (from /config) and metrics (from /metrics).
 async fn scrape(admin: SocketAddr) -> Scrape {
     let version = async {
-        let (status, body) = traffic::get(admin, "/config", SCRAPE_TIMEOUT).await?;
+        let (status, body) = crate::client::get(admin, "/config", SCRAPE_TIMEOUT).await?;
         anyhow::ensure!(status == StatusCode::OK, "/config answered {status}");
         let json: serde_json::Value =
             serde_json::from_slice(&body).context("/config is not JSON")?;
@@ -613,7 +613,7 @@ async fn scrape(admin: SocketAddr) -> Scrape {
         })
     };
     let samples = async {
-        let (status, body) = traffic::get(admin, "/metrics", SCRAPE_TIMEOUT).await?;
+        let (status, body) = crate::client::get(admin, "/metrics", SCRAPE_TIMEOUT).await?;
         anyhow::ensure!(status == StatusCode::OK, "/metrics answered {status}");
         Ok(metrics::parse(&String::from_utf8_lossy(&body)))
     };

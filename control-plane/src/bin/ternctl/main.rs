@@ -2,7 +2,10 @@
 //!
 //! - `ternctl validate DIR`: check a config directory, print every error and warning.
 //! - `ternctl demo`: run a small local mesh (demo apps, one tern-proxy each, traffic).
+//! - `ternctl circuits`: a sidecar's per-endpoint circuit breakers (its admin `/circuits`).
 
+mod circuits;
+mod client;
 mod demo;
 mod validate;
 
@@ -23,6 +26,9 @@ enum Command {
     Validate(validate::Args),
     /// Run a local mesh on this machine: demo apps, a tern-proxy per app, and traffic.
     Demo(demo::Args),
+    /// Show a sidecar's circuit breakers: per backend endpoint, its state (closed, open,
+    /// half_open), why, since when, the next probe and recent successes/failures.
+    Circuits(circuits::Args),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +36,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => validate::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Circuits(args) => circuits::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,4 @@
-//! The in-process traffic generator (it plays `web`'s application) and a small HTTP client
-//! for readiness checks and scrapes.
+//! The in-process traffic generator: it plays `web`'s application.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -7,47 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, header};
+use http::{Method, Request, header};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
-
-/// One HTTP/1.1 request on a fresh connection, with an overall timeout.
-pub async fn request(
-    method: Method,
-    addr: SocketAddr,
-    path: &str,
-    timeout: Duration,
-) -> anyhow::Result<(StatusCode, Bytes)> {
-    let work = async {
-        let stream = TcpStream::connect(addr).await?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, body))
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .with_context(|| format!("http://{addr}{path}: no answer within {timeout:?}"))?
-        .with_context(|| format!("http://{addr}{path}"))
-}
-
-pub async fn get(
-    addr: SocketAddr,
-    path: &str,
-    timeout: Duration,
-) -> anyhow::Result<(StatusCode, Bytes)> {
-    request(Method::GET, addr, path, timeout).await
-}
 
 /// What the generator saw, from the client side.
 #[derive(Debug, Default, Clone)]
