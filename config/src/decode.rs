@@ -1089,6 +1089,143 @@ mod tests {
     }
 
     #[test]
+    fn retry_decoding() {
+        use crate::testutil::grpc_route;
+        assert_eq!(
+            one(&route("  - retry: {codes: [\"503\"]}\n")),
+            "routes.yaml:7:21: spec.rules[0].retry.codes[0]: expected an integer"
+        );
+        assert_eq!(
+            one(&route("  - retry: {attempts: two}\n")),
+            "routes.yaml:7:23: spec.rules[0].retry.attempts: expected an integer"
+        );
+        assert_eq!(
+            one(&route("  - retry: {attempts: 1, perTryTimeout: 1s}\n")),
+            "routes.yaml:7:26: spec.rules[0].retry.perTryTimeout: unknown field \"perTryTimeout\""
+        );
+        assert_eq!(
+            one(&route("  - retry: [3]\n")),
+            "routes.yaml:7:12: spec.rules[0].retry: expected a mapping"
+        );
+        assert_eq!(
+            one(&grpc_route("  - retry: {codes: [{code: 14}]}\n")),
+            "routes.yaml:7:21: spec.rules[0].retry.codes[0]: expected a gRPC status code (a number or a name such as UNAVAILABLE)"
+        );
+        // Names and numbers both decode on GRPCRoute; `retry: {}` is a retry with defaults.
+        let res = crate::check_sources(&[(
+            "g.yaml".into(),
+            grpc_route("  - retry: {codes: [14, unavailable]}\n  - retry: {}\n  - {}\n"),
+        )])
+        .resources;
+        let obj = res.iter().next().unwrap();
+        let crate::model::Resource::GRPCRoute(g) = &obj.resource else {
+            panic!("{obj:?}")
+        };
+        let codes = g.rules[0].retry.as_ref().unwrap().codes.as_ref().unwrap();
+        assert_eq!(
+            codes,
+            &[
+                crate::model::RetryCode::Number(14),
+                crate::model::RetryCode::Name("unavailable".into())
+            ]
+        );
+        let defaults = g.rules[1].retry.as_ref().unwrap();
+        assert!(
+            defaults.attempts.is_none() && defaults.backoff.is_none() && defaults.codes.is_none()
+        );
+        assert!(g.rules[2].retry.is_none());
+    }
+
+    #[test]
+    fn annotations_decode_as_strings() {
+        let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  namespace: shop\n  annotations: {x: 1, y: \"2\", z: null}\nspec: {ports: [{port: 80}]}\n";
+        assert_eq!(
+            one(svc),
+            "routes.yaml:6:20: metadata.annotations.x: expected a string"
+        );
+        let res = crate::check_sources(&[("a.yaml".into(), svc.replace("x: 1, ", ""))]).resources;
+        let meta = res.iter().next().unwrap().resource.meta().clone();
+        assert_eq!(
+            meta.annotations.into_iter().collect::<Vec<_>>(),
+            [("y".to_string(), "2".to_string())]
+        );
+    }
+
+    #[test]
+    fn backend_policy_decoding() {
+        use crate::testutil::policy;
+        let p = |spec: &str| one(&policy("p", "", spec));
+        assert_eq!(
+            p("  retryBudget: {percent: 20}\n"),
+            "routes.yaml:5:3: spec: missing required field \"targetRefs\""
+        );
+        assert_eq!(
+            p("  targetRefs: []\n"),
+            "routes.yaml:5:15: spec.targetRefs: at least one targetRef is required"
+        );
+        assert_eq!(
+            p("  targetRefs: [{kind: Service}]\n"),
+            "routes.yaml:5:16: spec.targetRefs[0]: missing required field \"name\""
+        );
+        assert_eq!(
+            p("  targetRefs: [{name: checkout, namespace: other}]\n"),
+            "routes.yaml:5:33: spec.targetRefs[0].namespace: unknown field \"namespace\""
+        );
+        assert_eq!(
+            p(
+                "  targetRefs: [{name: checkout}]\n  circuitBreaker: {failureStatusCodes: [502, x]}\n"
+            ),
+            "routes.yaml:6:46: spec.circuitBreaker.failureStatusCodes[1]: expected an integer"
+        );
+        assert_eq!(
+            p("  targetRefs: [{name: checkout}]\n  limits: {maxConnections: 1k}\n"),
+            "routes.yaml:6:28: spec.limits.maxConnections: expected an integer"
+        );
+        assert_eq!(
+            p("  targetRefs: [{name: checkout}]\n  circuitBreaker: {ejection: {base: 5}}\n"),
+            "routes.yaml:6:37: spec.circuitBreaker.ejection.base: expected a string"
+        );
+        assert_eq!(
+            p("  targetRefs: [{name: checkout}]\n  outlierDetection: {}\n"),
+            "routes.yaml:6:3: spec.outlierDetection: unknown field \"outlierDetection\""
+        );
+        assert_eq!(
+            one("apiVersion: policy.tern.dev/v1\nkind: BackendPolicy\nmetadata: {name: p}\n"),
+            "routes.yaml:1:13: apiVersion: unsupported apiVersion \"policy.tern.dev/v1\" for BackendPolicy (expected policy.tern.dev/v1alpha1)"
+        );
+        // A full policy decodes field by field; a top-level status is ignored.
+        let full = policy(
+            "p",
+            "",
+            "  targetRefs: [{group: \"\", kind: Service, name: checkout, sectionName: http}, {name: checkout-v1}]\n  retryBudget: {percent: 20, minRetriesPerSecond: 10, interval: 10s}\n  circuitBreaker:\n    consecutiveFailures: 5\n    failureRate: {percent: 50, minRequests: 20, interval: 10s}\n    ejection: {base: 5s, max: 2m, maxEjectedPercent: 50}\n    failureStatusCodes: [502, 503, 504]\n  limits: {maxConnections: 1024, maxPendingRequests: 256, maxRequests: 1024}\nstatus: {}\n",
+        );
+        assert_eq!(diags(&full), Vec::<String>::new());
+        let res = crate::check_sources(&[("p.yaml".into(), full)]).resources;
+        let crate::model::Resource::BackendPolicy(bp) = &res.iter().next().unwrap().resource else {
+            panic!()
+        };
+        assert_eq!(bp.target_refs.len(), 2);
+        assert_eq!(bp.target_refs[0].section_name.as_deref(), Some("http"));
+        assert!(
+            bp.target_refs[1].is_service(),
+            "group and kind default to \"\" and Service"
+        );
+        assert_eq!(
+            bp.retry_budget.as_ref().unwrap().interval.as_deref(),
+            Some("10s")
+        );
+        let cb = bp.circuit_breaker.as_ref().unwrap();
+        assert_eq!(cb.consecutive_failures, Some(5));
+        assert_eq!(cb.failure_rate.as_ref().unwrap().min_requests, Some(20));
+        assert_eq!(cb.ejection.as_ref().unwrap().max.as_deref(), Some("2m"));
+        assert_eq!(
+            cb.failure_status_codes.as_deref(),
+            Some(&[Some(502), Some(503), Some(504)][..])
+        );
+        assert_eq!(bp.limits.as_ref().unwrap().max_pending_requests, Some(256));
+    }
+
+    #[test]
     fn duplicate_keys() {
         assert_eq!(
             one(

@@ -92,3 +92,22 @@ pub fn route(rules: &str) -> String {
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: checkout, port: 8080}}]\n  rules:\n{rules}"
     )
 }
+
+/// A one-document GRPCRoute on checkout:8080 with the given `rules:` YAML (indented 2);
+/// rules start on line 7, as with [`route`].
+pub fn grpc_route(rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: checkout, port: 8080}}]\n  rules:\n{rules}"
+    )
+}
+
+/// A BackendPolicy `shop/{name}` with the given `spec:` YAML (indented 2, starting on
+/// line 5). `meta` is added to the metadata mapping, e.g. `", creationTimestamp: ..."`.
+pub fn policy(name: &str, meta: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: policy.tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: {name}, namespace: shop{meta}}}\nspec:\n{spec}"
+    )
+}
+
+/// A Service `shop/multi` with ports `http` (80) and `grpc` (90), as a document to append.
+pub const MULTI: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: multi, namespace: shop}\nspec:\n  ports: [{name: http, port: 80}, {name: grpc, port: 90, appProtocol: grpc}]\n";

@@ -608,7 +608,7 @@ impl V<'_> {
         let ok = (lo..=hi).contains(&v);
         if !ok {
             let what = path.rsplit('.').next().unwrap_or(path);
-            if hi == i64::from(u32::MAX) {
+            if hi == i64::from(u32::MAX) && v < lo {
                 self.err(path, format!("{what} must be at least {lo} (got {v})"));
             } else {
                 self.err(path, format!("{what} {v} out of range ({lo}-{hi})"));
@@ -1165,5 +1165,266 @@ mod semantic_tests {
         );
         assert!(d[1].starts_with("routes.yaml:7:84: spec.rules[0].matches[1].method.service: invalid regular expression"), "{}", d[1]);
         assert!(d[2].starts_with("routes.yaml:8:22: spec.rules[0].filters[0].type: unknown filter type \"URLRewrite\""), "{}", d[2]);
+    }
+}
+
+#[cfg(test)]
+mod retry_and_policy_tests {
+    use crate::testutil::{MULTI, diags, grpc_route, policy, route};
+
+    fn one(yaml: &str) -> String {
+        let d = diags(yaml);
+        assert_eq!(d.len(), 1, "{d:#?}");
+        d.into_iter().next().unwrap_or_default()
+    }
+
+    #[test]
+    fn retry_checks() {
+        let http = [
+            "  - retry: {attempts: 11}\n",
+            "  - retry: {attempts: -1}\n",
+            "  - retry: {backoff: 0s}\n",
+            "  - retry: {backoff: 1sec}\n",
+            "  - retry: {codes: [500, 399]}\n",
+            "  - retry: {codes: [600]}\n",
+        ];
+        let got: Vec<String> = http.iter().map(|c| one(&route(c))).collect();
+        assert_eq!(
+            got,
+            [
+                "routes.yaml:7:23: spec.rules[0].retry.attempts: attempts 11 out of range (0-10)",
+                "routes.yaml:7:23: spec.rules[0].retry.attempts: attempts -1 out of range (0-10)",
+                "routes.yaml:7:22: spec.rules[0].retry.backoff: duration \"0s\" must be longer than 0",
+                "routes.yaml:7:22: spec.rules[0].retry.backoff: invalid duration \"1sec\" (expected 1 to 4 number+unit parts with units h, m, s or ms, e.g. 10s, 500ms, 1h30m)",
+                "routes.yaml:7:26: spec.rules[0].retry.codes[1]: status code 399 out of range (400-599)",
+                "routes.yaml:7:21: spec.rules[0].retry.codes[0]: status code 600 out of range (400-599)",
+            ]
+        );
+        let grpc = [
+            "  - retry: {codes: [17]}\n",
+            "  - retry: {codes: [-1]}\n",
+            "  - retry: {codes: [unavailabel]}\n",
+            "  - retry: {attempts: 11, backoff: 0ms}\n",
+        ];
+        let got: Vec<Vec<String>> = grpc.iter().map(|c| diags(&grpc_route(c))).collect();
+        assert_eq!(
+            got,
+            [
+                vec![
+                    "routes.yaml:7:21: spec.rules[0].retry.codes[0]: gRPC status code 17 out of range (0-16)"
+                ],
+                vec![
+                    "routes.yaml:7:21: spec.rules[0].retry.codes[0]: gRPC status code -1 out of range (0-16)"
+                ],
+                vec![
+                    "routes.yaml:7:21: spec.rules[0].retry.codes[0]: unknown gRPC status code \"unavailabel\" (expected 0-16 or a name such as UNAVAILABLE or RESOURCE_EXHAUSTED)"
+                ],
+                vec![
+                    "routes.yaml:7:23: spec.rules[0].retry.attempts: attempts 11 out of range (0-10)",
+                    "routes.yaml:7:36: spec.rules[0].retry.backoff: duration \"0ms\" must be longer than 0",
+                ],
+            ]
+        );
+        // Every canonical name, any case, `-` for `_`, and the numbers at both ends.
+        let names = crate::validate::GRPC_CODES.join(", ");
+        let ok = format!(
+            "  - retry: {{codes: [{names}, cancelled, Deadline-Exceeded, resource-exhausted, data_loss, 0, 16]}}\n"
+        );
+        assert_eq!(diags(&grpc_route(&ok)), Vec::<String>::new());
+        // Boundaries that are fine.
+        let ok = "  - retry: {attempts: 0, backoff: 1ms, codes: [400, 599]}\n  - retry: {attempts: 10, codes: []}\n";
+        assert_eq!(diags(&route(ok)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn grpc_code_names() {
+        use crate::model::RetryCode::{Invalid, Name, Number};
+        use crate::validate::grpc_code;
+        assert_eq!(grpc_code(&Name("UNAVAILABLE".into())), Some(14));
+        assert_eq!(grpc_code(&Name("resource-exhausted".into())), Some(8));
+        assert_eq!(grpc_code(&Name("Ok".into())), Some(0));
+        assert_eq!(grpc_code(&Name("unauthenticated".into())), Some(16));
+        assert_eq!(grpc_code(&Name("14".into())), None);
+        assert_eq!(grpc_code(&Name("CANCELED".into())), None);
+        assert_eq!(grpc_code(&Number(4)), Some(4));
+        assert_eq!(grpc_code(&Number(17)), None);
+        assert_eq!(grpc_code(&Invalid), None);
+    }
+
+    #[test]
+    fn non_idempotent_annotation() {
+        let annotate = |yaml: String, value: &str| {
+            yaml.replace(
+                "namespace: shop}",
+                &format!(
+                    "namespace: shop, annotations: {{retry.tern.dev/non-idempotent: \"{value}\"}}}}"
+                ),
+            )
+        };
+        let rules = "  - retry: {}\n";
+        assert_eq!(
+            one(&annotate(route(rules), "True")),
+            "routes.yaml:3:83: metadata.annotations.retry.tern.dev/non-idempotent: invalid value \"True\" (expected \"true\" or \"false\")"
+        );
+        for v in ["true", "false"] {
+            assert_eq!(diags(&annotate(route(rules), v)), Vec::<String>::new());
+        }
+        assert_eq!(
+            one(&annotate(grpc_route(rules), "true")),
+            "routes.yaml:3:83: metadata.annotations.retry.tern.dev/non-idempotent: warning: no effect on a GRPCRoute: a gRPC retry applies to every method (listing a status code is the service owner's permission)"
+        );
+        assert_eq!(
+            one(&annotate(grpc_route(rules), "1")),
+            "routes.yaml:3:83: metadata.annotations.retry.tern.dev/non-idempotent: invalid value \"1\" (expected \"true\" or \"false\")"
+        );
+        // Other annotations are not Tern's business.
+        let other = route(rules).replace(
+            "namespace: shop}",
+            "namespace: shop, annotations: {example.com/x: anything}}",
+        );
+        assert_eq!(diags(&other), Vec::<String>::new());
+    }
+
+    #[test]
+    fn policy_value_checks() {
+        let cases = [
+            "  retryBudget: {percent: 101}\n",
+            "  retryBudget: {percent: -1}\n",
+            "  retryBudget: {minRetriesPerSecond: -5}\n",
+            "  retryBudget: {interval: 0s}\n",
+            "  retryBudget: {interval: 10x}\n",
+            "  circuitBreaker: {consecutiveFailures: -1}\n",
+            "  circuitBreaker: {failureRate: {percent: 0}}\n",
+            "  circuitBreaker: {failureRate: {percent: 101}}\n",
+            "  circuitBreaker: {failureRate: {minRequests: 0}}\n",
+            "  circuitBreaker: {failureRate: {interval: 0ms}}\n",
+            "  circuitBreaker: {ejection: {base: 0s}}\n",
+            "  circuitBreaker: {ejection: {base: 10s, max: 5s}}\n",
+            "  circuitBreaker: {ejection: {base: 5m}}\n",
+            "  circuitBreaker: {ejection: {max: 1s}}\n",
+            "  circuitBreaker: {ejection: {maxEjectedPercent: 101}}\n",
+            "  circuitBreaker: {failureStatusCodes: [600]}\n",
+            "  circuitBreaker: {failureStatusCodes: [99]}\n",
+            "  limits: {maxConnections: 0}\n",
+            "  limits: {maxPendingRequests: -1}\n",
+            "  limits: {maxRequests: 0}\n",
+            "  limits: {maxRequests: 5000000000}\n",
+        ];
+        let got: Vec<String> = cases
+            .iter()
+            .map(|c| {
+                one(&policy(
+                    "p",
+                    "",
+                    &format!("  targetRefs: [{{name: checkout}}]\n{c}"),
+                ))
+            })
+            .collect();
+        let want = [
+            "routes.yaml:6:26: spec.retryBudget.percent: percent 101 out of range (0-100)",
+            "routes.yaml:6:26: spec.retryBudget.percent: percent -1 out of range (0-100)",
+            "routes.yaml:6:38: spec.retryBudget.minRetriesPerSecond: minRetriesPerSecond must be at least 0 (got -5)",
+            "routes.yaml:6:27: spec.retryBudget.interval: duration \"0s\" must be longer than 0",
+            "routes.yaml:6:27: spec.retryBudget.interval: invalid duration \"10x\" (expected 1 to 4 number+unit parts with units h, m, s or ms, e.g. 10s, 500ms, 1h30m)",
+            "routes.yaml:6:41: spec.circuitBreaker.consecutiveFailures: consecutiveFailures must be at least 0 (got -1)",
+            "routes.yaml:6:43: spec.circuitBreaker.failureRate.percent: percent 0 out of range (1-100)",
+            "routes.yaml:6:43: spec.circuitBreaker.failureRate.percent: percent 101 out of range (1-100)",
+            "routes.yaml:6:47: spec.circuitBreaker.failureRate.minRequests: minRequests must be at least 1 (got 0)",
+            "routes.yaml:6:44: spec.circuitBreaker.failureRate.interval: duration \"0ms\" must be longer than 0",
+            "routes.yaml:6:37: spec.circuitBreaker.ejection.base: duration \"0s\" must be longer than 0",
+            "routes.yaml:6:47: spec.circuitBreaker.ejection.max: ejection max (5s) is shorter than base (10s)",
+            "routes.yaml:6:37: spec.circuitBreaker.ejection.base: ejection max (2m, the default) is shorter than base (5m)",
+            "routes.yaml:6:36: spec.circuitBreaker.ejection.max: ejection max (1s) is shorter than base (5s, the default)",
+            "routes.yaml:6:50: spec.circuitBreaker.ejection.maxEjectedPercent: maxEjectedPercent 101 out of range (0-100)",
+            "routes.yaml:6:41: spec.circuitBreaker.failureStatusCodes[0]: status code 600 out of range (100-599)",
+            "routes.yaml:6:41: spec.circuitBreaker.failureStatusCodes[0]: status code 99 out of range (100-599)",
+            "routes.yaml:6:28: spec.limits.maxConnections: maxConnections must be at least 1 (got 0)",
+            "routes.yaml:6:32: spec.limits.maxPendingRequests: maxPendingRequests must be at least 1 (got -1)",
+            "routes.yaml:6:25: spec.limits.maxRequests: maxRequests must be at least 1 (got 0)",
+            "routes.yaml:6:25: spec.limits.maxRequests: maxRequests 5000000000 out of range (1-4294967295)",
+        ];
+        assert_eq!(got, want);
+        // Boundaries that are fine: 0 percent budget, disabled consecutive failures, max = base.
+        let ok = "  targetRefs: [{name: checkout}]\n  retryBudget: {percent: 0, minRetriesPerSecond: 0}\n  circuitBreaker:\n    consecutiveFailures: 0\n    failureRate: {percent: 100, minRequests: 1}\n    ejection: {base: 1s, max: 1s, maxEjectedPercent: 0}\n    failureStatusCodes: [100, 599]\n  limits: {maxConnections: 1, maxPendingRequests: 1, maxRequests: 1}\n";
+        assert_eq!(diags(&policy("p", "", ok)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn policy_target_checks() {
+        let p = |refs: &str| diags(&policy("p", "", &format!("  targetRefs: {refs}\n")));
+        assert_eq!(
+            p("[{group: apps, kind: Deployment, name: checkout}]"),
+            [
+                "routes.yaml:5:36: spec.targetRefs[0].kind: unsupported targetRef kind apps/Deployment: a BackendPolicy targets Services (group \"\", kind Service)"
+            ]
+        );
+        assert_eq!(
+            p("[{group: gateway.networking.k8s.io, kind: Service, name: checkout}]"),
+            [
+                "routes.yaml:5:57: spec.targetRefs[0].kind: unsupported targetRef kind gateway.networking.k8s.io/Service: a BackendPolicy targets Services (group \"\", kind Service)"
+            ]
+        );
+        assert_eq!(
+            p("[{name: nope}, {name: checkout}]"),
+            [
+                "routes.yaml:5:23: spec.targetRefs[0].name: warning: no Service shop/nope: policy attaches to nothing (targetRef ignored)"
+            ]
+        );
+        assert_eq!(
+            p("[{name: checkout, sectionName: grpc}]"),
+            [
+                "routes.yaml:5:46: spec.targetRefs[0].sectionName: warning: Service shop/checkout has no port named \"grpc\": policy attaches to nothing (targetRef ignored)"
+            ]
+        );
+        assert_eq!(
+            p("[{name: checkout, sectionName: http}]"),
+            Vec::<String>::new()
+        );
+    }
+
+    /// `MULTI` then the given policies, as one file.
+    fn policies(docs: &[String]) -> Vec<String> {
+        diags(&(MULTI.to_string() + "---\n" + &docs.join("---\n")))
+    }
+
+    #[test]
+    fn policy_conflicts() {
+        let old = ", creationTimestamp: \"2020-01-01T00:00:00Z\"";
+        let whole = "  targetRefs: [{name: multi}]\n";
+        let http = "  targetRefs: [{name: multi, sectionName: http}]\n";
+        // Two service-wide policies: the newer one loses every port to the older.
+        assert_eq!(
+            policies(&[policy("a-new", "", whole), policy("z-old", old, whole)]),
+            [
+                "routes.yaml:11:16: spec.targetRefs[0]: warning: conflicts with BackendPolicy shop/z-old on Service shop/multi ports 80 (http), 90 (grpc): shop/z-old applies there (it is older)"
+            ]
+        );
+        // Same age: the name decides.
+        assert_eq!(
+            policies(&[policy("b", old, whole), policy("a", old, whole)]),
+            [
+                "routes.yaml:11:16: spec.targetRefs[0]: warning: conflicts with BackendPolicy shop/a on Service shop/multi ports 80 (http), 90 (grpc): shop/a applies there (same creationTimestamp, its name sorts first)"
+            ]
+        );
+        // A sectionName policy overrides a service-wide one on its port: no conflict.
+        assert_eq!(
+            policies(&[policy("port", "", http), policy("svc", old, whole)]),
+            Vec::<String>::new()
+        );
+        // Two sectionName policies on one port conflict on that port only; the older
+        // service-wide one is not involved.
+        assert_eq!(
+            policies(&[
+                policy("p1", old, http),
+                policy("p2", "", http),
+                policy("svc", old, whole)
+            ]),
+            [
+                "routes.yaml:17:16: spec.targetRefs[0]: warning: conflicts with BackendPolicy shop/p1 on Service shop/multi port 80 (http): shop/p1 applies there (it is older)"
+            ]
+        );
+        // One policy naming the Service twice does not conflict with itself.
+        let twice = "  targetRefs: [{name: multi}, {name: multi, sectionName: http}]\n";
+        assert_eq!(policies(&[policy("x", "", twice)]), Vec::<String>::new());
     }
 }
