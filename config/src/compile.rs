@@ -1208,6 +1208,319 @@ mod tests {
         assert_ne!(va, vc);
     }
 
+    fn only_rule(c: &crate::Compiled) -> Arc<Rule> {
+        let sp = port(c, "checkout");
+        let rule = sp.http.first().map(|h| &h.rule);
+        let rule = rule.or(sp.grpc.first().map(|g| &g.rule));
+        rule.expect("one rule").clone()
+    }
+
+    #[test]
+    fn retry_defaults_and_values() {
+        let c = compile(&route(
+            "  - retry: {}\n    backendRefs: [{name: checkout-v1, port: 8080}]\n",
+        ));
+        assert_eq!(
+            only_rule(&c).retry,
+            Some(RetryPolicy {
+                attempts: 2,
+                backoff: Duration::from_millis(25),
+                codes: vec![502, 503, 504],
+                grpc_codes: vec![],
+                non_idempotent: false,
+            })
+        );
+        let c = compile(&route(
+            "  - retry: {attempts: 0, backoff: 1s, codes: [504, 429, 504]}\n    backendRefs: [{name: checkout-v1, port: 8080}]\n",
+        ));
+        assert_eq!(
+            only_rule(&c).retry,
+            Some(RetryPolicy {
+                attempts: 0,
+                backoff: Duration::from_secs(1),
+                codes: vec![429, 504],
+                grpc_codes: vec![],
+                non_idempotent: false,
+            })
+        );
+        // An explicit empty list retries no status code.
+        let c = compile(&route("  - retry: {codes: []}\n"));
+        assert_eq!(
+            only_rule(&c).retry.as_ref().unwrap().codes,
+            Vec::<u16>::new()
+        );
+        // No retry field: None (the proxy still retries connect failures).
+        let c = compile(&route(
+            "  - backendRefs: [{name: checkout-v1, port: 8080}]\n",
+        ));
+        assert_eq!(only_rule(&c).retry, None);
+    }
+
+    #[test]
+    fn grpc_retry_codes_and_defaults() {
+        use crate::testutil::grpc_route;
+        let c = compile(&grpc_route("  - retry: {}\n"));
+        assert_eq!(
+            only_rule(&c).retry,
+            Some(RetryPolicy {
+                attempts: 2,
+                backoff: Duration::from_millis(25),
+                codes: vec![],
+                grpc_codes: vec![14],
+                non_idempotent: true,
+            })
+        );
+        let c = compile(&grpc_route(
+            "  - retry: {attempts: 4, codes: [resource-exhausted, Unavailable, 14, 0, DEADLINE_EXCEEDED]}\n",
+        ));
+        let r = only_rule(&c).retry.clone().unwrap();
+        assert_eq!((r.attempts, r.grpc_codes), (4, vec![0, 4, 8, 14]));
+        assert!(r.codes.is_empty() && r.non_idempotent);
+        let j = &c.snapshot.json["services"][0]["ports"][0]["grpc"][0]["rule"]["retry"];
+        assert_eq!(
+            j["grpcCodes"],
+            json!([
+                "OK",
+                "DEADLINE_EXCEEDED",
+                "RESOURCE_EXHAUSTED",
+                "UNAVAILABLE"
+            ])
+        );
+    }
+
+    #[test]
+    fn non_idempotent_annotation_applies_to_rules_with_retry() {
+        let annotated = |v: &str| {
+            route(
+                "  - matches: [{path: {value: /a}}]\n    retry: {}\n  - matches: [{path: {value: /b}}]\n",
+            )
+            .replace(
+                "namespace: shop}",
+                &format!("namespace: shop, annotations: {{retry.tern.dev/non-idempotent: \"{v}\"}}}}"),
+            )
+        };
+        let c = compile(&annotated("true"));
+        let sp = port(&c, "checkout");
+        let by_index = |i: usize| {
+            sp.http
+                .iter()
+                .find(|h| h.rule.rule_index == i)
+                .map(|h| h.rule.retry.clone())
+                .unwrap()
+        };
+        assert!(by_index(0).unwrap().non_idempotent);
+        assert_eq!(by_index(1), None, "the annotation does not add retries");
+        let c = compile(&annotated("false"));
+        let sp = port(&c, "checkout");
+        assert!(
+            !sp.http
+                .iter()
+                .any(|h| h.rule.retry.as_ref().is_some_and(|r| r.non_idempotent))
+        );
+    }
+
+    fn backend_named<'a>(c: &'a crate::Compiled, name: &str) -> &'a Arc<Backend> {
+        c.snapshot
+            .backends
+            .iter()
+            .find(|b| &*b.name == name)
+            .unwrap_or_else(|| panic!("no backend {name}"))
+    }
+
+    #[test]
+    fn policy_defaults_and_values() {
+        use crate::testutil::policy;
+        // Only targetRefs: every setting is the default, and the source is named.
+        let c = compile(&policy("p", "", "  targetRefs: [{name: checkout-v1}]\n"));
+        let p = &backend_named(&c, "shop/checkout-v1:8080").policy;
+        assert_eq!(
+            **p,
+            BackendPolicy {
+                source: Some(ObjectRef {
+                    namespace: "shop".into(),
+                    name: "p".into()
+                }),
+                ..BackendPolicy::default()
+            }
+        );
+        assert_eq!(p.circuit_breaker.failure_rate, None);
+        // A backend no policy targets gets the defaults.
+        assert_eq!(
+            *backend_named(&c, "shop/checkout-v2:8080").policy,
+            BackendPolicy::default()
+        );
+        // Every field given.
+        let full = "  targetRefs: [{group: \"\", kind: Service, name: checkout-v1}]\n  retryBudget: {percent: 30, minRetriesPerSecond: 3, interval: 1m}\n  circuitBreaker:\n    consecutiveFailures: 7\n    failureRate: {percent: 40, minRequests: 10, interval: 30s}\n    ejection: {base: 1s, max: 1m, maxEjectedPercent: 100}\n    failureStatusCodes: [503, 500, 503]\n  limits: {maxConnections: 10, maxPendingRequests: 20, maxRequests: 30}\n";
+        let c = compile(&policy("full", "", full));
+        let p = &backend_named(&c, "shop/checkout-v1:8080").policy;
+        assert_eq!(
+            p.retry_budget,
+            RetryBudget {
+                percent: 30,
+                min_retries_per_second: 3,
+                interval: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            p.circuit_breaker,
+            CircuitBreaker {
+                consecutive_failures: Some(7),
+                failure_rate: Some(FailureRate {
+                    percent: 40,
+                    min_requests: 10,
+                    interval: Duration::from_secs(30)
+                }),
+                ejection: Ejection {
+                    base: Duration::from_secs(1),
+                    max: Duration::from_secs(60),
+                    max_ejected_percent: 100
+                },
+                failure_status_codes: vec![500, 503],
+            }
+        );
+        assert_eq!(
+            p.limits,
+            Limits {
+                max_connections: 10,
+                max_pending_requests: 20,
+                max_requests: 30
+            }
+        );
+        // Partial sections: 0 disables consecutive failures, `failureRate: {}` turns the
+        // rate on with its defaults, an empty status list counts no status as a failure.
+        let partial = "  targetRefs: [{name: checkout-v1}]\n  circuitBreaker: {consecutiveFailures: 0, failureRate: {}, ejection: {base: 1s}, failureStatusCodes: []}\n  limits: {maxRequests: 5}\n";
+        let c = compile(&policy("partial", "", partial));
+        let p = &backend_named(&c, "shop/checkout-v1:8080").policy;
+        let cb = &p.circuit_breaker;
+        assert_eq!(cb.consecutive_failures, None);
+        assert_eq!(cb.failure_rate, Some(FailureRate::default()));
+        assert_eq!(cb.ejection.base, Duration::from_secs(1));
+        assert_eq!(cb.ejection.max, Ejection::default().max);
+        assert!(cb.failure_status_codes.is_empty());
+        assert_eq!(p.retry_budget, RetryBudget::default());
+        assert_eq!(
+            p.limits,
+            Limits {
+                max_requests: 5,
+                ..Limits::default()
+            }
+        );
+    }
+
+    #[test]
+    fn policy_precedence_section_then_age_then_name() {
+        use crate::testutil::{MULTI, policy};
+        let old = ", creationTimestamp: \"2020-01-01T00:00:00Z\"";
+        let older = ", creationTimestamp: \"2019-01-01T00:00:00Z\"";
+        let whole = "  targetRefs: [{name: multi}]\n";
+        let grpc = "  targetRefs: [{name: multi, sectionName: grpc}]\n";
+        let load = |docs: &[String]| {
+            let yaml = MULTI.to_string() + "---\n" + &docs.join("---\n");
+            crate::load_sources(&[("p.yaml".into(), yaml)]).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let source = |c: &crate::Compiled, port: u16| {
+            let b = backend_named(c, &format!("shop/multi:{port}"));
+            b.policy.source.as_ref().map(|s| s.name.clone())
+        };
+        // The oldest service-wide policy wins; the newer one is warned about.
+        let c = load(&[policy("a-new", "", whole), policy("z-old", old, whole)]);
+        assert_eq!(source(&c, 80).as_deref(), Some("z-old"));
+        assert_eq!(source(&c, 90).as_deref(), Some("z-old"));
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].message.contains("shop/z-old applies there"));
+        // Same age: namespace/name order.
+        let c = load(&[policy("b", old, whole), policy("a", old, whole)]);
+        assert_eq!(source(&c, 80).as_deref(), Some("a"));
+        // No timestamp counts as newest.
+        let c = load(&[policy("a", "", whole), policy("b", old, whole)]);
+        assert_eq!(source(&c, 80).as_deref(), Some("b"));
+        // sectionName beats service-wide, even an older one; other ports keep the latter.
+        let c = load(&[policy("svc", older, whole), policy("port", "", grpc)]);
+        assert_eq!(source(&c, 80).as_deref(), Some("svc"));
+        assert_eq!(source(&c, 90).as_deref(), Some("port"));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // Between sectionName policies, the oldest again.
+        let c = load(&[
+            policy("p-new", "", grpc),
+            policy("p-old", old, grpc),
+            policy("svc", older, whole),
+        ]);
+        assert_eq!(source(&c, 90).as_deref(), Some("p-old"));
+        assert_eq!(source(&c, 80).as_deref(), Some("svc"));
+        // One Arc per policy, shared by the ports it governs.
+        let c = load(&[policy("svc", "", whole)]);
+        let (a, b) = (
+            &backend_named(&c, "shop/multi:80").policy,
+            &backend_named(&c, "shop/multi:90").policy,
+        );
+        assert!(Arc::ptr_eq(a, b));
+        // A policy in another namespace does not reach the Service.
+        let elsewhere = policy("svc", "", whole).replace("namespace: shop", "namespace: other");
+        let c = load(&[elsewhere]);
+        assert_eq!(source(&c, 80), None);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].message.contains("no Service other/multi"));
+    }
+
+    #[test]
+    fn retry_and_policy_json_and_version() {
+        use crate::testutil::policy;
+        let rules = "  - retry: {attempts: 3, backoff: 100ms}\n    backendRefs: [{name: checkout-v1, port: 8080}]\n";
+        let yaml = route(rules)
+            + "---\n"
+            + &policy(
+                "p",
+                "",
+                "  targetRefs: [{name: checkout-v1}]\n  circuitBreaker: {failureRate: {percent: 60}}\n",
+            );
+        let c = compile(&yaml);
+        let j = &c.snapshot.json;
+        assert_eq!(
+            j["services"][0]["ports"][0]["http"][0]["rule"]["retry"],
+            json!({"attempts": 3, "backoff": "100ms", "codes": [502, 503, 504], "grpcCodes": [], "nonIdempotent": false})
+        );
+        let v1 = j["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "shop/checkout-v1:8080")
+            .unwrap();
+        assert_eq!(
+            v1["policy"],
+            json!({
+                "source": "shop/p",
+                "retryBudget": {"percent": 20, "minRetriesPerSecond": 10, "interval": "10s"},
+                "circuitBreaker": {
+                    "consecutiveFailures": 5,
+                    "failureRate": {"percent": 60, "minRequests": 20, "interval": "10s"},
+                    "ejection": {"base": "5s", "max": "120s", "maxEjectedPercent": 50},
+                    "failureStatusCodes": [502, 503, 504],
+                },
+                "limits": {"maxConnections": 1024, "maxPendingRequests": 1024, "maxRequests": 1024},
+            })
+        );
+        let v2 = j["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "shop/checkout-v2:8080")
+            .unwrap();
+        assert_eq!(v2["policy"]["source"], Value::Null);
+        assert_eq!(v2["policy"]["circuitBreaker"]["failureRate"], Value::Null);
+        // Policies, retries and annotations are part of the version.
+        let base = c.snapshot.version.clone();
+        for changed in [
+            yaml.replace("percent: 60", "percent: 61"),
+            yaml.replace("attempts: 3", "attempts: 4"),
+            yaml.replace(
+                "{name: r, namespace: shop}",
+                "{name: r, namespace: shop, annotations: {a: b}}",
+            ),
+        ] {
+            assert_ne!(compile(&changed).snapshot.version, base);
+        }
+    }
+
     #[test]
     fn json_rendering() {
         let c = compile(SPLIT);
