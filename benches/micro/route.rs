@@ -3,12 +3,18 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use tern_proxy::policy::breaker::Clock;
 use tern_proxy::state::Active;
 
 mod mesh;
 
+fn activate(snapshot: tern_config::Snapshot) -> Active {
+    let metrics = tern_proxy::metrics::Metrics::new();
+    Active::new(snapshot, None, &metrics, Clock::new())
+}
+
 fn route(c: &mut Criterion) {
-    let active = Active::new(mesh::compile(mesh::services(1000)));
+    let active = activate(mesh::compile(mesh::services(1000)));
     let req = http::Request::builder()
         .uri("/api/items?id=7")
         .header("host", "svc-517.bench:80")
@@ -22,7 +28,7 @@ fn route(c: &mut Criterion) {
         })
     });
 
-    let active = Active::new(mesh::compile(mesh::one_service_many_rules(1000)));
+    let active = activate(mesh::compile(mesh::one_service_many_rules(1000)));
     let worst = http::Request::builder()
         .uri("/p999/x")
         .header("host", "big.bench")

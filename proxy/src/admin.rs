@@ -65,18 +65,20 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
             }
         }
         "/config" => match shared.active.load_full() {
-            Some(active) => {
-                let body = serde_json::json!({
-                    "version": active.snapshot.version,
-                    "config": active.snapshot.json,
-                });
-                let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/json"),
-                );
-                resp
-            }
+            Some(active) => json(&serde_json::json!({
+                "version": active.snapshot.version,
+                "config": active.snapshot.json,
+            })),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no configuration loaded yet\n",
+            ),
+        },
+        "/circuits" => match shared.active.load_full() {
+            Some(active) => json(&serde_json::json!({
+                "version": active.snapshot.version,
+                "backends": active.balancer.circuits_json(),
+            })),
             None => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no configuration loaded yet\n",
@@ -84,9 +86,18 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics, /ready, /live or /config\n",
+            "not found; try /metrics, /ready, /live, /config or /circuits\n",
         ),
     }
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -1,17 +1,26 @@
-//! The response body the proxy hands back: an upstream's streaming body, or a small
-//! local one for errors. An enum rather than a boxed trait object: no allocation per
-//! request, and the stream passes through untouched (trailers included).
+//! Bodies the proxy passes along. Enums rather than boxed trait objects: no allocation per
+//! request, and streams pass through untouched (trailers included).
+//!
+//! - [`ProxyBody`], toward the client: an upstream's streaming response (holding the
+//!   backend's request-limit slot until it ends), or a small local one for errors.
+//! - [`RequestBody`], toward an upstream: the client's stream, a buffered copy that a
+//!   retry can replay, or what was read while trying to buffer followed by the rest.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 
+use crate::policy::limits::Slot;
 use crate::upstream::pool::PooledBody;
 
 pub enum ProxyBody {
-    Upstream(PooledBody),
+    /// The slot (if any) is the backend's `maxRequests` slot, given back when the body ends
+    /// or is dropped.
+    Upstream(PooledBody, Option<Slot>),
     Local(Option<Bytes>),
 }
 
@@ -34,23 +43,100 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Upstream(b, slot) => {
+                let polled = Pin::new(b).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None)) {
+                    slot.take();
+                }
+                polled
+            }
             ProxyBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Upstream(b, _) => b.is_end_stream(),
             ProxyBody::Local(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Upstream(b, _) => b.size_hint(),
             ProxyBody::Local(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Local(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+pub enum RequestBody {
+    Stream(Incoming),
+    /// A complete body held in memory: data, then trailers.
+    Buffered {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    /// The part read before the body proved too large to buffer, then the rest.
+    Prefixed {
+        prefix: Option<Bytes>,
+        rest: Incoming,
+    },
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        RequestBody::Stream(body)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Buffered { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
+            RequestBody::Prefixed { prefix, rest } => match prefix.take() {
+                Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Stream(b) => b.is_end_stream(),
+            RequestBody::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            RequestBody::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Stream(b) => b.size_hint(),
+            RequestBody::Buffered { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestBody::Prefixed { prefix, rest } => {
+                let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let r = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(r.lower() + p);
+                if let Some(upper) = r.upper() {
+                    hint.set_upper(upper + p);
+                }
+                hint
+            }
         }
     }
 }

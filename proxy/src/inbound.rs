@@ -5,7 +5,7 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tern_config::snapshot::Protocol;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
 use crate::headers;
 use crate::metrics::{Direction, RequestRecorder};
 use crate::outbound::upstream_error;
@@ -47,12 +47,15 @@ async fn serve(
         headers::for_upstream(&mut req, protocol)?;
     }
     let sent = if upgrade {
-        Box::pin(upstream::send_upgrade(&worker.app_pool, app, req)).await
+        Box::pin(upstream::send_upgrade(&worker.app_pool, app, req, None)).await
     } else {
-        upstream::send(&worker.app_pool, app, protocol, req).await
+        let req = req.map(RequestBody::Stream);
+        upstream::send(&worker.app_pool, app, protocol, req, None)
+            .await
+            .map_err(|e| e.error)
     };
     let mut resp = sent.map_err(|err| upstream_error(err, worker.app_label.clone(), app))?;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(resp.headers_mut(), switching);
-    Ok(resp.map(ProxyBody::Upstream))
+    Ok(resp.map(|b| ProxyBody::Upstream(b, None)))
 }

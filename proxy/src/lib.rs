@@ -9,6 +9,7 @@
 //! status and a `tern-error` reason. Config arrives through [`reload`] into
 //! [`state::Shared`]; [`admin`] and [`metrics`] make it all visible.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod body;

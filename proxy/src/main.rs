@@ -34,6 +34,14 @@ struct Args {
     /// How long SIGTERM waits for requests in flight (e.g. 30s, 500ms).
     #[arg(long, env = "TERN_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Request bodies up to this many bytes are buffered so that retries can replay them;
+    /// larger ones are streamed and not retried.
+    #[arg(long, env = "TERN_RETRY_BUFFER", default_value_t = 64 * 1024)]
+    retry_buffer: usize,
+    /// Write one JSON line per request to stdout (route, backend, endpoint, status,
+    /// attempts, duration, tern-error).
+    #[arg(long, env = "TERN_ACCESS_LOG")]
+    access_log: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. info or tern_proxy=debug.
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
@@ -66,6 +74,8 @@ fn main() -> ExitCode {
         workers,
         drain_timeout: args.drain_timeout,
         limits: tern_proxy::Limits::default(),
+        retry_buffer: args.retry_buffer,
+        access_log: args.access_log,
     };
     match tern_proxy::run(settings) {
         Ok(()) => ExitCode::SUCCESS,

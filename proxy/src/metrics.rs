@@ -63,6 +63,101 @@ struct VersionLabels {
     version: String,
 }
 
+/// One endpoint of one backend: the labels of its circuit metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub backend_name: Arc<str>,
+    pub endpoint: String,
+    pub zone: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CircuitStateLabels {
+    #[prometheus(flatten)]
+    endpoint: EndpointLabels,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    #[prometheus(flatten)]
+    endpoint: EndpointLabels,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend_name: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OverflowLabels {
+    backend_name: Arc<str>,
+    limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FateLabels {
+    #[prometheus(flatten)]
+    route: RouteLabels,
+    fate: &'static str,
+}
+
+const STATES: [&str; 3] = ["closed", "open", "half_open"];
+
+/// What finally happened to a request, as far as retries go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    SuccessFirstTry,
+    SuccessAfterRetry,
+    RetriesExhausted,
+    BudgetExhausted,
+    NotRetryable,
+    TimedOut,
+}
+
+impl Fate {
+    pub const ALL: [Fate; 6] = [
+        Fate::SuccessFirstTry,
+        Fate::SuccessAfterRetry,
+        Fate::RetriesExhausted,
+        Fate::BudgetExhausted,
+        Fate::NotRetryable,
+        Fate::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fate::SuccessFirstTry => "success_first_try",
+            Fate::SuccessAfterRetry => "success_after_retry",
+            Fate::RetriesExhausted => "retries_exhausted",
+            Fate::BudgetExhausted => "budget_exhausted",
+            Fate::NotRetryable => "not_retryable",
+            Fate::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// Handles of one endpoint's circuit series, resolved when the circuit is created.
+pub struct CircuitMetrics {
+    labels: EndpointLabels,
+    /// closed, open, half_open: 1 for the current state.
+    states: [Gauge; 3],
+    last_trip: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl CircuitMetrics {
+    pub fn set_state(&self, state: &str) {
+        for (name, g) in STATES.iter().zip(&self.states) {
+            g.set(i64::from(*name == state));
+        }
+    }
+
+    pub fn set_last_trip(&self, unix_seconds: f64) {
+        self.last_trip.set(unix_seconds);
+    }
+}
+
 /// Status recorded for a request whose client went away before the response (nginx's
 /// convention).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -72,11 +167,27 @@ pub const CLIENT_CLOSED: u16 = 499;
 pub struct RouteMetrics {
     labels: RouteLabels,
     duration: Histogram,
+    /// By [`Fate`] (in `Fate::ALL` order).
+    fates: [Counter; 6],
+    retries: Counter,
+    body_too_large: Counter,
     /// Counters by status code seen so far: a handful per route.
     counters: std::sync::Mutex<Vec<(u16, Counter)>>,
 }
 
 impl RouteMetrics {
+    pub fn fate(&self, fate: Fate) {
+        self.fates[fate as usize].inc();
+    }
+
+    pub fn retried(&self) {
+        self.retries.inc();
+    }
+
+    pub fn body_too_large(&self) {
+        self.body_too_large.inc();
+    }
+
     fn record(&self, metrics: &Metrics, status: u16, elapsed: Duration) {
         self.duration.observe(elapsed.as_secs_f64());
         let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
@@ -147,6 +258,14 @@ pub struct Metrics {
     connections: Family<DirectionLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     config_info: Family<VersionLabels, Gauge>,
+    fates: Family<FateLabels, Counter>,
+    retries: Family<RouteLabels, Counter>,
+    body_too_large: Family<RouteLabels, Counter>,
+    circuit_state: Family<CircuitStateLabels, Gauge>,
+    circuit_transitions: Family<TransitionLabels, Counter>,
+    circuit_last_trip: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    circuit_refused: Family<BackendLabels, Counter>,
+    overflows: Family<OverflowLabels, Counter>,
 }
 
 /// Latency buckets in seconds: fine below 10 ms where a sidecar hop lives.
@@ -203,6 +322,56 @@ impl Metrics {
             "The config version in force (value 1)",
             config_info.clone(),
         );
+        let fates = Family::<FateLabels, Counter>::default();
+        let retries = Family::<RouteLabels, Counter>::default();
+        let body_too_large = Family::<RouteLabels, Counter>::default();
+        let circuit_state = Family::<CircuitStateLabels, Gauge>::default();
+        let circuit_transitions = Family::<TransitionLabels, Counter>::default();
+        let circuit_last_trip = Family::default();
+        let circuit_refused = Family::<BackendLabels, Counter>::default();
+        let overflows = Family::<OverflowLabels, Counter>::default();
+        registry.register(
+            "tern_retry_fate",
+            "Requests by what retrying did for them: success_first_try, success_after_retry, \
+             retries_exhausted, budget_exhausted, not_retryable, timed_out",
+            fates.clone(),
+        );
+        registry.register(
+            "tern_retries",
+            "Retries sent (attempts after the first)",
+            retries.clone(),
+        );
+        registry.register(
+            "tern_retry_body_too_large",
+            "Requests not retryable because their body exceeds the replay buffer",
+            body_too_large.clone(),
+        );
+        registry.register(
+            "tern_circuit_state",
+            "Circuit state of each endpoint: 1 for its current state (closed, open, half_open)",
+            circuit_state.clone(),
+        );
+        registry.register(
+            "tern_circuit_transitions",
+            "Circuit transitions by reason (consecutive, rate, probe_failed, probe_succeeded)",
+            circuit_transitions.clone(),
+        );
+        registry.register(
+            "tern_circuit_last_trip_timestamp_seconds",
+            "Unix time of the endpoint's last trip",
+            circuit_last_trip.clone(),
+        );
+        registry.register(
+            "tern_circuit_ejections_refused",
+            "Trips not ejected because maxEjectedPercent of the backend was already out",
+            circuit_refused.clone(),
+        );
+        registry.register(
+            "tern_overflow",
+            "Requests refused with 503 overflow, by backend and limit \
+             (connections, pending, requests)",
+            overflows.clone(),
+        );
         // Make the reload counters visible at zero.
         for result in ["applied", "refused"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
@@ -215,7 +384,83 @@ impl Metrics {
             connections,
             reloads,
             config_info,
+            fates,
+            retries,
+            body_too_large,
+            circuit_state,
+            circuit_transitions,
+            circuit_last_trip,
+            circuit_refused,
+            overflows,
         }
+    }
+
+    /// Resolves the series of one endpoint's circuit (created closed).
+    pub fn circuit(
+        &self,
+        backend: &Arc<str>,
+        addr: std::net::SocketAddr,
+        zone: Option<&Arc<str>>,
+    ) -> CircuitMetrics {
+        let labels = EndpointLabels {
+            backend_name: backend.clone(),
+            endpoint: addr.to_string(),
+            zone: zone.cloned().unwrap_or_else(|| Arc::from("")),
+        };
+        let states = STATES.map(|state| {
+            self.circuit_state.get_or_create_owned(&CircuitStateLabels {
+                endpoint: labels.clone(),
+                state,
+            })
+        });
+        CircuitMetrics {
+            last_trip: self.circuit_last_trip.get_or_create_owned(&labels),
+            labels,
+            states,
+        }
+    }
+
+    pub fn circuit_transition(&self, circuit: &CircuitMetrics, reason: &'static str) {
+        self.circuit_transitions
+            .get_or_create(&TransitionLabels {
+                endpoint: circuit.labels.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn circuit_refused(&self, backend: &Arc<str>) {
+        self.circuit_refused
+            .get_or_create(&BackendLabels {
+                backend_name: backend.clone(),
+            })
+            .inc();
+    }
+
+    /// Drops the series of an endpoint that left the config.
+    pub fn forget_circuit(&self, circuit: &CircuitMetrics) {
+        for state in STATES {
+            self.circuit_state.remove(&CircuitStateLabels {
+                endpoint: circuit.labels.clone(),
+                state,
+            });
+        }
+        for reason in ["consecutive", "rate", "probe_failed", "probe_succeeded"] {
+            self.circuit_transitions.remove(&TransitionLabels {
+                endpoint: circuit.labels.clone(),
+                reason,
+            });
+        }
+        self.circuit_last_trip.remove(&circuit.labels);
+    }
+
+    pub fn overflow(&self, backend: &Arc<str>, limit: &'static str) {
+        self.overflows
+            .get_or_create(&OverflowLabels {
+                backend_name: backend.clone(),
+                limit,
+            })
+            .inc();
     }
 
     pub fn record_request(&self, route: &RouteLabels, status: u16, elapsed: Duration) {
@@ -234,6 +479,14 @@ impl Metrics {
     pub fn route(&self, labels: RouteLabels) -> RouteMetrics {
         RouteMetrics {
             duration: self.durations.get_or_create_owned(&labels),
+            fates: Fate::ALL.map(|fate| {
+                self.fates.get_or_create_owned(&FateLabels {
+                    route: labels.clone(),
+                    fate: fate.as_str(),
+                })
+            }),
+            retries: self.retries.get_or_create_owned(&labels),
+            body_too_large: self.body_too_large.get_or_create_owned(&labels),
             labels,
             counters: std::sync::Mutex::default(),
         }

@@ -1,33 +1,49 @@
 //! The outbound pipeline: what the application sends through its sidecar.
 //!
-//! route (one snapshot load) -> request filters -> timeouts -> balancer -> pool ->
-//! upstream; any error climbs back to `rescue` and becomes a response.
+//! route (one snapshot load) -> request filters -> request timeout -> retry loop {
+//! endpoint pick (balancer + circuit breakers) -> per-try timeout -> limits -> pool ->
+//! upstream } -> response. Any error climbs back to `rescue` and becomes a response.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tern_config::snapshot::{Backend, Protocol, Timeouts};
+use tern_config::snapshot::{Backend, Protocol, Rule};
+use tokio::time::Instant;
 
-use crate::body::ProxyBody;
+use crate::access_log::{Entry, Trace};
+use crate::balance::{BackendState, PickError};
+use crate::body::{ProxyBody, RequestBody};
 use crate::headers;
-use crate::metrics::{Direction, RequestRecorder, RouteLabels};
-use crate::policy;
+use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics};
+use crate::policy::limits::Limit;
+use crate::policy::retry::{self, Buffered, Replay};
+use crate::policy::timeout::cap;
 use crate::rescue::ProxyError;
 use crate::route;
 use crate::state::Active;
-use crate::upstream::{self, UpstreamError, pool::PooledBody};
+use crate::upstream::{self, Admission, SendError, UpstreamError, pool::PooledBody};
 use crate::worker::Worker;
+
+/// Response header with the number of attempts a request took (when its route retries).
+pub const TERN_ATTEMPTS: &str = "tern-attempts";
 
 pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut recorder = RequestRecorder::new(
         &worker.shared.metrics,
         worker.unrouted(Direction::Outbound, &worker.empty),
     );
+    let entry = worker
+        .shared
+        .settings
+        .access_log
+        .then(|| Entry::start(&req));
+    let mut trace = Trace::default();
     // The one snapshot load of this request: every step below uses this version.
-    let resp = match worker.shared.active.load_full() {
+    let mut resp = match worker.shared.active.load_full() {
         None => ProxyError::NotReady.into_response(),
-        Some(active) => match serve(worker, &active, req, &mut recorder).await {
+        Some(active) => match serve(worker, &active, req, &mut recorder, &mut trace).await {
             Ok(resp) => resp,
             Err(err) => {
                 tracing::debug!(error = %err, "outbound request failed");
@@ -35,6 +51,13 @@ pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBo
             }
         },
     };
+    if trace.retry_policy || trace.attempts > 1 {
+        resp.headers_mut()
+            .insert(TERN_ATTEMPTS, HeaderValue::from(trace.attempts));
+    }
+    if let Some(entry) = entry {
+        entry.write(Direction::Outbound, &trace, &resp);
+    }
     recorder.finish(resp.status().as_u16());
     resp
 }
@@ -44,9 +67,11 @@ async fn serve(
     active: &Arc<Active>,
     mut req: Request<Incoming>,
     recorder: &mut RequestRecorder<'_>,
+    trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let routed = route::route(active, &req, &worker.shared.settings.namespace)?;
     let rule = routed.matched.rule;
+    trace.route = Some(rule.route.clone());
     let Some(backend) = route::pick_backend(rule) else {
         let labels = &mut recorder.labels;
         labels.parent_name = active.parent_label(routed.parent);
@@ -54,29 +79,57 @@ async fn serve(
         labels.route_rule = rule.rule_index as u32;
         return Err(ProxyError::NoEndpoints(labels.parent_name.clone()));
     };
+    trace.backend = Some(backend.name.clone());
+    trace.retry_policy = rule.retry.is_some();
     // Metric handles resolved once per worker, route, rule and backend.
     let key = (
         Arc::as_ptr(routed.parent) as usize,
         Arc::as_ptr(rule) as usize,
         backend.index,
     );
-    recorder.route = Some(worker.route_metrics(active, key, || RouteLabels {
+    let metrics = worker.route_metrics(active, key, || RouteLabels {
         direction: Direction::Outbound,
         parent_name: active.parent_label(routed.parent),
         route_name: rule.route.clone(),
         route_rule: rule.rule_index as u32,
         backend_name: backend.name.clone(),
-    }));
+    });
+    recorder.route = Some(metrics.clone());
 
     route::apply_request_filters(&mut req, rule, routed.matched.prefix)?;
     let upgrade = headers::is_upgrade(&req);
     headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+    let state = active
+        .balancer
+        .backend(backend.index)
+        .ok_or_else(|| ProxyError::NoEndpoints(backend.name.clone()))?;
 
-    let attempt = forward(worker, active, backend, req, upgrade);
-    let mut resp = if rule.timeouts == Timeouts::default() {
-        attempt.await?
+    let mut resp = if upgrade {
+        Box::pin(forward_upgrade(worker, backend, state, req, trace)).await?
     } else {
-        policy::timeout::run(rule.timeouts, attempt).await?
+        let mut fate = None;
+        let deadline = rule.timeouts.request.map(|d| Instant::now() + d);
+        let attempts = Attempts {
+            worker,
+            rule,
+            backend,
+            state,
+            metrics: &metrics,
+            deadline,
+        };
+        let result = cap(
+            rule.timeouts.request,
+            ProxyError::RequestTimeout,
+            attempts.run(req, trace, &mut fate),
+        )
+        .await;
+        if let Err(ProxyError::RequestTimeout(_)) = result {
+            fate = Some(Fate::TimedOut);
+        }
+        if let Some(fate) = fate {
+            metrics.fate(fate);
+        }
+        result?
     };
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -84,37 +137,286 @@ async fn serve(
     if !rule.response_headers.is_empty() {
         rule.response_headers.apply(resp.headers_mut());
     }
-    Ok(resp.map(ProxyBody::Upstream))
+    Ok(resp)
 }
 
-async fn forward(
+/// Why an attempt failed before a response.
+enum Failure {
+    Send(SendError),
+    /// The per-try timeout (`backendRequest`) expired.
+    Timeout(std::time::Duration),
+}
+
+/// The retry loop of one request.
+struct Attempts<'a> {
+    worker: &'a Worker,
+    rule: &'a Rule,
+    backend: &'a Backend,
+    state: &'a BackendState,
+    metrics: &'a RouteMetrics,
+    /// When the request timeout expires: no retry waits past it.
+    deadline: Option<Instant>,
+}
+
+impl Attempts<'_> {
+    async fn run(
+        &self,
+        mut req: Request<Incoming>,
+        trace: &mut Trace,
+        fate: &mut Option<Fate>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let shared = &self.worker.shared;
+        let policy = &self.backend.policy;
+        let clock = shared.clock;
+        let Some(slot) = self
+            .state
+            .limits
+            .acquire(Limit::Requests, policy.limits.max_requests)
+        else {
+            *fate = Some(Fate::NotRetryable);
+            return Err(self.overflow(Limit::Requests, policy.limits.max_requests));
+        };
+        self.state.budget.deposit(clock.now_ms());
+        let protocol = self.backend.protocol;
+        headers::for_upstream(&mut req, protocol)?;
+
+        let retry = self.rule.retry.as_ref();
+        // After a request may have reached the upstream, only these may be sent again.
+        let resend_ok =
+            retry.is_some_and(|p| p.non_idempotent || retry::is_idempotent(req.method()));
+        let (replay, mut next): (Option<Replay>, _) = match retry {
+            Some(_) => match retry::buffer(req, shared.settings.retry_buffer)
+                .await
+                .map_err(ProxyError::ClientBody)?
+            {
+                Buffered::Replayable(r) => (Some(r), None),
+                Buffered::TooLarge(r) => {
+                    self.metrics.body_too_large();
+                    (None, Some(r))
+                }
+            },
+            None => (None, Some(req.map(RequestBody::Stream))),
+        };
+        let max_attempts = 1 + retry.map_or(retry::CONNECT_RETRIES, |p| p.attempts);
+        let admission = Admission {
+            counters: &self.state.limits,
+            limits: policy.limits,
+        };
+        let mut avoid = None;
+        loop {
+            trace.attempts += 1;
+            let n = trace.attempts;
+            let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+                // Not reached: a retry is only decided with a request to send.
+                return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
+            };
+            let picked = match self.state.pick(avoid, clock.now_ms()) {
+                Ok(p) => p,
+                Err(err) => {
+                    *fate = Some(if n > 1 {
+                        Fate::RetriesExhausted
+                    } else {
+                        Fate::NotRetryable
+                    });
+                    return Err(match err {
+                        PickError::NoEndpoints => {
+                            ProxyError::NoEndpoints(self.backend.name.clone())
+                        }
+                        PickError::AllEjected => ProxyError::CircuitOpen(self.backend.name.clone()),
+                    });
+                }
+            };
+            let addr = picked.addr();
+            trace.endpoint = Some(addr);
+            let sent = cap(
+                self.rule.timeouts.backend_request,
+                Failure::Timeout,
+                async {
+                    upstream::send(&self.worker.pool, addr, protocol, req, Some(admission))
+                        .await
+                        .map_err(Failure::Send)
+                },
+            )
+            .await;
+            let now = clock.now_ms();
+            // Whether to try again, and after how long; or the fate of the request.
+            let verdict: Result<std::time::Duration, Fate>;
+            let outcome = match sent {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let failed = policy
+                        .circuit_breaker
+                        .failure_status_codes
+                        .contains(&status);
+                    self.state.record(picked, failed, now, &shared.metrics);
+                    let wanted =
+                        retry.is_some_and(|p| retry::wants_retry(p, status, resp.headers()));
+                    if !wanted {
+                        *fate = Some(match (status >= 500, n) {
+                            (true, _) => Fate::NotRetryable,
+                            (false, 1) => Fate::SuccessFirstTry,
+                            (false, _) => Fate::SuccessAfterRetry,
+                        });
+                        return Ok(resp.map(|b| ProxyBody::Upstream(b, Some(slot))));
+                    }
+                    let after = retry::retry_after(resp.headers(), SystemTime::now());
+                    verdict =
+                        self.may_retry(n, max_attempts, resend_ok && replay.is_some(), after, now);
+                    Ok(resp)
+                }
+                Err(Failure::Send(SendError {
+                    error: UpstreamError::Overflow(limit, max),
+                    ..
+                })) => {
+                    // Refused here, not by the endpoint: its circuit learns nothing.
+                    drop(picked);
+                    *fate = Some(Fate::NotRetryable);
+                    return Err(self.overflow(limit, max));
+                }
+                Err(failure) => {
+                    self.state.record(picked, true, now, &shared.metrics);
+                    let (error, returned, reached) = match failure {
+                        Failure::Timeout(limit) => (ProxyError::BackendTimeout(limit), None, true),
+                        Failure::Send(err) => {
+                            let reached = err.reached_upstream();
+                            let error = upstream_error(err.error, self.backend.name.clone(), addr);
+                            (error, err.request, reached)
+                        }
+                    };
+                    let sendable = returned.is_some() || replay.is_some();
+                    let allowed = sendable && (!reached || resend_ok);
+                    verdict = self.may_retry(n, max_attempts, allowed, None, now);
+                    next = returned.map(|r| *r);
+                    Err(error)
+                }
+            };
+            match verdict {
+                Ok(wait) => {
+                    drop(outcome);
+                    self.metrics.retried();
+                    avoid = Some(addr);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                Err(f) => {
+                    *fate = Some(f);
+                    return outcome.map(|resp| resp.map(|b| ProxyBody::Upstream(b, Some(slot))));
+                }
+            }
+        }
+    }
+
+    /// Whether attempt `n` may be followed by another, and the wait before it: allowed by
+    /// the caller, attempts left, a `Retry-After` that is short enough, time left before
+    /// the request timeout, and a retry left in the budget (asked last, as it takes one).
+    fn may_retry(
+        &self,
+        n: u32,
+        max_attempts: u32,
+        allowed: bool,
+        retry_after: Option<std::time::Duration>,
+        now_ms: u64,
+    ) -> Result<std::time::Duration, Fate> {
+        if !allowed {
+            return Err(Fate::NotRetryable);
+        }
+        if n >= max_attempts {
+            return Err(Fate::RetriesExhausted);
+        }
+        let mut wait = self
+            .rule
+            .retry
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |p| retry::backoff(p.backoff, n));
+        if let Some(after) = retry_after {
+            if after > retry::MAX_RETRY_AFTER {
+                return Err(Fate::NotRetryable);
+            }
+            wait = wait.max(after);
+        }
+        if self.deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            return Err(Fate::RetriesExhausted);
+        }
+        if !self.state.budget.try_withdraw(now_ms) {
+            return Err(Fate::BudgetExhausted);
+        }
+        Ok(wait)
+    }
+
+    fn overflow(&self, limit: Limit, max: u32) -> ProxyError {
+        self.worker
+            .shared
+            .metrics
+            .overflow(&self.backend.name, limit.as_str());
+        ProxyError::Overflow {
+            backend: self.backend.name.clone(),
+            limit,
+            max,
+        }
+    }
+}
+
+/// An HTTP/1.1 upgrade (WebSocket): one attempt on a connection of its own, never retried
+/// (the client's side of the tunnel cannot be replayed).
+async fn forward_upgrade(
     worker: &Worker,
-    active: &Active,
     backend: &Backend,
+    state: &BackendState,
     mut req: Request<Incoming>,
-    upgrade: bool,
-) -> Result<Response<PooledBody>, ProxyError> {
-    let addr = active
-        .balancer
-        .pick(backend.index)
-        .ok_or_else(|| ProxyError::NoEndpoints(backend.name.clone()))?;
-    // Upgrades are an HTTP/1.1 mechanism: they get an HTTP/1.1 connection of their own.
-    let protocol = if upgrade {
-        Protocol::Http1
-    } else {
-        backend.protocol
+    trace: &mut Trace,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let shared = &worker.shared;
+    let policy = &backend.policy;
+    let overflow = |limit: Limit, max| {
+        shared.metrics.overflow(&backend.name, limit.as_str());
+        ProxyError::Overflow {
+            backend: backend.name.clone(),
+            limit,
+            max,
+        }
     };
-    headers::for_upstream(&mut req, protocol)?;
-    let sent = if upgrade {
-        Box::pin(upstream::send_upgrade(&worker.pool, addr, req)).await
-    } else {
-        upstream::send(&worker.pool, addr, protocol, req).await
+    let slot = state
+        .limits
+        .acquire(Limit::Requests, policy.limits.max_requests)
+        .ok_or_else(|| overflow(Limit::Requests, policy.limits.max_requests))?;
+    let picked = state
+        .pick(None, shared.clock.now_ms())
+        .map_err(|err| match err {
+            PickError::NoEndpoints => ProxyError::NoEndpoints(backend.name.clone()),
+            PickError::AllEjected => ProxyError::CircuitOpen(backend.name.clone()),
+        })?;
+    let addr = picked.addr();
+    trace.attempts = 1;
+    trace.endpoint = Some(addr);
+    headers::for_upstream(&mut req, Protocol::Http1)?;
+    let admission = Admission {
+        counters: &state.limits,
+        limits: policy.limits,
     };
-    sent.map_err(|err| upstream_error(err, backend.name.clone(), addr))
+    let sent: Result<Response<PooledBody>, UpstreamError> =
+        upstream::send_upgrade(&worker.pool, addr, req, Some(admission)).await;
+    let now = shared.clock.now_ms();
+    match sent {
+        Ok(resp) => {
+            let failed = policy
+                .circuit_breaker
+                .failure_status_codes
+                .contains(&resp.status().as_u16());
+            state.record(picked, failed, now, &shared.metrics);
+            Ok(resp.map(|b| ProxyBody::Upstream(b, Some(slot))))
+        }
+        Err(UpstreamError::Overflow(limit, max)) => Err(overflow(limit, max)),
+        Err(err) => {
+            state.record(picked, true, now, &shared.metrics);
+            Err(upstream_error(err, backend.name.clone(), addr))
+        }
+    }
 }
 
 /// Maps a failed attempt to the error a user sees: could not connect (502
-/// `connect-failed`) or the upstream broke the exchange (502 `upstream-failed`).
+/// `connect-failed`), the upstream broke the exchange (502 `upstream-failed`), or a
+/// backend limit is full (503 `overflow`).
 pub fn upstream_error(
     err: UpstreamError,
     backend: std::sync::Arc<str>,
@@ -130,6 +432,11 @@ pub fn upstream_error(
             backend,
             addr,
             source,
+        },
+        UpstreamError::Overflow(limit, max) => ProxyError::Overflow {
+            backend,
+            limit,
+            max,
         },
     }
 }

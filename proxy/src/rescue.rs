@@ -10,6 +10,7 @@ use http::{HeaderValue, Response, StatusCode};
 use tern_config::snapshot::LookupError;
 
 use crate::body::ProxyBody;
+use crate::policy::limits::Limit;
 
 /// The response header that carries the reason of a proxy-generated error.
 pub const TERN_ERROR: &str = "tern-error";
@@ -53,15 +54,30 @@ pub enum ProxyError {
     BackendTimeout(Duration),
     #[error("the proxy has no valid configuration yet")]
     NotReady,
+    #[error("backend {backend} is at its {} limit ({max})", .limit.field())]
+    Overflow {
+        backend: Arc<str>,
+        limit: Limit,
+        max: u32,
+    },
+    #[error("every endpoint of {0} is ejected (circuit open)")]
+    CircuitOpen(Arc<str>),
+    #[error("reading the request body: {0}")]
+    ClientBody(#[source] hyper::Error),
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingAuthority | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MissingAuthority
+            | ProxyError::BadRequest(_)
+            | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnknownService(_) | ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoints(_) | ProxyError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints(_)
+            | ProxyError::NotReady
+            | ProxyError::Overflow { .. }
+            | ProxyError::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -72,7 +88,9 @@ impl ProxyError {
     /// A stable, machine-readable code: the first word of the `tern-error` header.
     pub fn code(&self) -> &'static str {
         match self {
-            ProxyError::MissingAuthority | ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::MissingAuthority
+            | ProxyError::BadRequest(_)
+            | ProxyError::ClientBody(_) => "bad-request",
             ProxyError::HeadTooLarge(_) => "headers-too-large",
             ProxyError::UnknownService(_) => "unknown-service",
             ProxyError::NoRoute { .. } => "no-route",
@@ -82,6 +100,8 @@ impl ProxyError {
             ProxyError::RequestTimeout(_) => "request-timeout",
             ProxyError::BackendTimeout(_) => "backend-timeout",
             ProxyError::NotReady => "not-ready",
+            ProxyError::Overflow { .. } => "overflow",
+            ProxyError::CircuitOpen(_) => "circuit-open",
         }
     }
 

@@ -422,6 +422,8 @@ mod size_tests {
             workers: 1,
             drain_timeout: Duration::from_secs(1),
             limits: Limits::default(),
+            retry_buffer: 64 * 1024,
+            access_log: false,
         };
         let worker = Worker::new(crate::Shared::new(settings));
         let (_tx, rx) = watch::channel(false);

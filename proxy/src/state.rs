@@ -13,8 +13,9 @@ use arc_swap::ArcSwapOption;
 use tern_config::Snapshot;
 use tern_config::snapshot::ServicePort;
 
-use crate::balance::round_robin::RoundRobin;
+use crate::balance::Balancer;
 use crate::metrics::Metrics;
+use crate::policy::breaker::Clock;
 
 /// The sidecar's settings, from flags and environment.
 #[derive(Debug, Clone)]
@@ -29,12 +30,17 @@ pub struct Settings {
     pub workers: usize,
     pub drain_timeout: Duration,
     pub limits: crate::server::Limits,
+    /// Request bodies up to this size are buffered so that a retry can replay them.
+    pub retry_buffer: usize,
+    /// Write one JSON line per request to stdout.
+    pub access_log: bool,
 }
 
 /// A compiled snapshot plus the per-version lookup tables built from it.
 pub struct Active {
     pub snapshot: Arc<Snapshot>,
-    pub balancer: RoundRobin,
+    /// Per-backend runtime state (circuits, limits, budgets), carried across versions.
+    pub balancer: Balancer,
     /// `parent_name` metric labels (`ns/name:port`), keyed by the address of the
     /// `ServicePort` inside `snapshot` (stable: the snapshot is immutable and kept alive
     /// by this struct), so a request does not format a label.
@@ -42,8 +48,14 @@ pub struct Active {
 }
 
 impl Active {
-    pub fn new(snapshot: Snapshot) -> Self {
-        let balancer = RoundRobin::new(&snapshot);
+    /// Builds the tables for `snapshot`, taking over the runtime state of `previous`.
+    pub fn new(
+        snapshot: Snapshot,
+        previous: Option<&Active>,
+        metrics: &Metrics,
+        clock: Clock,
+    ) -> Self {
+        let balancer = Balancer::new(&snapshot, previous.map(|p| &p.balancer), metrics, clock);
         let mut parent_labels = FxHashMap::default();
         for svc in snapshot.services.values() {
             for sp in &svc.ports {
@@ -72,6 +84,10 @@ pub struct Shared {
     pub settings: Settings,
     pub active: ArcSwapOption<Active>,
     pub metrics: Metrics,
+    /// The clock circuits and budgets count time on.
+    pub clock: Clock,
+    /// Serialises snapshot installs, so that each new version takes over from the last.
+    installing: std::sync::Mutex<()>,
     draining: AtomicBool,
 }
 
@@ -81,6 +97,8 @@ impl Shared {
             settings,
             active: ArcSwapOption::empty(),
             metrics: Metrics::new(),
+            clock: Clock::new(),
+            installing: std::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
         })
     }
@@ -88,13 +106,16 @@ impl Shared {
     /// Installs a new snapshot unless it has the version already in force. Requests in
     /// flight keep the `Arc<Active>` they loaded and finish on their version.
     pub fn apply(&self, snapshot: Snapshot) -> bool {
-        if let Some(current) = self.active.load().as_ref()
+        let _installing = self.installing.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.active.load_full();
+        if let Some(current) = &current
             && current.snapshot.version == snapshot.version
         {
             return false;
         }
         self.metrics.config_version(&snapshot.version);
-        self.active.store(Some(Arc::new(Active::new(snapshot))));
+        let active = Active::new(snapshot, current.as_deref(), &self.metrics, self.clock);
+        self.active.store(Some(Arc::new(active)));
         true
     }
 

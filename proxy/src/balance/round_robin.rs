@@ -1,60 +1,30 @@
-//! Round robin over the ready endpoints of each backend.
-//!
-//! Built once per config change: the ready endpoints of every backend are collected up
-//! front so a pick is one atomic increment and an index, whatever the endpoint count.
+//! Round robin: one shared cursor per backend, so a pick is an atomic increment and, when
+//! some endpoints are ejected, a short walk to the next admitted one.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tern_config::Snapshot;
-
-pub struct RoundRobin {
-    /// Ready endpoint addresses, indexed by `Backend::index`.
-    ready: Vec<Box<[SocketAddr]>>,
-    cursors: Box<[AtomicUsize]>,
-}
-
-impl RoundRobin {
-    pub fn new(snapshot: &Snapshot) -> Self {
-        let ready: Vec<Box<[SocketAddr]>> = snapshot
-            .backends
-            .iter()
-            .map(|b| {
-                b.endpoints
-                    .iter()
-                    .filter(|e| e.ready)
-                    .map(|e| e.addr)
-                    .collect()
-            })
-            .collect();
-        // Start each backend at a random offset so that sidecars restarted together do
-        // not all hit the first endpoint first.
-        let cursors = ready
-            .iter()
-            .map(|r| {
-                AtomicUsize::new(if r.is_empty() {
-                    0
-                } else {
-                    fastrand::usize(..r.len())
-                })
-            })
-            .collect();
-        RoundRobin { ready, cursors }
+/// Walks at most `n` positions from the cursor and returns the first index `admit`
+/// accepts, with what it returned.
+pub fn next<T>(
+    cursor: &AtomicUsize,
+    n: usize,
+    mut admit: impl FnMut(usize) -> Option<T>,
+) -> Option<(usize, T)> {
+    if n == 0 {
+        return None;
     }
-
-    /// The next ready endpoint of backend `index`, or `None` when it has none.
-    pub fn pick(&self, index: usize) -> Option<SocketAddr> {
-        let ready = self.ready.get(index)?;
-        if ready.is_empty() {
-            return None;
+    let start = cursor.fetch_add(1, Ordering::Relaxed);
+    for k in 0..n {
+        let i = start.wrapping_add(k) % n;
+        if let Some(t) = admit(i) {
+            if k > 0 {
+                // Skip what was passed over, so the next pick does not walk it again.
+                cursor.fetch_add(k, Ordering::Relaxed);
+            }
+            return Some((i, t));
         }
-        let n = self.cursors[index].fetch_add(1, Ordering::Relaxed);
-        Some(ready[n % ready.len()])
     }
-
-    pub fn ready_count(&self, index: usize) -> usize {
-        self.ready.get(index).map_or(0, |r| r.len())
-    }
+    None
 }
 
 #[cfg(test)]
@@ -62,21 +32,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cycles_ready_endpoints_only() {
-        let rr = RoundRobin {
-            ready: vec![
-                vec![
-                    "127.0.0.1:1".parse().unwrap(),
-                    "127.0.0.1:2".parse().unwrap(),
-                ]
-                .into(),
-                Box::new([]),
-            ],
-            cursors: vec![AtomicUsize::new(0), AtomicUsize::new(0)].into(),
-        };
-        let picks: Vec<u16> = (0..4).map(|_| rr.pick(0).unwrap().port()).collect();
-        assert_eq!(picks, [1, 2, 1, 2]);
-        assert_eq!(rr.pick(1), None);
-        assert_eq!(rr.pick(7), None);
+    fn cycles_and_skips_refused_positions() {
+        let cursor = AtomicUsize::new(0);
+        let picks: Vec<usize> = (0..4).map(|_| next(&cursor, 2, Some).unwrap().0).collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
+        let cursor = AtomicUsize::new(0);
+        let picks: Vec<usize> = (0..4)
+            .map(|_| next(&cursor, 3, |i| (i != 1).then_some(())).unwrap().0)
+            .collect();
+        assert_eq!(picks, [0, 2, 0, 2]);
+        assert!(next(&cursor, 3, |_| None::<()>).is_none());
+        assert!(next(&cursor, 0, |_| Some(())).is_none());
     }
 }

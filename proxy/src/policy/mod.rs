@@ -1,4 +1,10 @@
-//! Per-request policies, one file each. The resilience and load-shedding work adds
-//! retries, budgets, circuit breakers, rate limits and concurrency limits beside these.
+//! Per-request policies, one file each, in the order a request meets them: timeouts,
+//! retries (with their budget), then, per attempt, limits and the endpoint's circuit
+//! breaker. Rate limits and concurrency limits come beside these.
 
+pub mod breaker;
+pub mod limits;
+pub mod retry;
+pub mod retry_budget;
 pub mod timeout;
+pub mod window;

@@ -1,38 +1,33 @@
 //! Timeouts (Gateway API `timeouts`): `request` caps the whole exchange up to the
-//! response headers, `backendRequest` caps one attempt at a backend. Expiry is a 504.
+//! response headers, every attempt and backoff included; `backendRequest` caps one
+//! attempt at a backend. Expiry is a 504 that names which of the two fired, so a user can
+//! tell which setting to change.
 
 use std::future::Future;
+use std::time::Duration;
 
-use tern_config::snapshot::Timeouts;
-
-use crate::rescue::ProxyError;
-
-/// Runs one attempt under both timeouts. The tighter one fires first and names itself in
-/// the error, so a user can tell which setting to change.
-pub async fn run<F, T>(timeouts: Timeouts, attempt: F) -> Result<T, ProxyError>
+/// Runs `fut` for at most `limit` (no limit: as long as it takes); on expiry, the error
+/// `expired` makes from the limit.
+pub async fn cap<F, T, E>(
+    limit: Option<Duration>,
+    expired: fn(Duration) -> E,
+    fut: F,
+) -> Result<T, E>
 where
-    F: Future<Output = Result<T, ProxyError>>,
+    F: Future<Output = Result<T, E>>,
 {
-    let attempt = async {
-        match timeouts.backend_request {
-            Some(limit) => tokio::time::timeout(limit, attempt)
-                .await
-                .unwrap_or(Err(ProxyError::BackendTimeout(limit))),
-            None => attempt.await,
-        }
-    };
-    match timeouts.request {
-        Some(limit) => tokio::time::timeout(limit, attempt)
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, fut)
             .await
-            .unwrap_or(Err(ProxyError::RequestTimeout(limit))),
-        None => attempt.await,
+            .unwrap_or_else(|_| Err(expired(limit))),
+        None => fut.await,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::rescue::ProxyError;
 
     async fn slow() -> Result<u8, ProxyError> {
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -40,28 +35,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn backend_timeout_fires_first() {
-        let t = Timeouts {
-            request: Some(Duration::from_secs(10)),
-            backend_request: Some(Duration::from_secs(2)),
-        };
-        let err = run(t, slow()).await.unwrap_err();
+    async fn the_tighter_timeout_fires_and_names_itself() {
+        let per_try = cap(
+            Some(Duration::from_secs(2)),
+            ProxyError::BackendTimeout,
+            slow(),
+        );
+        let err = cap(
+            Some(Duration::from_secs(10)),
+            ProxyError::RequestTimeout,
+            per_try,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ProxyError::BackendTimeout(d) if d == Duration::from_secs(2)));
-    }
 
-    #[tokio::test(start_paused = true)]
-    async fn request_timeout_caps_everything() {
-        let t = Timeouts {
-            request: Some(Duration::from_secs(1)),
-            backend_request: None,
-        };
-        let err = run(t, slow()).await.unwrap_err();
+        let err = cap(
+            Some(Duration::from_secs(1)),
+            ProxyError::RequestTimeout,
+            slow(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ProxyError::RequestTimeout(_)));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn no_timeouts_waits() {
-        let r = run(Timeouts::default(), async { Ok::<_, ProxyError>(7) }).await;
-        assert_eq!(r.unwrap(), 7);
+    async fn no_limit_waits() {
+        let r = cap(None, ProxyError::RequestTimeout, async {
+            Ok::<_, ProxyError>(7)
+        });
+        assert_eq!(r.await.unwrap(), 7);
     }
 }

@@ -12,6 +12,10 @@ use hyper_util::rt::TokioIo;
 use tern_config::snapshot::Protocol;
 
 use pool::{Pool, PooledBody};
+use tern_config::snapshot::Limits;
+
+use crate::body::RequestBody;
+use crate::policy::limits::{Counters, Limit, Slot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -21,25 +25,95 @@ pub enum UpstreamError {
     Handshake(#[source] hyper::Error),
     #[error("{0}")]
     Request(#[source] hyper::Error),
+    /// A backend limit (connections or pending requests) is full: (limit, its maximum).
+    #[error("{limit} limit of {max} reached", limit = .0.as_str(), max = .1)]
+    Overflow(Limit, u32),
 }
 
-/// Sends `req` (already rewritten for `protocol`) to `addr`.
+/// A failed send, with the request when it never left (so it can go elsewhere as is).
+pub struct SendError {
+    pub error: UpstreamError,
+    /// Boxed: failures are rare, and the `Result` of every send stays small.
+    pub request: Option<Box<Request<RequestBody>>>,
+}
+
+impl SendError {
+    fn new(error: UpstreamError, request: Option<Request<RequestBody>>) -> Self {
+        SendError {
+            error,
+            request: request.map(Box::new),
+        }
+    }
+
+    /// Whether the upstream may have seen (part of) the request. Connect and handshake
+    /// failures, requests handed back unsent and HTTP/2 streams the server refused
+    /// (REFUSED_STREAM: not processed, RFC 9113 section 8.7) never reached it.
+    pub fn reached_upstream(&self) -> bool {
+        match &self.error {
+            UpstreamError::Connect(_)
+            | UpstreamError::Handshake(_)
+            | UpstreamError::Overflow(..) => false,
+            UpstreamError::Request(err) => self.request.is_none() && !is_refused_stream(err),
+        }
+    }
+}
+
+fn is_refused_stream(err: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The backend limits a send must respect: connections and pending requests.
+#[derive(Clone, Copy)]
+pub struct Admission<'a> {
+    pub counters: &'a Arc<Counters>,
+    pub limits: Limits,
+}
+
+impl Admission<'_> {
+    pub(crate) fn acquire(&self, limit: Limit) -> Result<Slot, UpstreamError> {
+        let max = limit.max(&self.limits);
+        self.counters
+            .acquire(limit, max)
+            .ok_or(UpstreamError::Overflow(limit, max))
+    }
+}
+
+/// Sends `req` (already rewritten for `protocol`) to `addr`. `admission`: the backend's
+/// limits, when it has any (the local application has none).
 pub async fn send(
     pool: &Arc<Pool>,
     addr: SocketAddr,
     protocol: Protocol,
-    req: Request<Incoming>,
-) -> Result<Response<PooledBody>, UpstreamError> {
+    req: Request<RequestBody>,
+    admission: Option<Admission<'_>>,
+) -> Result<Response<PooledBody>, SendError> {
     match protocol {
-        Protocol::Http1 => send_h1(pool, addr, req).await,
+        Protocol::Http1 => send_h1(pool, addr, req, admission).await,
         Protocol::H2c => {
-            let mut sender = pool.h2(addr).await?;
-            sender.ready().await.map_err(UpstreamError::Request)?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(UpstreamError::Request)?;
-            Ok(resp.map(PooledBody::new))
+            let mut sender = match pool.h2(addr, admission).await {
+                Ok(s) => s,
+                Err(err) => return Err(SendError::new(err, Some(req))),
+            };
+            if let Err(err) = sender.ready().await {
+                return Err(SendError::new(UpstreamError::Request(err), Some(req)));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => Ok(resp.map(PooledBody::new)),
+                Err(mut err) => {
+                    let req = err.take_message();
+                    Err(SendError::new(
+                        UpstreamError::Request(err.into_error()),
+                        req,
+                    ))
+                }
+            }
         }
     }
 }
@@ -47,23 +121,28 @@ pub async fn send(
 async fn send_h1(
     pool: &Arc<Pool>,
     addr: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Result<Response<PooledBody>, UpstreamError> {
+    mut req: Request<RequestBody>,
+    admission: Option<Admission<'_>>,
+) -> Result<Response<PooledBody>, SendError> {
     loop {
         let (mut sender, reused) = match pool.take_h1(addr) {
             Some(s) => (s, true),
             // Boxed: connecting is the cold path, and its large state would otherwise be
             // moved around with every request's future.
-            None => (Box::pin(pool.connect_h1(addr, false)).await?, false),
+            None => match Box::pin(pool.connect_h1(addr, false, admission)).await {
+                Ok(s) => (s, false),
+                Err(err) => return Err(SendError::new(err, Some(req))),
+            },
         };
         if sender.ready().await.is_err() {
             if reused {
                 continue;
             }
-            return Err(UpstreamError::Connect(std::io::Error::new(
+            let closed = std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
                 "connection closed before the request was sent",
-            )));
+            );
+            return Err(SendError::new(UpstreamError::Connect(closed), Some(req)));
         }
         match sender.try_send_request(req).await {
             Ok(resp) => {
@@ -72,7 +151,7 @@ async fn send_h1(
             Err(mut err) => match err.take_message() {
                 // The request never left: a pooled connection died while idle. Try again.
                 Some(r) if reused => req = r,
-                _ => return Err(UpstreamError::Request(err.into_error())),
+                r => return Err(SendError::new(UpstreamError::Request(err.into_error()), r)),
             },
         }
     }
@@ -85,9 +164,11 @@ pub async fn send_upgrade(
     pool: &Arc<Pool>,
     addr: SocketAddr,
     mut req: Request<Incoming>,
+    admission: Option<Admission<'_>>,
 ) -> Result<Response<PooledBody>, UpstreamError> {
     let client = hyper::upgrade::on(&mut req);
-    let mut sender = pool.connect_h1(addr, true).await?;
+    let req = req.map(RequestBody::Stream);
+    let mut sender = pool.connect_h1(addr, true, admission).await?;
     let mut resp = sender
         .send_request(req)
         .await

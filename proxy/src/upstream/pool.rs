@@ -18,10 +18,12 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::UpstreamError;
+use super::{Admission, UpstreamError};
+use crate::body::RequestBody;
+use crate::policy::limits::{Limit, Slot};
 
-pub type H1Sender = http1::SendRequest<Incoming>;
-pub type H2Sender = http2::SendRequest<Incoming>;
+pub type H1Sender = http1::SendRequest<RequestBody>;
+pub type H2Sender = http2::SendRequest<RequestBody>;
 
 /// Idle HTTP/1.1 connections older than this are closed rather than reused: most servers
 /// time idle keep-alive connections out after 60-75 s, and reusing one that the server is
@@ -102,11 +104,14 @@ impl Pool {
         }
     }
 
+    /// A new HTTP/1.1 connection, within the backend's limits when `admission` is given.
     pub async fn connect_h1(
         &self,
         addr: SocketAddr,
         upgrades: bool,
+        admission: Option<Admission<'_>>,
     ) -> Result<H1Sender, UpstreamError> {
+        let (_pending, slot) = connecting_slots(admission)?;
         let io = TokioIo::new(self.connect_tcp(addr).await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
@@ -115,17 +120,23 @@ impl Pool {
         if upgrades {
             tokio::spawn(async move {
                 let _ = conn.with_upgrades().await;
+                drop(slot);
             });
         } else {
             tokio::spawn(async move {
                 let _ = conn.await;
+                drop(slot);
             });
         }
         Ok(sender)
     }
 
     /// The shared HTTP/2 connection to `addr`, connecting if there is none open.
-    pub async fn h2(&self, addr: SocketAddr) -> Result<H2Sender, UpstreamError> {
+    pub async fn h2(
+        &self,
+        addr: SocketAddr,
+        admission: Option<Admission<'_>>,
+    ) -> Result<H2Sender, UpstreamError> {
         {
             let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = map.get(&addr) {
@@ -135,11 +146,16 @@ impl Pool {
                 map.remove(&addr);
             }
         }
-        Box::pin(self.connect_h2(addr)).await
+        Box::pin(self.connect_h2(addr, admission)).await
     }
 
     /// The cold part of [`Pool::h2`], kept out of the per-request future.
-    async fn connect_h2(&self, addr: SocketAddr) -> Result<H2Sender, UpstreamError> {
+    async fn connect_h2(
+        &self,
+        addr: SocketAddr,
+        admission: Option<Admission<'_>>,
+    ) -> Result<H2Sender, UpstreamError> {
+        let (_pending, slot) = connecting_slots(admission)?;
         let io = TokioIo::new(self.connect_tcp(addr).await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -152,6 +168,7 @@ impl Pool {
             .map_err(UpstreamError::Handshake)?;
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(slot);
         });
         self.h2
             .lock()
@@ -172,6 +189,20 @@ impl Pool {
             .map_err(UpstreamError::Connect)?;
         stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
         Ok(stream)
+    }
+}
+
+/// The slots a new connection takes: a pending-request slot while it connects, and a
+/// connection slot for as long as it lives.
+fn connecting_slots(
+    admission: Option<Admission<'_>>,
+) -> Result<(Option<Slot>, Option<Slot>), UpstreamError> {
+    match admission {
+        Some(a) => Ok((
+            Some(a.acquire(Limit::Pending)?),
+            Some(a.acquire(Limit::Connections)?),
+        )),
+        None => Ok((None, None)),
     }
 }
 
