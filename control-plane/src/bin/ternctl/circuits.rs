@@ -77,7 +77,7 @@ pub struct EndpointCircuit {
 pub struct Recent {
     pub success: u64,
     pub failure: u64,
-    pub interval_seconds: u64,
+    pub interval_seconds: f64,
 }
 
 /// How an endpoint's state is shown.
@@ -220,11 +220,11 @@ pub async fn fetch_raw(admin: SocketAddr, timeout: Duration) -> anyhow::Result<B
 pub struct Unreachable(String);
 
 /// A table cell list with the severity that styles its row.
-type Row = (Severity, Vec<String>);
+pub type Row = (Severity, Vec<String>);
 
 /// Lays out rows in left-aligned columns; each line starts with the row's marker. Rows of
 /// open and half-open endpoints are coloured when `color` is set.
-fn layout(header: &[&str], rows: &[Row], color: bool) -> Vec<String> {
+pub fn layout(header: &[&str], rows: &[Row], color: bool) -> Vec<String> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for (_, cells) in rows {
         for (w, c) in widths.iter_mut().zip(cells) {
@@ -253,6 +253,17 @@ fn layout(header: &[&str], rows: &[Row], color: bool) -> Vec<String> {
         }
     }
     out
+}
+
+/// The breakers' recent window in seconds, if every endpoint reports the same one.
+pub fn recent_interval(c: &Circuits) -> Option<f64> {
+    let mut it = c
+        .backends
+        .iter()
+        .flat_map(|b| &b.endpoints)
+        .filter_map(|e| e.recent.map(|r| r.interval_seconds));
+    let first = it.next()?;
+    it.all(|s| s == first).then_some(first)
 }
 
 /// The `ternctl circuits` table and its notes, at time `now_ms` (Unix milliseconds).
@@ -312,17 +323,9 @@ pub fn render(c: &Circuits, now_ms: u64, color: bool) -> Vec<String> {
             b.max_ejected,
         ));
     }
-    let mut intervals: Vec<u64> = c
-        .backends
-        .iter()
-        .flat_map(|b| &b.endpoints)
-        .filter_map(|e| e.recent.map(|r| r.interval_seconds))
-        .collect();
-    intervals.sort_unstable();
-    intervals.dedup();
-    let window = match intervals.as_slice() {
-        [s] => format!("the last {s}s"),
-        _ => "each breaker's recent window".into(),
+    let window = match recent_interval(c) {
+        Some(s) => format!("the last {s}s"),
+        None => "each breaker's recent window".into(),
     };
     out.push(format!(
         "OK/FAIL: responses over {window}. ! open (ejected), ~ half_open (probing)."
@@ -383,15 +386,15 @@ pub mod tests {
             {"address": "127.0.0.1:15041", "zone": "zone-a", "state": "closed",
              "reason": "probe_succeeded", "since_unix_ms": 1794999892000,
              "next_probe_unix_ms": null, "consecutive_failures": 0, "trips": 1,
-             "recent": {"success": 120, "failure": 0, "interval_seconds": 10}},
+             "recent": {"success": 120, "failure": 0, "interval_seconds": 10.0}},
             {"address": "127.0.0.1:15051", "zone": "zone-b", "state": "half_open",
              "reason": "consecutive", "since_unix_ms": 1795000011500,
              "next_probe_unix_ms": null, "consecutive_failures": 3, "trips": 4,
-             "recent": {"success": 80, "failure": 9, "interval_seconds": 10}},
+             "recent": {"success": 80, "failure": 9, "interval_seconds": 10.0}},
             {"address": "127.0.0.1:15061", "zone": "zone-c", "state": "open",
              "reason": "probe_failed", "since_unix_ms": 1795000000000,
              "next_probe_unix_ms": 1795000014200, "consecutive_failures": 5, "trips": 2,
-             "recent": {"success": 0, "failure": 5, "interval_seconds": 10}}
+             "recent": {"success": 0, "failure": 5, "interval_seconds": 10.0}}
           ]
         },
         {
@@ -402,7 +405,7 @@ pub mod tests {
             {"address": "127.0.0.1:15031", "zone": null, "state": "closed",
              "reason": null, "since_unix_ms": 1794996400000,
              "next_probe_unix_ms": null, "consecutive_failures": 0, "trips": 0,
-             "recent": {"success": 40, "failure": 0, "interval_seconds": 10}}
+             "recent": {"success": 40, "failure": 0, "interval_seconds": 10.0}}
           ]
         }
       ]

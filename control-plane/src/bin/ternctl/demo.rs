@@ -204,17 +204,16 @@ async fn mesh(
         work.display()
     ));
     for slot in plan.slots.iter().filter(|s| s.has_app) {
-        procs.spawn(
-            slot.name,
-            &bins.app,
-            &[
-                "--listen".into(),
-                slot.app.to_string(),
-                "--name".into(),
-                slot.name.into(),
-            ],
-            work,
-        )?;
+        let mut app_args = vec![
+            "--listen".into(),
+            slot.app.to_string(),
+            "--name".into(),
+            slot.name.into(),
+        ];
+        if slot.name == plan::BROKEN {
+            app_args.extend(["--fail-rate".into(), plan::BROKEN_FAIL_RATE.into()]);
+        }
+        procs.spawn(slot.name, &bins.app, &app_args, work)?;
     }
     for slot in &plan.slots {
         procs.spawn(
@@ -353,6 +352,7 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
     let web = plan.slot("web");
     let v1 = plan.slot("checkout-v1");
     let catalog = plan.slot("catalog");
+    let broken = plan.slot(plan::BROKEN);
     let mut out = String::new();
     out.push_str("\nThe Tern demo mesh is up:\n\n");
     out.push_str(&format!(
@@ -366,14 +366,22 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
             "(traffic gen.)".into()
         };
         out.push_str(&format!(
-            "  {:<13} {:<17} {:<17} {:<17} {}\n",
+            "  {:<13} {:<17} {:<17} {:<17} {}{}\n",
             s.name,
             app,
             s.outbound.to_string(),
             s.inbound.to_string(),
-            s.admin
+            s.admin,
+            if s.name == plan::BROKEN {
+                "   <- broken: fails every request"
+            } else {
+                ""
+            }
         ));
     }
+    out.push_str(
+        "\n(the inventory Service has three endpoints: inventory-a, -b and -c, one per zone)\n",
+    );
     let routes = config.dir().join("routes.yaml");
     out.push('\n');
     match config {
@@ -411,6 +419,9 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
          \x20   curl -X POST 'http://{v1}/control?fail=0.5'\n\
          \x20   curl -X POST 'http://{v1}/control?fail=0'\n\
          \x20 Slow catalog down: curl -X POST 'http://{cat}/control?latency_ms=200'\n\
+         \x20 Watch web's circuit breakers eject the broken inventory-c, then heal it:\n\
+         \x20   {me} circuits --admin {wa}\n\
+         \x20   curl -X POST 'http://{bad}/control?fail=0'\n\
          \x20 Shift the canary: edit the weights (90/10) in {routes} and save.\n\
          \x20 Look inside a sidecar: curl http://{wa}/config  (or /metrics)\n\
          Ctrl-C stops everything.\n",
@@ -418,9 +429,19 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
         wa = web.admin,
         v1 = v1.app,
         cat = catalog.app,
+        bad = broken.app,
+        me = ternctl_command(),
         routes = routes.display(),
     ));
     let _ = say(&out);
+}
+
+/// How the user ran ternctl (e.g. `./target/release/ternctl`), to suggest commands.
+fn ternctl_command() -> String {
+    std::env::args()
+        .next()
+        .filter(|a| !a.is_empty() && !a.contains(char::is_whitespace))
+        .unwrap_or_else(|| "ternctl".into())
 }
 
 /// Scrapes every sidecar each second and redraws the summary until the duration expires or a
@@ -444,6 +465,11 @@ async fn live_table(
     let mut reload_state: Vec<(Option<summary::Reloads>, bool)> =
         vec![(None, false); plan.slots.len()];
     let mut drawn = 0usize;
+    let circuits_hint = format!(
+        "All: {} circuits --admin {}",
+        ternctl_command(),
+        plan.slot("web").admin
+    );
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if !tty && say("\n").is_err() {
@@ -457,10 +483,18 @@ async fn live_table(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(Stop::Duration);
         }
-        let scrapes = futures_join_all(plan.slots.iter().map(|s| scrape(s.admin))).await;
+        let web_admin = plan.slot("web").admin;
+        let (scrapes, circuits) = tokio::join!(
+            futures_join_all(plan.slots.iter().map(|s| scrape(s.admin))),
+            crate::circuits::fetch_raw(web_admin, SCRAPE_TIMEOUT),
+        );
+        let circuits: summary::CircuitsView = circuits
+            .and_then(|body| crate::circuits::parse(&body))
+            .map_err(|e| format!("{e:#}"));
         let now = Instant::now();
         let mut views = Vec::new();
         let mut web_routes = None;
+        let mut web_retries = Vec::new();
         let mut web_error = None;
         let mut window_secs = 1.0;
         for ((slot, (history, (last_reloads, refusing))), (version, metrics)) in plan
@@ -495,6 +529,7 @@ async fn live_table(
                         view.inbound = Some(summary::direction_counts(&window, "inbound"));
                         if slot.name == "web" {
                             web_routes = Some(summary::route_rows(&window, "outbound"));
+                            web_retries = summary::retry_rows(&window, "outbound");
                             window_secs = secs;
                         }
                     }
@@ -540,14 +575,19 @@ async fn live_table(
                 procs::log_path(work, &format!("{first}-sidecar")).display()
             ));
         }
-        let lines = summary::render(
-            &header,
-            web_routes.as_deref(),
-            web_error.as_deref(),
+        let lines = summary::render(&summary::Page {
+            header: &header,
+            routes: web_routes.as_deref(),
+            web_error: web_error.as_deref(),
             window_secs,
-            &views,
-            &footer,
-        );
+            retries: &web_retries,
+            circuits: Some(&circuits),
+            now_ms: crate::circuits::now_unix_ms(),
+            color: tty && std::env::var_os("NO_COLOR").is_none(),
+            circuits_hint: &circuits_hint,
+            sidecars: &views,
+            footer: &footer,
+        });
         let mut out = String::new();
         if tty {
             if drawn > 0 {
@@ -579,6 +619,12 @@ fn generator_footer(stats: &Mutex<traffic::GenStats>, rps: u32) -> Vec<String> {
         "traffic generator (web): {} sent, {} ok, {} HTTP errors, {} without an answer",
         s.sent, s.ok, s.http_errors, s.transport_errors
     )];
+    if s.retried > 0 {
+        lines.push(format!(
+            "  {} answers took more than one attempt (tern-attempts > 1)",
+            s.retried
+        ));
+    }
     if s.skipped > 0 {
         lines.push(format!(
             "  {} requests skipped: too many in flight (the mesh is slower than --rps {rps})",

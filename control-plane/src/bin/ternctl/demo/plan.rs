@@ -20,8 +20,23 @@ const APP: u16 = 5;
 const STRIDE: u16 = 10;
 
 /// The demo's apps in port-plan order. `web` has no process of its own: the traffic
-/// generator plays its application and sends through web's sidecar.
-pub const APPS: [&str; 4] = ["web", "checkout-v1", "checkout-v2", "catalog"];
+/// generator plays its application and sends through web's sidecar. The three
+/// `inventory-*` apps are the endpoints of the one `inventory` Service.
+pub const APPS: [&str; 7] = [
+    "web",
+    "checkout-v1",
+    "checkout-v2",
+    "catalog",
+    "inventory-a",
+    "inventory-b",
+    "inventory-c",
+];
+
+/// The broken instance: it starts failing every request (500), so the circuit breaker of
+/// web's sidecar ejects it and the inventory route's retries hide the failures.
+pub const BROKEN: &str = "inventory-c";
+/// The fail rate `BROKEN` starts with (`tern-demo-app --fail-rate`).
+pub const BROKEN_FAIL_RATE: &str = "1";
 
 /// Ports of one app and its sidecar.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +172,7 @@ pub fn rewrite_ports(text: &str, map: &HashMap<u16, u16>) -> String {
 }
 
 /// The example config, compiled in so the demo works from any directory.
-pub const EMBEDDED_EXAMPLE: [(&str, &str); 3] = [
+pub const EMBEDDED_EXAMPLE: [(&str, &str); 4] = [
     (
         "services.yaml",
         include_str!("../../../../../examples/demo/services.yaml"),
@@ -169,6 +184,10 @@ pub const EMBEDDED_EXAMPLE: [(&str, &str); 3] = [
     (
         "routes.yaml",
         include_str!("../../../../../examples/demo/routes.yaml"),
+    ),
+    (
+        "policies.yaml",
+        include_str!("../../../../../examples/demo/policies.yaml"),
     ),
 ];
 
@@ -282,20 +301,23 @@ mod tests {
         assert_eq!(plan.slot("web").outbound.port(), 15000);
         assert_eq!(plan.slot("catalog").inbound.port(), 15031);
         assert!(!plan.slot("web").has_app);
-        // web has no app, so 4*3 + 3 ports, all distinct.
+        assert_eq!(plan.slot(BROKEN).app.port(), 15065);
+        assert_eq!(plan.slot("inventory-a").inbound.port(), 15041);
+        // web has no app, so 7*3 + 6 ports, all distinct.
         let ports = plan.listening_ports();
-        assert_eq!(ports.len(), 15);
+        assert_eq!(ports.len(), 27);
         let mut uniq: Vec<u16> = ports.iter().map(|(p, _)| *p).collect();
         uniq.sort();
         uniq.dedup();
-        assert_eq!(uniq.len(), 15);
+        assert_eq!(uniq.len(), 27);
     }
 
     #[test]
     fn plan_range_is_checked() {
         assert!(PortPlan::new(80).is_err());
         assert!(PortPlan::new(65530).is_err());
-        assert!(PortPlan::new(65535 - 40).is_ok());
+        assert!(PortPlan::new(65535 - 70).is_ok());
+        assert!(PortPlan::new(65535 - 69).is_err());
     }
 
     #[test]
@@ -390,6 +412,44 @@ mod tests {
                 rule.backends.entries[0].1.endpoints[0].addr,
                 inbound("catalog")
             );
+            // inventory: three endpoints in three zones, a retry policy on its route and
+            // the BackendPolicy's quick circuit breaker on its backend.
+            let inventory = snap.resolve("inventory", Some(8080), NAMESPACE).unwrap();
+            let rule = inventory
+                .route(&Method::GET, "/stock/7", None, &HeaderMap::new())
+                .unwrap()
+                .rule;
+            assert_eq!(&*rule.route, "shop/inventory");
+            let retry = rule.retry.as_ref().expect("the inventory route retries");
+            assert_eq!(retry.attempts, 2);
+            assert!(retry.codes.contains(&500), "the demo app fails with 500");
+            let backend = &rule.backends.entries[0].1;
+            let mut eps: Vec<_> = backend
+                .endpoints
+                .iter()
+                .map(|e| (e.addr, e.zone.as_deref().map(str::to_string)))
+                .collect();
+            eps.sort();
+            let zoned = |name: &str, zone: &str| (inbound(name), Some(zone.to_string()));
+            assert_eq!(
+                eps,
+                [
+                    zoned("inventory-a", "zone-a"),
+                    zoned("inventory-b", "zone-b"),
+                    zoned(BROKEN, "zone-c"),
+                ]
+            );
+            let policy = &backend.policy;
+            assert_eq!(
+                policy.source.as_ref().map(|s| s.to_string()).as_deref(),
+                Some("shop/inventory")
+            );
+            let cb = &policy.circuit_breaker;
+            assert_eq!(cb.consecutive_failures, Some(3));
+            assert!(cb.failure_status_codes.contains(&500));
+            assert_eq!(cb.ejection.base, std::time::Duration::from_secs(5));
+            assert_eq!(cb.ejection.max_ejected_percent, 50);
+
             let web = snap.resolve("web", Some(8080), NAMESPACE).unwrap();
             let rule = web
                 .route(&Method::GET, "/", None, &HeaderMap::new())

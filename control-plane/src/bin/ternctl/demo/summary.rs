@@ -1,10 +1,12 @@
 //! The live table: per-route (and per-backend where a route splits) rates, success and
-//! latency as the `web` sidecar sees them, plus each sidecar's config version.
+//! latency as the `web` sidecar sees them, what retries did, web's circuit breakers, and
+//! each sidecar's config version.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::metrics::{self, Sample};
+use crate::circuits::{self, Circuits, Severity};
 
 pub const REQUESTS: &str = "tern_requests_total";
 pub const DURATION: &str = "tern_request_duration_seconds";
@@ -150,6 +152,66 @@ pub fn direction_counts(window: &[Sample], direction: &str) -> Counts {
     c
 }
 
+pub const RETRY_FATES: &str = "tern_retry_fate_total";
+pub const RETRIES: &str = "tern_retries_total";
+
+/// What retrying did for one route's requests over the window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryRow {
+    pub route: String,
+    /// Retries sent (attempts after the first).
+    pub retries: f64,
+    /// Requests by fate (`success_first_try`, `success_after_retry`, ...).
+    pub fates: BTreeMap<String, f64>,
+}
+
+impl RetryRow {
+    fn total(&self) -> f64 {
+        self.fates.values().sum()
+    }
+
+    fn fate(&self, f: &str) -> f64 {
+        self.fates.get(f).copied().unwrap_or(0.0)
+    }
+}
+
+/// Whether `s` is the counter `name` (`..._total`), also as exported without the suffix.
+fn is_counter(s: &Sample, name: &str) -> bool {
+    s.name == name || Some(s.name.as_str()) == name.strip_suffix("_total")
+}
+
+/// Groups `tern_retry_fate_total` and `tern_retries_total` deltas of one direction by
+/// route. Only routes with requests in the window that have a fate (a retry policy) appear.
+pub fn retry_rows(window: &[Sample], direction: &str) -> Vec<RetryRow> {
+    let mut rows: BTreeMap<&str, RetryRow> = BTreeMap::new();
+    let row = |route: &str| RetryRow {
+        route: route.to_string(),
+        retries: 0.0,
+        fates: BTreeMap::new(),
+    };
+    for s in window {
+        if s.labels.get("direction").is_some_and(|d| d != direction) {
+            continue;
+        }
+        let route = label(s, "route_name", "(no route)");
+        if is_counter(s, RETRY_FATES) {
+            let fate = label(s, "fate", "unknown").to_string();
+            *rows
+                .entry(route)
+                .or_insert_with(|| row(route))
+                .fates
+                .entry(fate)
+                .or_default() += s.value;
+        } else if is_counter(s, RETRIES) {
+            rows.entry(route).or_insert_with(|| row(route)).retries += s.value;
+        }
+    }
+    rows.into_values().filter(|r| r.total() > 0.0).collect()
+}
+
+/// Web's circuit breakers at the last scrape: `Err` says why `/circuits` was not there.
+pub type CircuitsView = Result<Circuits, String>;
+
 /// What one sidecar looked like at the last scrape.
 #[derive(Debug, Clone)]
 pub struct SidecarView {
@@ -221,16 +283,158 @@ pub fn short_version(v: &str) -> String {
     v.chars().take(12).collect()
 }
 
-/// Renders the table lines (no trailing newlines). `routes` is `None` until two scrapes
-/// of the web sidecar exist; `web_error` says why web's metrics are missing.
-pub fn render(
-    header: &str,
-    routes: Option<&[RouteRow]>,
-    web_error: Option<&str>,
-    window_secs: f64,
-    sidecars: &[SidecarView],
-    footer: &[String],
-) -> Vec<String> {
+/// Everything one redraw of the live table shows.
+pub struct Page<'a> {
+    pub header: &'a str,
+    /// `None` until two scrapes of the web sidecar exist.
+    pub routes: Option<&'a [RouteRow]>,
+    /// Why web's metrics are missing.
+    pub web_error: Option<&'a str>,
+    pub window_secs: f64,
+    pub retries: &'a [RetryRow],
+    /// `None` before the first scrape.
+    pub circuits: Option<&'a CircuitsView>,
+    /// Unix milliseconds, for "12s ago" and "in 3s".
+    pub now_ms: u64,
+    /// Colour open and half-open circuits (stdout is a terminal).
+    pub color: bool,
+    /// How to see every circuit (`ternctl circuits --admin ...`).
+    pub circuits_hint: &'a str,
+    pub sidecars: &'a [SidecarView],
+    pub footer: &'a [String],
+}
+
+/// The RETRIES section: per route with a retry policy, retries/s and request fates.
+fn render_retries(rows: &[RetryRow], window_secs: f64, out: &mut Vec<String>) {
+    if rows.is_empty() {
+        return;
+    }
+    out.push(String::new());
+    out.push(format!(
+        "{:<44} {:>7} {:>9} {:>11} {:>8}",
+        "RETRIES (routes with a retry policy)", "RETRY/S", "1ST TRY", "AFTER RETRY", "FAILED"
+    ));
+    for r in rows {
+        let total = r.total();
+        let first = r.fate("success_first_try");
+        let after = r.fate("success_after_retry");
+        let pct = |v: f64| format!("{:.1}%", 100.0 * v / total);
+        out.push(format!(
+            "{:<44} {:>7.1} {:>9} {:>11} {:>8}",
+            clip(&r.route, 44),
+            r.retries / window_secs,
+            pct(first),
+            pct(after),
+            pct(total - first - after),
+        ));
+        let failed: Vec<String> = r
+            .fates
+            .iter()
+            .filter(|(f, v)| **v > 0.0 && !f.starts_with("success_"))
+            .map(|(f, v)| format!("{v} {f}"))
+            .collect();
+        if !failed.is_empty() {
+            out.push(format!("  failed: {}", failed.join(", ")));
+        }
+    }
+}
+
+/// The CIRCUITS section, from web's `/circuits`: every endpoint of a backend that has a
+/// BackendPolicy, or that has an endpoint out of rotation or tripped before; the other
+/// backends are summed up in one line.
+fn render_circuits(page: &Page, out: &mut Vec<String>) {
+    out.push(String::new());
+    let c = match page.circuits {
+        None => {
+            out.push("CIRCUITS: (collecting)".into());
+            return;
+        }
+        Some(Err(e)) => {
+            out.push(format!("circuits: unavailable ({})", clip(e, 90)));
+            return;
+        }
+        Some(Ok(c)) => c,
+    };
+    let interesting = |b: &circuits::BackendCircuits| {
+        b.policy.is_some()
+            || b.ejected > 0
+            || b.endpoints
+                .iter()
+                .any(|e| e.trips > 0 || e.severity() != Severity::Closed)
+    };
+    let (shown, rest): (Vec<_>, Vec<_>) = c.backends.iter().partition(|b| interesting(b));
+    let title = "CIRCUITS (web's sidecar)";
+    let header = [
+        title,
+        "ZONE",
+        "STATE",
+        "REASON",
+        "SINCE",
+        "NEXT PROBE",
+        "OK/FAIL",
+        "TRIPS",
+    ];
+    let rows: Vec<circuits::Row> = shown
+        .iter()
+        .flat_map(|b| &b.endpoints)
+        .map(|e| {
+            (
+                e.severity(),
+                vec![
+                    e.address.clone(),
+                    e.zone_label().into(),
+                    e.state_label(),
+                    e.reason_label().into(),
+                    e.since_label(page.now_ms),
+                    e.next_probe_label(page.now_ms),
+                    e.recent_label(),
+                    e.trips.to_string(),
+                ],
+            )
+        })
+        .collect();
+    let mut lines = circuits::layout(&header, &rows, page.color).into_iter();
+    // Rows start with a marker column (`!`, `~`) under the title's first two characters:
+    // move the header's blank marker column after the title, so it starts the line.
+    let head = lines.next().unwrap_or_default();
+    let rest_of_head = head.get(2 + title.len()..).unwrap_or_default();
+    out.push(format!("{title}  {rest_of_head}"));
+    for b in &shown {
+        let policy = match &b.policy {
+            Some(p) => format!("BackendPolicy {p}"),
+            None => "default policy".into(),
+        };
+        out.push(format!(
+            "{}: {} of {} ejected (at most {}), {policy}",
+            b.backend, b.ejected, b.endpoints_total, b.max_ejected
+        ));
+        out.extend(lines.by_ref().take(b.endpoints.len()));
+    }
+    if shown.is_empty() {
+        out.push("  (no backend has a BackendPolicy or a tripped circuit)".into());
+    }
+    let mut note = String::new();
+    if !rest.is_empty() {
+        let endpoints: usize = rest.iter().map(|b| b.endpoints.len()).sum();
+        let _ = write!(
+            note,
+            "{} other backend{} ({endpoints} endpoint{}): all closed. ",
+            rest.len(),
+            if rest.len() == 1 { "" } else { "s" },
+            if endpoints == 1 { "" } else { "s" },
+        );
+    }
+    if let Some(secs) = circuits::recent_interval(c) {
+        let _ = write!(note, "OK/FAIL: last {secs}s. ");
+    }
+    note.push_str(page.circuits_hint);
+    out.push(note);
+}
+
+/// Renders the table lines (no trailing newlines).
+pub fn render(page: &Page) -> Vec<String> {
+    let (header, routes, web_error, window_secs) =
+        (page.header, page.routes, page.web_error, page.window_secs);
     let mut out = vec![header.to_string(), String::new()];
     let mut line = String::new();
     let _ = write!(
@@ -271,12 +475,14 @@ pub fn render(
             }
         }
     }
+    render_retries(page.retries, window_secs, &mut out);
+    render_circuits(page, &mut out);
     out.push(String::new());
     out.push(format!(
         "{:<14} {:<15} {:<19} {:>9} {:>9} {:>8}",
         "SIDECAR", "CONFIG VERSION", "RELOADS", "OUT REQ/S", "IN REQ/S", "IN OK"
     ));
-    for s in sidecars {
+    for s in page.sidecars {
         let version = match &s.version {
             Ok(v) => short_version(v),
             Err(_) => "(unreachable)".into(),
@@ -308,7 +514,7 @@ pub fn render(
         out.push(line);
     }
     out.push(String::new());
-    out.extend(footer.iter().cloned());
+    out.extend(page.footer.iter().cloned());
     out
 }
 
@@ -401,7 +607,7 @@ mod tests {
         assert_eq!(v1.share, Some(0.9));
         assert_eq!(split.backends[0].share, Some(1.0));
         assert_eq!(direction_counts(&w, "inbound").total, 1000.0);
-        let lines = render("h", Some(&rows), None, 5.0, &[], &[]);
+        let lines = render(&page(Some(&rows), &[], None));
         assert!(
             lines
                 .iter()
@@ -412,6 +618,112 @@ mod tests {
                 .iter()
                 .any(|l| l.starts_with("shop/catalog") && l.contains("8.0"))
         );
+    }
+
+    fn page<'a>(
+        routes: Option<&'a [RouteRow]>,
+        retries: &'a [RetryRow],
+        circuits: Option<&'a CircuitsView>,
+    ) -> Page<'a> {
+        Page {
+            header: "h",
+            routes,
+            web_error: None,
+            window_secs: 5.0,
+            retries,
+            circuits,
+            now_ms: crate::circuits::tests::NOW,
+            color: false,
+            circuits_hint: "All: ternctl circuits --admin 127.0.0.1:15002",
+            sidecars: &[],
+            footer: &[],
+        }
+    }
+
+    fn counter(name: &str, pairs: &[(&str, &str)], v: f64) -> Sample {
+        Sample {
+            name: name.into(),
+            labels: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            value: v,
+        }
+    }
+
+    #[test]
+    fn retry_fates_per_route() {
+        let fate = |route: &str, fate: &str, v: f64| {
+            counter(
+                RETRY_FATES,
+                &[
+                    ("direction", "outbound"),
+                    ("route_name", route),
+                    ("route_rule", "0"),
+                    ("backend_name", "shop/inventory:8080"),
+                    ("fate", fate),
+                ],
+                v,
+            )
+        };
+        let w = vec![
+            fate("shop/inventory", "success_first_try", 60.0),
+            fate("shop/inventory", "success_after_retry", 15.0),
+            fate("shop/inventory", "retries_exhausted", 3.0),
+            fate("shop/inventory", "budget_exhausted", 2.0),
+            fate("shop/inventory", "timed_out", 0.0),
+            counter(
+                "tern_retries",
+                &[("direction", "outbound"), ("route_name", "shop/inventory")],
+                20.0,
+            ),
+            // A route whose fates had no requests in the window is left out.
+            fate("shop/idle", "success_first_try", 0.0),
+        ];
+        let rows = retry_rows(&w, "outbound");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].retries, 20.0);
+        assert_eq!(rows[0].total(), 80.0);
+        let lines = render(&page(None, &rows, None));
+        let text = lines.join("\n");
+        assert!(text.contains(
+            "shop/inventory                                   4.0     75.0%       18.8%     6.2%"
+        ));
+        assert!(text.contains("  failed: 2 budget_exhausted, 3 retries_exhausted"));
+        // No fates at all (no retry policy, or an older proxy): no section.
+        let lines = render(&page(None, &[], None));
+        assert!(!lines.iter().any(|l| l.starts_with("RETRIES")));
+    }
+
+    #[test]
+    fn circuits_section() {
+        let c = crate::circuits::parse(crate::circuits::tests::SAMPLE.as_bytes()).unwrap();
+        let view: CircuitsView = Ok(c);
+        let lines = render(&page(None, &[], Some(&view)));
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with("CIRCUITS"))
+            .unwrap();
+        assert_eq!(
+            lines[at..at + 7],
+            [
+                "CIRCUITS (web's sidecar)    ZONE    STATE      REASON           SINCE      NEXT PROBE  OK/FAIL  TRIPS",
+                "shop/inventory:8080: 1 of 3 ejected (at most 1), BackendPolicy shop/inventory",
+                "  127.0.0.1:15041           zone-a  closed     probe_succeeded  2m00s ago  -           120/0    1",
+                "~ 127.0.0.1:15051           zone-b  HALF_OPEN  consecutive      0s ago     -           80/9     4",
+                "! 127.0.0.1:15061           zone-c  OPEN       probe_failed     12s ago    in 3s       0/5      2",
+                "1 other backend (1 endpoint): all closed. OK/FAIL: last 10s. All: ternctl circuits \
+                 --admin 127.0.0.1:15002",
+                "",
+            ]
+        );
+        // A proxy without /circuits: one line says so, the rest of the table still renders.
+        let missing: CircuitsView = Err("http://127.0.0.1:15002/circuits answered 404".into());
+        let lines = render(&page(None, &[], Some(&missing)));
+        assert!(lines.contains(
+            &"circuits: unavailable (http://127.0.0.1:15002/circuits answered 404)".to_string()
+        ));
+        assert!(lines.iter().any(|l| l.starts_with("SIDECAR")));
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct GenStats {
     pub last_transport_error: Option<String>,
     /// Requests not started because too many were in flight.
     pub skipped: u64,
+    /// Answers whose `tern-attempts` header says the proxy needed more than one attempt.
+    pub retried: u64,
 }
 
 /// Settings for [`run`].
@@ -47,8 +49,8 @@ pub struct Planned {
     pub canary: bool,
 }
 
-/// Picks the next request: 60% checkout `/api/...` (a sixth of those with `x-canary: 1`),
-/// 40% catalog. `r` is uniform in 0..1000, `item` any number.
+/// Picks the next request: 50% checkout `/api/...` (a fifth of those with `x-canary: 1`),
+/// 25% catalog, 25% inventory. `r` is uniform in 0..1000, `item` any number.
 pub fn plan_request(r: u32, item: u32) -> Planned {
     let item = item % 500 + 1;
     if r < 100 {
@@ -57,7 +59,7 @@ pub fn plan_request(r: u32, item: u32) -> Planned {
             path: format!("/api/items/{item}"),
             canary: true,
         }
-    } else if r < 600 {
+    } else if r < 500 {
         let path = if r.is_multiple_of(5) {
             format!("/api/cart?item={item}")
         } else {
@@ -68,10 +70,16 @@ pub fn plan_request(r: u32, item: u32) -> Planned {
             path,
             canary: false,
         }
-    } else {
+    } else if r < 750 {
         Planned {
             host: "catalog.shop:8080",
             path: format!("/products/{item}"),
+            canary: false,
+        }
+    } else {
+        Planned {
+            host: "inventory.shop:8080",
+            path: format!("/stock/{item}"),
             canary: false,
         }
     }
@@ -153,17 +161,21 @@ async fn one(
             .headers()
             .get("tern-error")
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let attempts = attempts(resp.headers());
         // Read the whole body so the connection can carry the next request.
         resp.into_body().collect().await?;
         pool.lock().expect("pool lock").push(sender);
-        anyhow::Ok((status, tern_error))
+        anyhow::Ok((status, tern_error, attempts))
     })
     .await
     .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 15s")));
     let mut s = stats.lock().expect("stats lock");
     s.sent += 1;
     match result {
-        Ok((status, tern_error)) => {
+        Ok((status, tern_error, attempts)) => {
+            if attempts > 1 {
+                s.retried += 1;
+            }
             if status.as_u16() < 400 {
                 s.ok += 1;
             } else {
@@ -180,6 +192,15 @@ async fn one(
     }
 }
 
+/// The `tern-attempts` response header (set on routes with a retry policy); 1 without it.
+fn attempts(headers: &http::HeaderMap) -> u32 {
+    headers
+        .get("tern-attempts")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +210,7 @@ mod tests {
         let mut canary = 0;
         let mut checkout = 0;
         let mut catalog = 0;
+        let mut inventory = 0;
         for r in 0..1000 {
             let p = plan_request(r, r * 7);
             assert!(p.path.starts_with('/'));
@@ -202,9 +224,13 @@ mod tests {
                     assert!(!p.canary);
                     catalog += 1;
                 }
+                "inventory.shop:8080" => {
+                    assert!(!p.canary && p.path.starts_with("/stock/"));
+                    inventory += 1;
+                }
                 other => panic!("unexpected host {other}"),
             }
         }
-        assert_eq!((checkout, catalog, canary), (600, 400, 100));
+        assert_eq!((checkout, catalog, inventory, canary), (500, 250, 250, 100));
     }
 }
