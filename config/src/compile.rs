@@ -8,6 +8,10 @@
 //! gRPC: service+method, then service only, then method only, then neither; Exact before
 //! RegularExpression; more header matches first; then the same route tie-breakers.
 //!
+//! BackendPolicies: each backend (Service port) gets the policy naming its port by
+//! `sectionName`, else one targeting the whole Service; between equals the oldest, then
+//! namespace/name (validation warns about the losers); see `rank_policies`.
+//!
 //! Compilation assumes [`crate::validate`] passed; anything that still does not parse is
 //! skipped rather than panicking.
 

@@ -1,8 +1,8 @@
 //! tern-config: the contract between Tern's control plane and its sidecars.
 //!
-//! Users write Kubernetes-style YAML (Service, EndpointSlice, HTTPRoute, GRPCRoute). This
-//! crate parses it with source locations ([`yaml`], the only module that touches a YAML
-//! library), decodes it into typed resources ([`decode`], [`model`]) held in a
+//! Users write Kubernetes-style YAML (Service, EndpointSlice, HTTPRoute, GRPCRoute and
+//! Tern's BackendPolicy). This crate parses it with source locations ([`yaml`], the only
+//! module that touches a YAML library), decodes it into typed resources ([`decode`], [`model`]) held in a
 //! [`resources::Resources`] set, checks it ([`validate`]) with diagnostics that name
 //! `file:line:column` and the field path, and compiles it ([`compile`]) into an immutable,
 //! lookup-ready [`snapshot::Snapshot`] with a content version. It has no async runtime
