@@ -102,8 +102,8 @@ struct Compiler<'a> {
     routes: HashMap<(&'a str, &'a str), Vec<&'a model::Object>>,
     /// EndpointSlices by the Service (namespace, name) they label, in resource order.
     slices: HashMap<(&'a str, &'a str), Vec<&'a model::Object>>,
-    /// BackendPolicies by the Service (namespace, name) they target, in resource order.
-    policies: HashMap<(&'a str, &'a str), Vec<&'a model::BackendPolicy>>,
+    /// BackendPolicies by the Service (namespace, name) they target.
+    policies: PolicyIndex<'a>,
     /// Compiled policies by policy (one Arc per policy, shared by its backends).
     compiled_policies: HashMap<ObjectRef, Arc<BackendPolicy>>,
     /// Shared by every backend no policy targets.
@@ -116,22 +116,8 @@ impl<'a> Compiler<'a> {
     fn new(res: &'a Resources) -> Self {
         let mut routes: HashMap<(&str, &str), Vec<&model::Object>> = HashMap::new();
         let mut slices: HashMap<(&str, &str), Vec<&model::Object>> = HashMap::new();
-        let mut policies: HashMap<(&str, &str), Vec<&model::BackendPolicy>> = HashMap::new();
         for obj in res.iter() {
             let parents = match &obj.resource {
-                Resource::BackendPolicy(p) => {
-                    let mut seen: Vec<&str> = Vec::new();
-                    for t in p.target_refs.iter().filter(|t| t.is_service()) {
-                        if !seen.contains(&t.name.as_str()) {
-                            seen.push(&t.name);
-                            policies
-                                .entry((p.meta.namespace.as_str(), t.name.as_str()))
-                                .or_default()
-                                .push(p);
-                        }
-                    }
-                    continue;
-                }
                 Resource::HTTPRoute(r) => &r.parent_refs,
                 Resource::GRPCRoute(r) => &r.parent_refs,
                 Resource::EndpointSlice(s) => {
@@ -160,33 +146,35 @@ impl<'a> Compiler<'a> {
             backend_ids: HashMap::new(),
             routes,
             slices,
-            policies,
+            policies: policy_index(res),
             compiled_policies: HashMap::new(),
             default_policy: Arc::new(BackendPolicy::default()),
         }
     }
 }
 
-/// Every BackendPolicy of namespace `ns` with a Service targetRef naming `service`, in
-/// resource order.
-pub(crate) fn policies_targeting<'a>(
-    res: &'a Resources,
-    ns: &str,
-    service: &str,
-) -> Vec<&'a model::BackendPolicy> {
-    res.of_kind(Kind::BackendPolicy)
-        .filter_map(|o| match &o.resource {
-            Resource::BackendPolicy(p)
-                if p.meta.namespace == ns
-                    && p.target_refs
-                        .iter()
-                        .any(|t| t.is_service() && t.name == service) =>
-            {
-                Some(&**p)
+/// BackendPolicies by the Service (namespace, name) they target, each once per Service,
+/// in resource order.
+pub(crate) type PolicyIndex<'a> = HashMap<(&'a str, &'a str), Vec<&'a model::BackendPolicy>>;
+
+pub(crate) fn policy_index(res: &Resources) -> PolicyIndex<'_> {
+    let mut index: PolicyIndex = HashMap::new();
+    for obj in res.of_kind(Kind::BackendPolicy) {
+        let Resource::BackendPolicy(p) = &obj.resource else {
+            continue;
+        };
+        let mut seen: Vec<&str> = Vec::new();
+        for t in p.target_refs.iter().filter(|t| t.is_service()) {
+            if !seen.contains(&t.name.as_str()) {
+                seen.push(&t.name);
+                index
+                    .entry((p.meta.namespace.as_str(), t.name.as_str()))
+                    .or_default()
+                    .push(p);
             }
-            _ => None,
-        })
-        .collect()
+        }
+    }
+    index
 }
 
 /// The policies of `candidates` (all targeting Service `service`) that apply to its port

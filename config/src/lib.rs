@@ -2,11 +2,11 @@
 //!
 //! Users write Kubernetes-style YAML (Service, EndpointSlice, HTTPRoute, GRPCRoute and
 //! Tern's BackendPolicy). This crate parses it with source locations ([`yaml`], the only
-//! module that touches a YAML library), decodes it into typed resources ([`decode`], [`model`]) held in a
-//! [`resources::Resources`] set, checks it ([`validate`]) with diagnostics that name
-//! `file:line:column` and the field path, and compiles it ([`compile`]) into an immutable,
-//! lookup-ready [`snapshot::Snapshot`] with a content version. It has no async runtime
-//! dependency.
+//! module that touches a YAML library), decodes it into typed resources ([`decode`],
+//! [`model`]) held in a [`resources::Resources`] set, checks it ([`validate`]) with
+//! diagnostics that name `file:line:column` and the field path, and compiles it
+//! ([`compile`]) into an immutable, lookup-ready [`snapshot::Snapshot`] with a content
+//! version. It has no async runtime dependency.
 
 pub mod compile;
 pub mod decode;

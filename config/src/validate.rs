@@ -49,9 +49,11 @@ const METHODS: &[&str] = &[
 /// Checks every object of the set; returns errors and warnings in no particular order.
 pub fn validate(res: &Resources) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
+    let policies = crate::compile::policy_index(res);
     for obj in res.iter() {
         let mut v = V {
             res,
+            policies: &policies,
             src: &obj.source,
             sink: Sink {
                 file: &obj.source.file,
@@ -72,6 +74,7 @@ pub fn validate(res: &Resources) -> Vec<Diagnostic> {
 
 struct V<'a> {
     res: &'a Resources,
+    policies: &'a crate::compile::PolicyIndex<'a>,
     src: &'a Source,
     sink: Sink<'a>,
 }
@@ -777,9 +780,12 @@ impl V<'_> {
             let Some(svc) = self.res.service(ns, name) else {
                 continue;
             };
-            let all = crate::compile::policies_targeting(self.res, ns, name);
+            let all = self
+                .policies
+                .get(&(ns, name))
+                .map_or(&[][..], Vec::as_slice);
             for sp in &svc.ports {
-                let ranked = crate::compile::rank_policies(&all, name, sp.name.as_deref());
+                let ranked = crate::compile::rank_policies(all, name, sp.name.as_deref());
                 let Some((best_rank, _, winner)) = ranked.first().copied() else {
                     continue;
                 };
