@@ -309,9 +309,16 @@ pub fn render(c: &Circuits, now_ms: u64, color: bool) -> Vec<String> {
     }
     out.extend(layout(&header, &rows, color));
     out.push(String::new());
+    // One line per backend worth a look; the plain ones (default policy, nothing ejected)
+    // are counted together.
+    let mut plain = 0;
     for b in &c.backends {
         let policy = match &b.policy {
             Some(p) => format!("BackendPolicy {p}"),
+            None if b.ejected == 0 => {
+                plain += 1;
+                continue;
+            }
             None => "default policy".into(),
         };
         out.push(format!(
@@ -321,6 +328,17 @@ pub fn render(c: &Circuits, now_ms: u64, color: bool) -> Vec<String> {
             b.endpoints_total,
             if b.endpoints_total == 1 { "" } else { "s" },
             b.max_ejected,
+        ));
+    }
+    if plain > 0 {
+        out.push(format!(
+            "{plain} {}backend{} on the default policy, none ejected",
+            if plain < c.backends.len() {
+                "other "
+            } else {
+                ""
+            },
+            if plain == 1 { "" } else { "s" },
         ));
     }
     let window = match recent_interval(c) {
@@ -349,21 +367,36 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             e
         }
     })?;
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        out.write_all(&body)?;
-        if !body.ends_with(b"\n") {
-            out.write_all(b"\n")?;
-        }
+    let circuits = if args.json {
+        None
     } else {
-        let circuits = parse(&body).with_context(|| format!("reading http://{admin}/circuits"))?;
-        let color = out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        for line in render(&circuits, now_unix_ms(), color) {
-            writeln!(out, "{line}")?;
+        Some(parse(&body).with_context(|| format!("reading http://{admin}/circuits"))?)
+    };
+    match print(&body, circuits.as_ref()) {
+        // `ternctl circuits --json | head` is fine.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        other => Ok(other.map(|()| ExitCode::SUCCESS)?),
+    }
+}
+
+/// Prints the table of `circuits`, or with `None` the raw JSON `body`.
+fn print(body: &[u8], circuits: Option<&Circuits>) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match circuits {
+        None => {
+            out.write_all(body)?;
+            if !body.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+        }
+        Some(c) => {
+            let color = out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            for line in render(c, now_unix_ms(), color) {
+                writeln!(out, "{line}")?;
+            }
         }
     }
-    out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    out.flush()
 }
 
 #[cfg(test)]
@@ -426,9 +459,7 @@ pub mod tests {
             "! shop/inventory:8080  127.0.0.1:15061  zone-c  OPEN       probe_failed     12s ago    in 3s       0/5      2",
         ];
         assert_eq!(lines[2..7], table);
-        assert!(text.contains(
-            "shop/catalog:8080: 0 of 1 endpoint ejected (at most 0 at once), default policy"
-        ));
+        assert!(text.contains("1 other backend on the default policy, none ejected"));
         assert!(text.contains(
             "shop/inventory:8080: 1 of 3 endpoints ejected (at most 1 at once), BackendPolicy \
              shop/inventory"

@@ -465,6 +465,7 @@ async fn live_table(
     let mut reload_state: Vec<(Option<summary::Reloads>, bool)> =
         vec![(None, false); plan.slots.len()];
     let mut drawn = 0usize;
+    let mut retried_routes = std::collections::BTreeSet::new();
     let circuits_hint = format!(
         "All: {} circuits --admin {}",
         ternctl_command(),
@@ -530,6 +531,15 @@ async fn live_table(
                         if slot.name == "web" {
                             web_routes = Some(summary::route_rows(&window, "outbound"));
                             web_retries = summary::retry_rows(&window, "outbound");
+                            // Once a route has retried, keep its row (retries stop while a
+                            // broken endpoint is ejected, and that is worth seeing too).
+                            retried_routes.extend(
+                                web_retries
+                                    .iter()
+                                    .filter(|r| r.retried())
+                                    .map(|r| r.route.clone()),
+                            );
+                            web_retries.retain(|r| retried_routes.contains(&r.route));
                             window_secs = secs;
                         }
                     }

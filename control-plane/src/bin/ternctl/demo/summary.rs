@@ -209,6 +209,15 @@ pub fn retry_rows(window: &[Sample], direction: &str) -> Vec<RetryRow> {
     rows.into_values().filter(|r| r.total() > 0.0).collect()
 }
 
+impl RetryRow {
+    /// Whether retrying did anything for this route in the window: a retry was sent, or a
+    /// request ended other than on its first try. (Every route has fates; most requests of
+    /// a route without a retry policy succeed on their first try.)
+    pub fn retried(&self) -> bool {
+        self.retries > 0.0 || self.total() > self.fate("success_first_try")
+    }
+}
+
 /// Web's circuit breakers at the last scrape: `Err` says why `/circuits` was not there.
 pub type CircuitsView = Result<Circuits, String>;
 
@@ -298,7 +307,7 @@ pub struct Page<'a> {
     pub now_ms: u64,
     /// Colour open and half-open circuits (stdout is a terminal).
     pub color: bool,
-    /// How to see every circuit (`ternctl circuits --admin ...`).
+    /// How to see every circuit (`ternctl circuits --admin ...`), under the section.
     pub circuits_hint: &'a str,
     pub sidecars: &'a [SidecarView],
     pub footer: &'a [String],
@@ -311,8 +320,8 @@ fn render_retries(rows: &[RetryRow], window_secs: f64, out: &mut Vec<String>) {
     }
     out.push(String::new());
     out.push(format!(
-        "{:<44} {:>7} {:>9} {:>11} {:>8}",
-        "RETRIES (routes with a retry policy)", "RETRY/S", "1ST TRY", "AFTER RETRY", "FAILED"
+        "{:<44} {:>7} {:>10} {:>12} {:>8}",
+        "RETRIES (routes that retried)", "RETRY/S", "FIRST TRY", "AFTER RETRY", "FAILED"
     ));
     for r in rows {
         let total = r.total();
@@ -320,7 +329,7 @@ fn render_retries(rows: &[RetryRow], window_secs: f64, out: &mut Vec<String>) {
         let after = r.fate("success_after_retry");
         let pct = |v: f64| format!("{:.1}%", 100.0 * v / total);
         out.push(format!(
-            "{:<44} {:>7.1} {:>9} {:>11} {:>8}",
+            "{:<44} {:>7.1} {:>10} {:>12} {:>8}",
             clip(&r.route, 44),
             r.retries / window_secs,
             pct(first),
@@ -425,10 +434,10 @@ fn render_circuits(page: &Page, out: &mut Vec<String>) {
         );
     }
     if let Some(secs) = circuits::recent_interval(c) {
-        let _ = write!(note, "OK/FAIL: last {secs}s. ");
+        let _ = write!(note, "OK/FAIL: responses over the last {secs}s.");
     }
-    note.push_str(page.circuits_hint);
-    out.push(note);
+    out.push(note.trim_end().to_string());
+    out.push(page.circuits_hint.to_string());
 }
 
 /// Renders the table lines (no trailing newlines).
@@ -687,12 +696,29 @@ mod tests {
         let lines = render(&page(None, &rows, None));
         let text = lines.join("\n");
         assert!(text.contains(
-            "shop/inventory                                   4.0     75.0%       18.8%     6.2%"
+            "shop/inventory                                   4.0      75.0%        18.8%     6.2%"
         ));
+        assert!(rows[0].retried());
         assert!(text.contains("  failed: 2 budget_exhausted, 3 retries_exhausted"));
         // No fates at all (no retry policy, or an older proxy): no section.
         let lines = render(&page(None, &[], None));
         assert!(!lines.iter().any(|l| l.starts_with("RETRIES")));
+    }
+
+    #[test]
+    fn routes_that_did_not_retry() {
+        let row = |first: f64, after: f64, retries: f64| RetryRow {
+            route: "r".into(),
+            retries,
+            fates: [
+                ("success_first_try".to_string(), first),
+                ("success_after_retry".to_string(), after),
+            ]
+            .into(),
+        };
+        assert!(!row(10.0, 0.0, 0.0).retried());
+        assert!(row(10.0, 1.0, 0.0).retried());
+        assert!(row(10.0, 0.0, 1.0).retried());
     }
 
     #[test]
@@ -712,9 +738,8 @@ mod tests {
                 "  127.0.0.1:15041           zone-a  closed     probe_succeeded  2m00s ago  -           120/0    1",
                 "~ 127.0.0.1:15051           zone-b  HALF_OPEN  consecutive      0s ago     -           80/9     4",
                 "! 127.0.0.1:15061           zone-c  OPEN       probe_failed     12s ago    in 3s       0/5      2",
-                "1 other backend (1 endpoint): all closed. OK/FAIL: last 10s. All: ternctl circuits \
-                 --admin 127.0.0.1:15002",
-                "",
+                "1 other backend (1 endpoint): all closed. OK/FAIL: responses over the last 10s.",
+                "All: ternctl circuits --admin 127.0.0.1:15002",
             ]
         );
         // A proxy without /circuits: one line says so, the rest of the table still renders.
