@@ -71,7 +71,10 @@ async fn serve(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let routed = route::route(active, &req, &worker.shared.settings.namespace)?;
     let rule = routed.matched.rule;
-    trace.route = Some(rule.route.clone());
+    let logged = worker.shared.settings.access_log;
+    if logged {
+        trace.route = Some(rule.route.clone());
+    }
     let Some(backend) = route::pick_backend(rule) else {
         let labels = &mut recorder.labels;
         labels.parent_name = active.parent_label(routed.parent);
@@ -79,7 +82,9 @@ async fn serve(
         labels.route_rule = rule.rule_index as u32;
         return Err(ProxyError::NoEndpoints(labels.parent_name.clone()));
     };
-    trace.backend = Some(backend.name.clone());
+    if logged {
+        trace.backend = Some(backend.name.clone());
+    }
     trace.retry_policy = rule.retry.is_some();
     // Metric handles resolved once per worker, route, rule and backend.
     let key = (
@@ -117,12 +122,19 @@ async fn serve(
             metrics: &metrics,
             deadline,
         };
-        let result = cap(
-            rule.timeouts.request,
-            ProxyError::RequestTimeout,
-            attempts.run(req, trace, &mut fate),
-        )
-        .await;
+        // No wrapper without a timeout: moving the attempt future into one costs a copy
+        // of its whole state on every request.
+        let result = match rule.timeouts.request {
+            None => attempts.run(req, trace, &mut fate).await,
+            limit => {
+                cap(
+                    limit,
+                    ProxyError::RequestTimeout,
+                    attempts.run(req, trace, &mut fate),
+                )
+                .await
+            }
+        };
         if let Err(ProxyError::RequestTimeout(_)) = result {
             fate = Some(Fate::TimedOut);
         }
@@ -176,7 +188,9 @@ impl Attempts<'_> {
             *fate = Some(Fate::NotRetryable);
             return Err(self.overflow(Limit::Requests, policy.limits.max_requests));
         };
-        self.state.budget.deposit(clock.now_ms());
+        // One clock read for the request's bookkeeping, refreshed after each attempt.
+        let mut now = clock.now_ms();
+        self.state.budget.deposit(now);
         let protocol = self.backend.protocol;
         headers::for_upstream(&mut req, protocol)?;
 
@@ -210,7 +224,7 @@ impl Attempts<'_> {
                 // Not reached: a retry is only decided with a request to send.
                 return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
             };
-            let picked = match self.state.pick(avoid, clock.now_ms()) {
+            let picked = match self.state.pick(avoid, now) {
                 Ok(p) => p,
                 Err(err) => {
                     *fate = Some(if n > 1 {
@@ -228,17 +242,17 @@ impl Attempts<'_> {
             };
             let addr = picked.addr();
             trace.endpoint = Some(addr);
-            let sent = cap(
-                self.rule.timeouts.backend_request,
-                Failure::Timeout,
-                async {
-                    upstream::send(&self.worker.pool, addr, protocol, req, Some(admission))
-                        .await
-                        .map_err(Failure::Send)
-                },
-            )
-            .await;
-            let now = clock.now_ms();
+            let send = upstream::send(&self.worker.pool, addr, protocol, req, Some(admission));
+            let sent = match self.rule.timeouts.backend_request {
+                None => send.await.map_err(Failure::Send),
+                limit => {
+                    cap(limit, Failure::Timeout, async {
+                        send.await.map_err(Failure::Send)
+                    })
+                    .await
+                }
+            };
+            now = clock.now_ms();
             // Whether to try again, and after how long; or the fate of the request.
             let verdict: Result<std::time::Duration, Fate>;
             let outcome = match sent {
@@ -297,6 +311,7 @@ impl Attempts<'_> {
                     avoid = Some(addr);
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
+                        now = clock.now_ms();
                     }
                 }
                 Err(f) => {
