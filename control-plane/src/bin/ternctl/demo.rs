@@ -1,10 +1,12 @@
 //! `ternctl demo`: a small service mesh on this machine, no cluster needed.
 //!
-//! Starts a `tern-demo-app` per app (checkout-v1, checkout-v2, catalog), each behind its own
-//! `tern-proxy` sidecar, plus a sidecar for `web`, whose application is an in-process
-//! traffic generator. Every sidecar watches the same config directory (`examples/demo` by
-//! default), so editing it changes routing live. A table redrawn every second shows what
-//! web's sidecar sees, from its `/metrics`. Everything started stops with the demo.
+//! Starts a `tern-demo-app` per app (checkout-v1, checkout-v2, catalog, and inventory-a, -b
+//! and -c, the three endpoints of `inventory`, of which inventory-c is broken), each behind
+//! its own `tern-proxy` sidecar, plus a sidecar for `web`, whose application is an
+//! in-process traffic generator. Every sidecar watches the same config directory
+//! (`examples/demo` by default), so editing it changes routing live. A table redrawn every
+//! second shows what web's sidecar sees, from its `/metrics` and `/circuits`. Everything
+//! started stops with the demo.
 //!
 //! See docs/demo.md for the port plan and things to try.
 
@@ -47,7 +49,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     config: Option<PathBuf>,
     /// First port of the port plan: app i uses PORT+10*i (sidecar outbound), +1 (inbound),
-    /// +2 (admin) and +5 (the app), for web, checkout-v1, checkout-v2, catalog.
+    /// +2 (admin) and +5 (the app), for web, checkout-v1, checkout-v2, catalog, inventory-a,
+    /// inventory-b and inventory-c.
     #[arg(long, value_name = "PORT", default_value_t = DEFAULT_BASE_PORT)]
     base_port: u16,
     /// Requests per second the traffic generator sends through web's sidecar (0: none).
