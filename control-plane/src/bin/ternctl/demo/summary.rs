@@ -372,7 +372,7 @@ fn render_circuits(page: &Page, out: &mut Vec<String>) {
                 .any(|e| e.trips > 0 || e.severity() != Severity::Closed)
     };
     let (shown, rest): (Vec<_>, Vec<_>) = c.backends.iter().partition(|b| interesting(b));
-    let title = "CIRCUITS (web's sidecar)";
+    let title = "CIRCUITS (web)";
     let header = [
         title,
         "ZONE",
@@ -733,11 +733,11 @@ mod tests {
         assert_eq!(
             lines[at..at + 7],
             [
-                "CIRCUITS (web's sidecar)    ZONE    STATE      REASON           SINCE      NEXT PROBE  OK/FAIL  TRIPS",
+                "CIRCUITS (web)     ZONE    STATE      REASON           SINCE      NEXT PROBE  OK/FAIL  TRIPS",
                 "shop/inventory:8080: 1 of 3 ejected (at most 1), BackendPolicy shop/inventory",
-                "  127.0.0.1:15041           zone-a  closed     probe_succeeded  2m00s ago  -           120/0    1",
-                "~ 127.0.0.1:15051           zone-b  HALF_OPEN  consecutive      0s ago     -           80/9     4",
-                "! 127.0.0.1:15061           zone-c  OPEN       probe_failed     12s ago    in 3s       0/5      2",
+                "  127.0.0.1:15041  zone-a  closed     probe_succeeded  2m00s ago  -           120/0    1",
+                "~ 127.0.0.1:15051  zone-b  HALF_OPEN  consecutive      0s ago     -           80/9     4",
+                "! 127.0.0.1:15061  zone-c  OPEN       probe_failed     12s ago    in 3s       0/5      2",
                 "1 other backend (1 endpoint): all closed. OK/FAIL: responses over the last 10s.",
                 "All: ternctl circuits --admin 127.0.0.1:15002",
             ]
