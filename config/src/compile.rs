@@ -365,6 +365,8 @@ impl Compiler<'_> {
                 url_rewrite: None,
                 timeouts: Timeouts::default(),
                 retry: None,
+                rate_limit: None,
+                concurrency: None,
             })
         });
         let http: Vec<HttpRuleMatch> = http.into_iter().map(|(_, m)| m).collect();
@@ -377,6 +379,7 @@ impl Compiler<'_> {
             http,
             grpc: grpc.into_iter().map(|(_, m)| m).collect(),
             default_rule,
+            rate_limit: None,
         }
     }
 
@@ -425,6 +428,8 @@ impl Compiler<'_> {
                 backend_request: timeout(&timeouts.backend_request),
             },
             retry,
+            rate_limit: None,
+            concurrency: None,
         };
         for f in filters {
             match f {

@@ -76,6 +76,9 @@ pub struct ServicePort {
     /// Used when no route at all is attached to this port: the Service's own endpoints.
     /// `None` when routes are attached (then an unmatched request is a 404).
     pub default_rule: Option<Arc<Rule>>,
+    /// A RateLimitPolicy targeting the Service (all its ports, or this one by
+    /// sectionName); enforced by the Service's inbound sidecars.
+    pub rate_limit: Option<Arc<RateLimit>>,
 }
 
 /// Positions in [`ServicePort::http`] by the first segment of the path they can match.
@@ -168,6 +171,11 @@ pub struct Rule {
     /// HTTPRoute `retry` (or Tern's `retry` on GRPCRoute rules). `None`: only attempts
     /// that never reached the upstream (connect failures) are retried.
     pub retry: Option<RetryPolicy>,
+    /// A RateLimitPolicy targeting this rule's route; enforced by the server's inbound
+    /// sidecar.
+    pub rate_limit: Option<Arc<RateLimit>>,
+    /// A ConcurrencyPolicy targeting this rule's route; enforced by the calling sidecar.
+    pub concurrency: Option<Arc<ConcurrencyLimit>>,
 }
 
 /// When and how often a rule's requests are retried.
@@ -196,6 +204,105 @@ pub struct BackendPolicy {
     pub retry_budget: RetryBudget,
     pub circuit_breaker: CircuitBreaker,
     pub limits: Limits,
+    pub load_balancer: LoadBalancer,
+    /// Backpressure for requests to this backend (per sidecar); `None`: no limit beyond
+    /// `limits.max_requests`.
+    pub concurrency: Option<ConcurrencyLimit>,
+}
+
+/// How a backend's endpoints are chosen (`BackendPolicy.spec.loadBalancer`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadBalancer {
+    pub algorithm: Algorithm,
+    /// What consistent hashing hashes (required for `RingHash` and `Maglev`).
+    pub hash: Option<HashKey>,
+    pub locality: Locality,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Algorithm {
+    /// Power of two choices over peak-EWMA latency (weighted by requests in flight).
+    #[default]
+    P2CPeakEWMA,
+    RoundRobin,
+    LeastRequest,
+    RingHash,
+    Maglev,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(HeaderName),
+    Cookie(String),
+    SourceIP,
+}
+
+/// Zone -> region -> other regions failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Locality {
+    pub enabled: bool,
+    /// A tier serves while at least this share of its endpoints is ready and not ejected.
+    pub min_healthy_percent: u32,
+}
+
+impl Default for Locality {
+    fn default() -> Self {
+        Locality {
+            enabled: true,
+            min_healthy_percent: 70,
+        }
+    }
+}
+
+/// A concurrency limit with a bounded queue (backpressure), optionally adaptive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConcurrencyLimit {
+    /// Requests in flight at once (the starting limit when adaptive).
+    pub max_concurrent: u32,
+    /// Requests waiting for a slot; beyond this, 503 at once.
+    pub max_queue: u32,
+    /// A queued request waiting longer than this gets 503.
+    pub queue_timeout: Duration,
+    pub adaptive: Option<Adaptive>,
+}
+
+/// The limit follows measured latency (Netflix concurrency-limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adaptive {
+    pub algorithm: AdaptiveAlgorithm,
+    pub min_limit: u32,
+    pub max_limit: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub enum AdaptiveAlgorithm {
+    #[default]
+    Gradient,
+    AIMD,
+}
+
+/// A `RateLimitPolicy`: a token bucket of `requests` per `per`, with `burst` extra.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// `namespace/name` of the policy (the bucket's identity across reloads).
+    pub source: ObjectRef,
+    pub requests: u32,
+    pub per: Duration,
+    pub burst: u32,
+    pub key: RateLimitKey,
+}
+
+/// What a bucket is per.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateLimitKey {
+    /// One bucket for everything the policy covers.
+    All,
+    /// One bucket per route rule.
+    Route,
+    /// One per caller: its mTLS identity once mTLS lands; until then its source address.
+    Caller,
+    /// One per value of a request header (absent header: one shared bucket).
+    Header(HeaderName),
 }
 
 /// Retries allowed: `percent` of the requests over `interval`, plus
