@@ -203,8 +203,7 @@ pub async fn fetch_raw(admin: SocketAddr, timeout: Duration) -> anyhow::Result<B
     match status {
         StatusCode::OK => Ok(body),
         StatusCode::NOT_FOUND => anyhow::bail!(
-            "http://{admin}/circuits answered 404 Not Found: this tern-proxy has no circuit \
-             breakers yet (it is older than this ternctl)"
+            "http://{admin}/circuits answered 404: this tern-proxy predates circuit breakers"
         ),
         other => {
             let text = String::from_utf8_lossy(&body);
@@ -540,6 +539,8 @@ pub mod tests {
                 .await;
         });
         let e = fetch_raw(addr, Duration::from_secs(2)).await.unwrap_err();
-        assert!(format!("{e:#}").contains("404 Not Found: this tern-proxy has no circuit"));
+        assert!(
+            format!("{e:#}").contains("answered 404: this tern-proxy predates circuit breakers")
+        );
     }
 }
