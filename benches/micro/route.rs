@@ -10,7 +10,7 @@ mod mesh;
 
 fn activate(snapshot: tern_config::Snapshot) -> Active {
     let metrics = tern_proxy::metrics::Metrics::new();
-    Active::new(snapshot, None, &metrics, Clock::new())
+    Active::new(snapshot, None, &metrics, Clock::new(), &Default::default())
 }
 
 fn route(c: &mut Criterion) {

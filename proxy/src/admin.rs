@@ -44,7 +44,15 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.encode())));
+            let mut text = shared.metrics.encode();
+            if let Some(active) = shared.active.load_full() {
+                // Live gauges go before the closing `# EOF`.
+                let eof = text.rfind("# EOF").unwrap_or(text.len());
+                let tail = text.split_off(eof);
+                active.balancer.encode_gauges(&mut text);
+                text.push_str(&tail);
+            }
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -13,7 +13,11 @@ use crate::rescue::ProxyError;
 use crate::upstream;
 use crate::worker::Worker;
 
-pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    worker: &Worker,
+    req: Request<Incoming>,
+    _peer: std::net::SocketAddr,
+) -> Response<ProxyBody> {
     let labels = || worker.unrouted(Direction::Inbound, &worker.app_label);
     let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels());
     recorder.route = Some(worker.inbound_metrics(labels));

@@ -84,10 +84,11 @@ async fn run_worker(
             r = inbound.accept() => (r, Direction::Inbound),
         };
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 tracker.spawn(server::serve(
                     worker.clone(),
                     stream,
+                    peer,
                     direction,
                     drain.clone(),
                 ));

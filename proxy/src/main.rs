@@ -42,6 +42,13 @@ struct Args {
     /// attempts, duration, tern-error).
     #[arg(long, env = "TERN_ACCESS_LOG")]
     access_log: bool,
+    /// The zone this sidecar runs in (topology.kubernetes.io/zone): traffic stays in it
+    /// while it has enough healthy endpoints.
+    #[arg(long, env = "TERN_ZONE")]
+    zone: Option<String>,
+    /// The region this sidecar runs in (topology.kubernetes.io/region).
+    #[arg(long, env = "TERN_REGION")]
+    region: Option<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or tern_proxy=debug.
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
@@ -76,6 +83,10 @@ fn main() -> ExitCode {
         limits: tern_proxy::Limits::default(),
         retry_buffer: args.retry_buffer,
         access_log: args.access_log,
+        place: tern_proxy::balance::locality::Place {
+            zone: args.zone,
+            region: args.region,
+        },
     };
     match tern_proxy::run(settings) {
         Ok(()) => ExitCode::SUCCESS,

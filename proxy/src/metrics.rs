@@ -97,6 +97,12 @@ struct OverflowLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    backend_name: Arc<str>,
+    tier: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FateLabels {
     #[prometheus(flatten)]
     route: RouteLabels,
@@ -266,6 +272,7 @@ pub struct Metrics {
     circuit_last_trip: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     circuit_refused: Family<BackendLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
+    tier_requests: Family<TierLabels, Counter>,
 }
 
 /// Latency buckets in seconds: fine below 10 ms where a sidecar hop lives.
@@ -330,6 +337,12 @@ impl Metrics {
         let circuit_last_trip = Family::default();
         let circuit_refused = Family::<BackendLabels, Counter>::default();
         let overflows = Family::<OverflowLabels, Counter>::default();
+        let tier_requests = Family::<TierLabels, Counter>::default();
+        registry.register(
+            "tern_balancer_requests",
+            "Attempts sent, by backend and locality tier (zone, region, remote)",
+            tier_requests.clone(),
+        );
         registry.register(
             "tern_retry_fate",
             "Requests by what retrying did for them: success_first_try, success_after_retry, \
@@ -392,7 +405,15 @@ impl Metrics {
             circuit_last_trip,
             circuit_refused,
             overflows,
+            tier_requests,
         }
+    }
+
+    pub fn tier_requests(&self, backend: &Arc<str>, tier: &'static str) -> Counter {
+        self.tier_requests.get_or_create_owned(&TierLabels {
+            backend_name: backend.clone(),
+            tier,
+        })
     }
 
     /// Resolves the series of one endpoint's circuit (created closed).

@@ -13,7 +13,7 @@ use tern_config::snapshot::{Backend, Protocol, Rule};
 use tokio::time::Instant;
 
 use crate::access_log::{Entry, Trace};
-use crate::balance::{BackendState, PickError};
+use crate::balance::{BackendState, PickError, hash};
 use crate::body::{ProxyBody, RequestBody};
 use crate::headers;
 use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics};
@@ -29,7 +29,11 @@ use crate::worker::Worker;
 /// Response header with the number of attempts a request took (when its route retries).
 pub const TERN_ATTEMPTS: &str = "tern-attempts";
 
-pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    worker: &Worker,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<ProxyBody> {
     let mut recorder = RequestRecorder::new(
         &worker.shared.metrics,
         worker.unrouted(Direction::Outbound, &worker.empty),
@@ -43,7 +47,7 @@ pub async fn handle(worker: &Worker, req: Request<Incoming>) -> Response<ProxyBo
     // The one snapshot load of this request: every step below uses this version.
     let mut resp = match worker.shared.active.load_full() {
         None => ProxyError::NotReady.into_response(),
-        Some(active) => match serve(worker, &active, req, &mut recorder, &mut trace).await {
+        Some(active) => match serve(worker, &active, req, peer, &mut recorder, &mut trace).await {
             Ok(resp) => resp,
             Err(err) => {
                 tracing::debug!(error = %err, "outbound request failed");
@@ -66,6 +70,7 @@ async fn serve(
     worker: &Worker,
     active: &Arc<Active>,
     mut req: Request<Incoming>,
+    peer: std::net::SocketAddr,
     recorder: &mut RequestRecorder<'_>,
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -110,7 +115,8 @@ async fn serve(
         .ok_or_else(|| ProxyError::NoEndpoints(backend.name.clone()))?;
 
     let mut resp = if upgrade {
-        Box::pin(forward_upgrade(worker, backend, state, req, trace)).await?
+        let hash = hash_key(backend, &req, peer);
+        Box::pin(forward_upgrade(worker, backend, state, req, hash, trace)).await?
     } else {
         let mut fate = None;
         let deadline = rule.timeouts.request.map(|d| Instant::now() + d);
@@ -121,6 +127,7 @@ async fn serve(
             state,
             metrics: &metrics,
             deadline,
+            peer,
         };
         // No wrapper without a timeout: moving the attempt future into one costs a copy
         // of its whole state on every request.
@@ -168,6 +175,8 @@ struct Attempts<'a> {
     metrics: &'a RouteMetrics,
     /// When the request timeout expires: no retry waits past it.
     deadline: Option<Instant>,
+    /// The client, for source-address hashing.
+    peer: std::net::SocketAddr,
 }
 
 impl Attempts<'_> {
@@ -193,6 +202,7 @@ impl Attempts<'_> {
         self.state.budget.deposit(now);
         let protocol = self.backend.protocol;
         headers::for_upstream(&mut req, protocol)?;
+        let hash = hash_key(self.backend, &req, self.peer);
 
         let retry = self.rule.retry.as_ref();
         // After a request may have reached the upstream, only these may be sent again.
@@ -224,7 +234,7 @@ impl Attempts<'_> {
                 // Not reached: a retry is only decided with a request to send.
                 return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
             };
-            let picked = match self.state.pick(avoid, now) {
+            let picked = match self.state.pick(avoid, now, hash) {
                 Ok(p) => p,
                 Err(err) => {
                     *fate = Some(if n > 1 {
@@ -242,6 +252,8 @@ impl Attempts<'_> {
             };
             let addr = picked.addr();
             trace.endpoint = Some(addr);
+            let in_flight = picked.load.start();
+            let sent_at = Instant::now();
             let send = upstream::send(&self.worker.pool, addr, protocol, req, Some(admission));
             let sent = match self.rule.timeouts.backend_request {
                 None => send.await.map_err(Failure::Send),
@@ -262,6 +274,15 @@ impl Attempts<'_> {
                         .circuit_breaker
                         .failure_status_codes
                         .contains(&status);
+                    let load = picked.load;
+                    load.observe(sent_at.elapsed().as_secs_f64() * 1e6, now);
+                    drop(in_flight);
+                    let after = retry::retry_after(resp.headers(), SystemTime::now());
+                    if status == 429 || status == 503 {
+                        // "Not now": steer new requests elsewhere for a while.
+                        let pause = after.unwrap_or(BACK_OFF).min(MAX_BACK_OFF);
+                        load.back_off(now + pause.as_millis() as u64);
+                    }
                     self.state.record(picked, failed, now, &shared.metrics);
                     let wanted =
                         retry.is_some_and(|p| retry::wants_retry(p, status, resp.headers()));
@@ -273,7 +294,6 @@ impl Attempts<'_> {
                         });
                         return Ok(resp.map(|b| ProxyBody::Upstream(b, Some(slot))));
                     }
-                    let after = retry::retry_after(resp.headers(), SystemTime::now());
                     verdict =
                         self.may_retry(n, max_attempts, resend_ok && replay.is_some(), after, now);
                     Ok(resp)
@@ -288,6 +308,7 @@ impl Attempts<'_> {
                     return Err(self.overflow(limit, max));
                 }
                 Err(failure) => {
+                    drop(in_flight);
                     self.state.record(picked, true, now, &shared.metrics);
                     let (error, returned, reached) = match failure {
                         Failure::Timeout(limit) => (ProxyError::BackendTimeout(limit), None, true),
@@ -379,6 +400,7 @@ async fn forward_upgrade(
     backend: &Backend,
     state: &BackendState,
     mut req: Request<Incoming>,
+    hash: Option<u64>,
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let shared = &worker.shared;
@@ -396,7 +418,7 @@ async fn forward_upgrade(
         .acquire(Limit::Requests, policy.limits.max_requests)
         .ok_or_else(|| overflow(Limit::Requests, policy.limits.max_requests))?;
     let picked = state
-        .pick(None, shared.clock.now_ms())
+        .pick(None, shared.clock.now_ms(), hash)
         .map_err(|err| match err {
             PickError::NoEndpoints => ProxyError::NoEndpoints(backend.name.clone()),
             PickError::AllEjected => ProxyError::CircuitOpen(backend.name.clone()),
@@ -426,6 +448,40 @@ async fn forward_upgrade(
             state.record(picked, true, now, &shared.metrics);
             Err(upstream_error(err, backend.name.clone(), addr))
         }
+    }
+}
+
+/// How long an endpoint that answered 429/503 without `Retry-After` is passed over.
+const BACK_OFF: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest back-off a `Retry-After` can ask for.
+const MAX_BACK_OFF: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The consistent-hash key of a request, when its backend balances by one.
+fn hash_key<B>(backend: &Backend, req: &Request<B>, peer: std::net::SocketAddr) -> Option<u64> {
+    use tern_config::snapshot::{Algorithm, HashKey};
+    let lb = &backend.policy.load_balancer;
+    if !matches!(lb.algorithm, Algorithm::RingHash | Algorithm::Maglev) {
+        return None;
+    }
+    match lb.hash.as_ref()? {
+        HashKey::Header(name) => req
+            .headers()
+            .get(name)
+            .map(|v| hash::key_hash(v.as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers()
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then(|| hash::key_hash(v.as_bytes()))
+            }),
+        HashKey::SourceIP => Some(match peer.ip() {
+            std::net::IpAddr::V4(ip) => hash::key_hash(&ip.octets()),
+            std::net::IpAddr::V6(ip) => hash::key_hash(&ip.octets()),
+        }),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::cell::Cell;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -120,6 +121,7 @@ impl Drop for OpenConnection<'_> {
 pub async fn serve(
     worker: Arc<Worker>,
     stream: TcpStream,
+    peer: SocketAddr,
     direction: Direction,
     drain: watch::Receiver<bool>,
 ) {
@@ -134,14 +136,15 @@ pub async fn serve(
     // Each protocol's connection state is boxed separately, so an HTTP/1.1 connection
     // does not carry the (larger) HTTP/2 state in its task, and vice versa.
     match proto {
-        Proto::Http1 => Box::pin(serve_h1(&worker, stream, direction, limits, drain)).await,
-        Proto::Http2 => Box::pin(serve_h2(&worker, stream, direction, limits, drain)).await,
+        Proto::Http1 => Box::pin(serve_h1(&worker, stream, peer, direction, limits, drain)).await,
+        Proto::Http2 => Box::pin(serve_h2(&worker, stream, peer, direction, limits, drain)).await,
     }
 }
 
 async fn serve_h1(
     worker: &Arc<Worker>,
     stream: TcpStream,
+    peer: SocketAddr,
     direction: Direction,
     limits: Limits,
     mut drain: watch::Receiver<bool>,
@@ -159,7 +162,7 @@ async fn serve_h1(
         let verdict = findings.verdict(index);
         async move {
             let resp = match verdict {
-                Verdict::Ok => dispatch(&w, direction, req).await,
+                Verdict::Ok => dispatch(&w, direction, peer, req).await,
                 bad => refuse(&w, direction, bad),
             };
             Ok::<_, Infallible>(resp)
@@ -186,6 +189,7 @@ async fn serve_h1(
 async fn serve_h2(
     worker: &Arc<Worker>,
     stream: TcpStream,
+    peer: SocketAddr,
     direction: Direction,
     limits: Limits,
     mut drain: watch::Receiver<bool>,
@@ -208,7 +212,7 @@ async fn serve_h2(
         let w = w.clone();
         let stream = StreamGuard::new(g.clone());
         async move {
-            let resp = dispatch(&w, direction, req).await;
+            let resp = dispatch(&w, direction, peer, req).await;
             stream.finish();
             Ok::<_, Infallible>(resp)
         }
@@ -249,11 +253,12 @@ async fn serve_h2(
 async fn dispatch(
     worker: &Worker,
     direction: Direction,
+    peer: SocketAddr,
     req: http::Request<hyper::body::Incoming>,
 ) -> http::Response<crate::body::ProxyBody> {
     match direction {
-        Direction::Outbound => outbound::handle(worker, req).await,
-        Direction::Inbound => inbound::handle(worker, req).await,
+        Direction::Outbound => outbound::handle(worker, req, peer).await,
+        Direction::Inbound => inbound::handle(worker, req, peer).await,
     }
 }
 
@@ -424,15 +429,31 @@ mod size_tests {
             limits: Limits::default(),
             retry_buffer: 64 * 1024,
             access_log: false,
+            place: Default::default(),
         };
         let worker = Worker::new(crate::Shared::new(settings));
         let (_tx, rx) = watch::channel(false);
         let (limits, out) = (Limits::default(), Direction::Outbound);
         let stream = || TcpStream::connect(addr);
 
-        let h1 = serve_h1(&worker, stream().await.unwrap(), out, limits, rx.clone());
-        let h2 = serve_h2(&worker, stream().await.unwrap(), out, limits, rx.clone());
-        let outer = serve(worker.clone(), stream().await.unwrap(), out, rx);
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let h1 = serve_h1(
+            &worker,
+            stream().await.unwrap(),
+            peer,
+            out,
+            limits,
+            rx.clone(),
+        );
+        let h2 = serve_h2(
+            &worker,
+            stream().await.unwrap(),
+            peer,
+            out,
+            limits,
+            rx.clone(),
+        );
+        let outer = serve(worker.clone(), stream().await.unwrap(), peer, out, rx);
         let sizes = [
             ("HTTP/1.1 state", size_of_val(&h1), 2048),
             ("HTTP/2 state", size_of_val(&h2), 4096),

@@ -14,6 +14,7 @@ use tern_config::Snapshot;
 use tern_config::snapshot::ServicePort;
 
 use crate::balance::Balancer;
+use crate::balance::locality::Place;
 use crate::metrics::Metrics;
 use crate::policy::breaker::Clock;
 
@@ -34,6 +35,8 @@ pub struct Settings {
     pub retry_buffer: usize,
     /// Write one JSON line per request to stdout.
     pub access_log: bool,
+    /// The sidecar's zone and region, for locality-aware load balancing.
+    pub place: Place,
 }
 
 /// A compiled snapshot plus the per-version lookup tables built from it.
@@ -54,8 +57,15 @@ impl Active {
         previous: Option<&Active>,
         metrics: &Metrics,
         clock: Clock,
+        place: &Place,
     ) -> Self {
-        let balancer = Balancer::new(&snapshot, previous.map(|p| &p.balancer), metrics, clock);
+        let balancer = Balancer::new(
+            &snapshot,
+            previous.map(|p| &p.balancer),
+            metrics,
+            clock,
+            place,
+        );
         let mut parent_labels = FxHashMap::default();
         for svc in snapshot.services.values() {
             for sp in &svc.ports {
@@ -114,7 +124,13 @@ impl Shared {
             return false;
         }
         self.metrics.config_version(&snapshot.version);
-        let active = Active::new(snapshot, current.as_deref(), &self.metrics, self.clock);
+        let active = Active::new(
+            snapshot,
+            current.as_deref(),
+            &self.metrics,
+            self.clock,
+            &self.settings.place,
+        );
         self.active.store(Some(Arc::new(active)));
         true
     }

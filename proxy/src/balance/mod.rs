@@ -5,6 +5,9 @@
 //! every backend and endpoint that did not change, so a reload forgets nothing it should
 //! remember.
 
+pub mod hash;
+pub mod load;
+pub mod locality;
 pub mod round_robin;
 
 use std::collections::HashMap;
@@ -12,21 +15,33 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
+use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
 use tern_config::Snapshot;
+use tern_config::snapshot::Algorithm;
 
 use crate::metrics::Metrics;
 use crate::policy::breaker::{Admit, BackendCircuits, Clock, EndpointCircuit};
 use crate::policy::limits::Counters;
 use crate::policy::retry_budget::Budget;
+use hash::Table;
+use load::Load;
+use locality::{Place, TIER_NAMES, Tiers};
 
 /// The runtime state of one backend (a Service port).
 pub struct BackendState {
     /// The ready endpoints with their circuits, and the policy they follow.
     pub circuits: BackendCircuits,
+    /// The load of each endpoint, parallel to `circuits.endpoints`.
+    pub loads: Box<[Arc<Load>]>,
+    tiers: Tiers,
+    /// The consistent-hash table, for RingHash and Maglev.
+    table: Option<Table>,
     cursor: AtomicUsize,
     pub limits: Arc<Counters>,
     pub budget: Arc<Budget>,
+    /// Requests sent per locality tier.
+    tier_requests: [Counter; 3],
 }
 
 /// Why no endpoint could be picked.
@@ -39,10 +54,11 @@ pub enum PickError {
 }
 
 /// An endpoint picked for one attempt. Its outcome must be recorded with
-/// [`Picked::record`]; dropped unrecorded (a cancelled request), a half-open probe is
-/// released for another request.
+/// [`BackendState::record`]; dropped unrecorded (a cancelled request), a half-open probe
+/// is released for another request.
 pub struct Picked<'a> {
     pub circuit: &'a EndpointCircuit,
+    pub load: &'a Arc<Load>,
     pub probe: bool,
     recorded: bool,
 }
@@ -61,42 +77,88 @@ impl Drop for Picked<'_> {
     }
 }
 
+/// Candidates tried on a consistent-hash table before falling back to round robin.
+const HASH_TRIES: usize = 16;
+
 impl BackendState {
     pub fn name(&self) -> &Arc<str> {
         &self.circuits.name
     }
 
-    /// The next endpoint in round-robin order that its circuit admits, preferring one
-    /// other than `avoid` (the endpoint a retry just failed on).
-    pub fn pick(&self, avoid: Option<SocketAddr>, now_ms: u64) -> Result<Picked<'_>, PickError> {
+    /// Picks the endpoint for the next attempt.
+    ///
+    /// 1. The algorithm's choice within the active locality tier (P2C over peak EWMA or
+    ///    requests in flight, or the owner of `hash` on the consistent-hash table),
+    ///    among endpoints that are not backing off (429/503 with Retry-After) and are not
+    ///    `avoid` (where the previous attempt failed);
+    /// 2. else the next such endpoint of the tier in round-robin order;
+    /// 3. else any endpoint whose circuit admits a request.
+    ///
+    /// Circuits are asked only about the endpoint about to be used: asking is what takes
+    /// a half-open probe.
+    pub fn pick(
+        &self,
+        avoid: Option<SocketAddr>,
+        now_ms: u64,
+        hash: Option<u64>,
+    ) -> Result<Picked<'_>, PickError> {
         let eps = &self.circuits.endpoints;
         if eps.is_empty() {
             return Err(PickError::NoEndpoints);
         }
-        let mut fallback = None;
-        let found = round_robin::next(&self.cursor, eps.len(), |i| {
-            let ep = &eps[i];
-            if avoid == Some(ep.addr) && eps.len() > 1 {
-                // Only if nothing else is admitted; checked without taking a probe.
-                if fallback.is_none() && !ep.is_ejected() {
-                    fallback = Some(i);
-                }
-                return None;
-            }
-            match ep.admit(now_ms) {
-                Admit::Yes => Some(false),
-                Admit::Probe => Some(true),
-                Admit::No => None,
-            }
-        });
-        match found.or_else(|| fallback.map(|i| (i, false))) {
-            Some((i, probe)) => Ok(Picked {
+        let usable = |i: usize| avoid != Some(eps[i].addr) && !self.loads[i].backing_off(now_ms);
+        let take = |i: usize| -> Option<Picked<'_>> {
+            let probe = match eps[i].admit(now_ms) {
+                Admit::Yes => false,
+                Admit::Probe => true,
+                Admit::No => return None,
+            };
+            self.tier_requests[self.tiers.tier_of[i] as usize].inc();
+            Some(Picked {
                 circuit: &eps[i],
+                load: &self.loads[i],
                 probe,
                 recorded: false,
-            }),
-            None => Err(PickError::AllEjected),
+            })
+        };
+        let algorithm = self.circuits.policy.load_balancer.algorithm;
+        if let (Some(table), Some(h)) = (&self.table, hash)
+            && let Some(p) = table
+                .candidates(h)
+                .take(HASH_TRIES)
+                .filter(|&i| usable(i))
+                .find_map(take)
+        {
+            return Ok(p);
         }
+        let (set, _) = self.tiers.active(now_ms, |i| !eps[i].is_ejected());
+        if set.len() >= 2 && matches!(algorithm, Algorithm::P2CPeakEWMA | Algorithm::LeastRequest) {
+            let a = fastrand::usize(..set.len());
+            let mut b = fastrand::usize(..set.len() - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (a, b) = (set[a] as usize, set[b] as usize);
+            let cost = |i: usize| match algorithm {
+                Algorithm::LeastRequest => f64::from(self.loads[i].pending()),
+                _ => self.loads[i].cost(now_ms),
+            };
+            let (first, second) = if cost(b) < cost(a) { (b, a) } else { (a, b) };
+            if let Some(p) = [first, second]
+                .into_iter()
+                .filter(|&i| usable(i))
+                .find_map(take)
+            {
+                return Ok(p);
+            }
+        }
+        if let Some((_, p)) = round_robin::next(&self.cursor, set.len(), |k| {
+            let i = set[k] as usize;
+            if usable(i) { take(i) } else { None }
+        }) {
+            return Ok(p);
+        }
+        (0..eps.len()).find_map(take).ok_or(PickError::AllEjected)
     }
 
     /// Records the outcome of an attempt at `picked` for its circuit.
@@ -104,6 +166,45 @@ impl BackendState {
         picked.recorded = true;
         self.circuits
             .record(picked.circuit, failed, picked.probe, now_ms, metrics);
+    }
+
+    /// The `/circuits` view of this backend: circuits, plus each endpoint's tier and load.
+    pub fn to_json(&self) -> Value {
+        let mut v = self.circuits.to_json();
+        let now = self.circuits.clock.now_ms();
+        if let Some(Value::Array(eps)) = v.get_mut("endpoints") {
+            for (i, e) in eps.iter_mut().enumerate() {
+                let load = &self.loads[i];
+                e["tier"] = TIER_NAMES[self.tiers.tier_of[i] as usize].into();
+                e["pending"] = load.pending().into();
+                e["ewma_ms"] = (load.ewma_us() / 1000.0).into();
+                e["backing_off"] = load.backing_off(now).into();
+            }
+        }
+        v["algorithm"] = format!("{:?}", self.circuits.policy.load_balancer.algorithm).into();
+        v["tier"] = TIER_NAMES[self
+            .tiers
+            .active(now, |i| !self.circuits.endpoints[i].is_ejected())
+            .1]
+            .into();
+        v
+    }
+
+    /// (tier, ready, ejected, connecting) counts for the endpoint gauges; connecting:
+    /// never measured yet and with requests in flight.
+    pub fn tier_counts(&self) -> [(usize, usize, usize); 3] {
+        let mut out = [(0, 0, 0); 3];
+        for (i, ep) in self.circuits.endpoints.iter().enumerate() {
+            let t = &mut out[self.tiers.tier_of[i] as usize];
+            t.0 += 1;
+            if ep.is_ejected() {
+                t.1 += 1;
+            }
+            if self.loads[i].ewma_us() == 0.0 && self.loads[i].pending() > 0 {
+                t.2 += 1;
+            }
+        }
+        out
     }
 }
 
@@ -115,13 +216,15 @@ pub struct Balancer {
 impl Balancer {
     /// Builds the state for `snapshot`, taking over from `previous` what is unchanged:
     /// limit counters by backend name; the retry budget when its settings are equal; an
-    /// endpoint's circuit when the endpoint (address and zone) and the circuit-breaker
-    /// settings are equal. Metric series of endpoints that are gone are removed.
+    /// endpoint's load (latency estimate) by address, and its circuit when the endpoint
+    /// (address and zone) and the circuit-breaker settings are equal. Metric series of
+    /// endpoints that are gone are removed.
     pub fn new(
         snapshot: &Snapshot,
         previous: Option<&Balancer>,
         metrics: &Metrics,
         clock: Clock,
+        place: &Place,
     ) -> Self {
         let old: HashMap<&str, &BackendState> = previous
             .map(|p| p.backends.iter().map(|b| (&*b.circuits.name, b)).collect())
@@ -135,29 +238,43 @@ impl Balancer {
                 let policy = &b.policy;
                 let same_breaker = prev
                     .is_some_and(|p| p.circuits.policy.circuit_breaker == policy.circuit_breaker);
-                let endpoints = b
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.ready)
-                    .map(|e| {
-                        let kept = prev.filter(|_| same_breaker).and_then(|p| {
-                            p.circuits
-                                .endpoints
-                                .iter()
-                                .find(|c| c.addr == e.addr && c.zone == e.zone)
-                        });
-                        match kept {
-                            Some(c) => c.clone(),
-                            None => Arc::new(EndpointCircuit::new(
-                                e.addr,
-                                e.zone.clone(),
-                                &policy.circuit_breaker,
-                                metrics.circuit(&b.name, e.addr, e.zone.as_ref()),
-                                now,
-                            )),
-                        }
-                    })
-                    .collect::<Box<[_]>>();
+                let ready: Vec<usize> = (0..b.endpoints.len())
+                    .filter(|&i| b.endpoints[i].ready)
+                    .collect();
+                let previous_index = |addr: SocketAddr| {
+                    prev.and_then(|p| p.circuits.endpoints.iter().position(|c| c.addr == addr))
+                };
+                let mut endpoints = Vec::with_capacity(ready.len());
+                let mut loads = Vec::with_capacity(ready.len());
+                for &i in &ready {
+                    let e = &b.endpoints[i];
+                    let old_i = previous_index(e.addr);
+                    let kept = old_i
+                        .filter(|_| same_breaker)
+                        .map(|j| &prev.unwrap().circuits.endpoints[j])
+                        .filter(|c| c.zone == e.zone);
+                    endpoints.push(match kept {
+                        Some(c) => c.clone(),
+                        None => Arc::new(EndpointCircuit::new(
+                            e.addr,
+                            e.zone.clone(),
+                            &policy.circuit_breaker,
+                            metrics.circuit(&b.name, e.addr, e.zone.as_ref()),
+                            now,
+                        )),
+                    });
+                    loads.push(match old_i {
+                        Some(j) => prev.unwrap().loads[j].clone(),
+                        None => Arc::default(),
+                    });
+                }
+                let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+                let lb = &policy.load_balancer;
+                let table = match (lb.algorithm, &lb.hash) {
+                    (Algorithm::RingHash, Some(_)) => Some(Table::ring(&addrs)),
+                    (Algorithm::Maglev, Some(_)) => Some(Table::maglev(&addrs)),
+                    _ => None,
+                };
                 let start = if endpoints.is_empty() {
                     0
                 } else {
@@ -168,15 +285,19 @@ impl Balancer {
                     circuits: BackendCircuits {
                         name: b.name.clone(),
                         policy: policy.clone(),
-                        endpoints,
+                        endpoints: endpoints.into(),
                         clock,
                     },
+                    loads: loads.into(),
+                    tiers: Tiers::new(&b.endpoints, &ready, place, lb.locality),
+                    table,
                     cursor: AtomicUsize::new(start),
                     limits: prev.map_or_else(Default::default, |p| p.limits.clone()),
                     budget: match prev {
                         Some(p) if p.budget.settings == policy.retry_budget => p.budget.clone(),
                         _ => Arc::new(Budget::new(policy.retry_budget)),
                     },
+                    tier_requests: TIER_NAMES.map(|tier| metrics.tier_requests(&b.name, tier)),
                 }
             })
             .collect();
@@ -201,6 +322,11 @@ impl Balancer {
         Balancer { backends }
     }
 
+    /// Every backend with its runtime state (for the admin endpoints and gauges).
+    pub fn backends(&self) -> &[BackendState] {
+        &self.backends
+    }
+
     pub fn backend(&self, index: usize) -> Option<&BackendState> {
         self.backends.get(index)
     }
@@ -210,12 +336,44 @@ impl Balancer {
             .map_or(0, |b| b.circuits.endpoints.len())
     }
 
+    /// Appends the `tern_balancer_endpoints` gauges (computed at scrape time from the
+    /// live state) in Prometheus text format.
+    pub fn encode_gauges(&self, out: &mut String) {
+        use std::fmt::Write;
+        out.push_str(
+            "# HELP tern_balancer_endpoints Ready endpoints per backend and locality tier: \
+             ready, ejected (circuit not closed), connecting (first request in flight).\n\
+             # TYPE tern_balancer_endpoints gauge\n",
+        );
+        for b in &self.backends {
+            if b.circuits.endpoints.is_empty() {
+                continue;
+            }
+            for (tier, (ready, ejected, connecting)) in b.tier_counts().iter().enumerate() {
+                if *ready == 0 {
+                    continue;
+                }
+                for (state, n) in [
+                    ("ready", ready),
+                    ("ejected", ejected),
+                    ("connecting", connecting),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "tern_balancer_endpoints{{backend_name=\"{}\",tier=\"{}\",state=\"{state}\"}} {n}",
+                        b.circuits.name, TIER_NAMES[tier]
+                    );
+                }
+            }
+        }
+    }
+
     /// The `/circuits` document: every backend with endpoints, and each endpoint's circuit.
     pub fn circuits_json(&self) -> Vec<Value> {
         self.backends
             .iter()
             .filter(|b| !b.circuits.endpoints.is_empty())
-            .map(|b| b.circuits.to_json())
+            .map(BackendState::to_json)
             .collect()
     }
 }
@@ -279,12 +437,12 @@ mod tests {
             ],
             BackendPolicy::default(),
         );
-        let bal = Balancer::new(&s, None, &m, Clock::new());
+        let bal = Balancer::new(&s, None, &m, Clock::new(), &Place::default());
         let b = bal.backend(0).unwrap();
         assert_eq!(bal.ready_count(0), 2);
         trip(b, "127.0.0.1:1", &m);
         for _ in 0..4 {
-            assert_eq!(b.pick(None, 0).unwrap().addr().port(), 2);
+            assert_eq!(b.pick(None, 0, None).unwrap().addr().port(), 2);
         }
     }
 
@@ -295,19 +453,19 @@ mod tests {
             &[("127.0.0.1:1", true), ("127.0.0.1:2", true)],
             BackendPolicy::default(),
         );
-        let bal = Balancer::new(&s, None, &m, Clock::new());
+        let bal = Balancer::new(&s, None, &m, Clock::new(), &Place::default());
         let b = bal.backend(0).unwrap();
         let avoid = Some("127.0.0.1:1".parse().unwrap());
         for _ in 0..4 {
-            assert_eq!(b.pick(avoid, 0).unwrap().addr().port(), 2);
+            assert_eq!(b.pick(avoid, 0, None).unwrap().addr().port(), 2);
         }
         // With one endpoint, the retry goes to it again.
         let s = snapshot(&[("127.0.0.1:1", true)], BackendPolicy::default());
-        let bal = Balancer::new(&s, None, &m, Clock::new());
+        let bal = Balancer::new(&s, None, &m, Clock::new(), &Place::default());
         assert_eq!(
             bal.backend(0)
                 .unwrap()
-                .pick(avoid, 0)
+                .pick(avoid, 0, None)
                 .unwrap()
                 .addr()
                 .port(),
@@ -321,15 +479,15 @@ mod tests {
         let mut policy = BackendPolicy::default();
         policy.circuit_breaker.ejection.max_ejected_percent = 100;
         let s = snapshot(&[("127.0.0.1:1", true), ("127.0.0.1:2", true)], policy);
-        let bal = Balancer::new(&s, None, &m, Clock::new());
+        let bal = Balancer::new(&s, None, &m, Clock::new(), &Place::default());
         let b = bal.backend(0).unwrap();
         trip(b, "127.0.0.1:1", &m);
         trip(b, "127.0.0.1:2", &m);
-        assert_eq!(b.pick(None, 0).err(), Some(PickError::AllEjected));
+        assert_eq!(b.pick(None, 0, None).err(), Some(PickError::AllEjected));
         let empty = snapshot(&[("127.0.0.1:1", false)], BackendPolicy::default());
-        let bal = Balancer::new(&empty, None, &m, Clock::new());
+        let bal = Balancer::new(&empty, None, &m, Clock::new(), &Place::default());
         assert_eq!(
-            bal.backend(0).unwrap().pick(None, 0).err(),
+            bal.backend(0).unwrap().pick(None, 0, None).err(),
             Some(PickError::NoEndpoints)
         );
     }
@@ -346,7 +504,7 @@ mod tests {
             ],
             BackendPolicy::default(),
         );
-        let bal1 = Balancer::new(&s1, None, &m, clock);
+        let bal1 = Balancer::new(&s1, None, &m, clock, &Place::default());
         trip(bal1.backend(0).unwrap(), "127.0.0.1:1", &m);
         // Endpoint 3 leaves, 4 arrives; 1 and 2 are unchanged.
         let s2 = snapshot(
@@ -357,7 +515,7 @@ mod tests {
             ],
             BackendPolicy::default(),
         );
-        let bal2 = Balancer::new(&s2, Some(&bal1), &m, clock);
+        let bal2 = Balancer::new(&s2, Some(&bal1), &m, clock, &Place::default());
         let b2 = bal2.backend(0).unwrap();
         assert_eq!(b2.circuits.ejected(), 1);
         assert!(Arc::ptr_eq(&b2.limits, &bal1.backend(0).unwrap().limits));
@@ -368,7 +526,127 @@ mod tests {
         let mut policy = BackendPolicy::default();
         policy.circuit_breaker.consecutive_failures = Some(9);
         let s3 = snapshot(&[("127.0.0.1:1", true), ("127.0.0.1:2", true)], policy);
-        let bal3 = Balancer::new(&s3, Some(&bal2), &m, clock);
+        let bal3 = Balancer::new(&s3, Some(&bal2), &m, clock, &Place::default());
         assert_eq!(bal3.backend(0).unwrap().circuits.ejected(), 0);
+    }
+
+    fn backend_with(policy: BackendPolicy, n: u16) -> (Balancer, Metrics) {
+        let addrs: Vec<String> = (1..=n).map(|p| format!("127.0.0.1:{p}")).collect();
+        let eps: Vec<(&str, bool)> = addrs.iter().map(|a| (a.as_str(), true)).collect();
+        let m = Metrics::new();
+        let bal = Balancer::new(
+            &snapshot(&eps, policy),
+            None,
+            &m,
+            Clock::new(),
+            &Place::default(),
+        );
+        (bal, m)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_steers_away_from_a_slow_endpoint() {
+        let (bal, _m) = backend_with(BackendPolicy::default(), 3);
+        let b = bal.backend(0).unwrap();
+        // Endpoint 1 answers in 10 ms, the others in 1 ms.
+        let mut to_slow = 0;
+        for k in 0..1_000u64 {
+            let p = b.pick(None, k, None).unwrap();
+            let rtt = if p.addr().port() == 1 {
+                10_000.0
+            } else {
+                1_000.0
+            };
+            if p.addr().port() == 1 {
+                to_slow += 1;
+            }
+            p.load.observe(rtt, k);
+            drop(p);
+        }
+        // P2C never picks the worse of two: the slow one only wins against itself.
+        assert!(to_slow < 50, "{to_slow} of 1000 to the slow endpoint");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn least_request_prefers_idle_endpoints() {
+        let mut policy = BackendPolicy::default();
+        policy.load_balancer.algorithm = Algorithm::LeastRequest;
+        let (bal, _m) = backend_with(policy, 2);
+        let b = bal.backend(0).unwrap();
+        let busy = b.loads[0].start();
+        for k in 0..20 {
+            assert_eq!(
+                b.pick(None, k, None).unwrap().addr(),
+                b.circuits.endpoints[1].addr
+            );
+        }
+        drop(busy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_backing_off_are_passed_over_unless_alone() {
+        let (bal, _m) = backend_with(BackendPolicy::default(), 2);
+        let b = bal.backend(0).unwrap();
+        b.loads[0].back_off(1_000);
+        for k in 0..20 {
+            assert_eq!(b.pick(None, k, None).unwrap().addr().port(), 2);
+        }
+        b.loads[1].back_off(1_000);
+        assert!(b.pick(None, 0, None).is_ok());
+        assert!(b.pick(None, 1_000, None).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hashing_keeps_a_key_on_its_endpoint_and_falls_over_when_ejected() {
+        for algorithm in [Algorithm::RingHash, Algorithm::Maglev] {
+            let mut policy = BackendPolicy::default();
+            policy.load_balancer.algorithm = algorithm;
+            policy.load_balancer.hash = Some(tern_config::snapshot::HashKey::SourceIP);
+            let (bal, m) = backend_with(policy, 5);
+            let b = bal.backend(0).unwrap();
+            let key = hash::key_hash(b"user-42");
+            let owner = b.pick(None, 0, Some(key)).unwrap().addr();
+            for k in 0..20 {
+                assert_eq!(b.pick(None, k, Some(key)).unwrap().addr(), owner);
+            }
+            trip(b, &owner.to_string(), &m);
+            let other = b.pick(None, 0, Some(key)).unwrap().addr();
+            assert_ne!(other, owner);
+            // The fallback is stable too.
+            assert_eq!(b.pick(None, 1, Some(key)).unwrap().addr(), other);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn locality_keeps_traffic_in_zone_until_it_fails() {
+        let zoned = |port: u16, zone: &str, region: &str| Endpoint {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            ready: true,
+            zone: Some(zone.into()),
+            region: Some(region.into()),
+        };
+        let mut s = snapshot(&[], BackendPolicy::default());
+        let backend = Arc::get_mut(&mut s.backends[0]).unwrap();
+        backend.endpoints = vec![
+            zoned(1, "a1", "a"),
+            zoned(2, "a2", "a"),
+            zoned(3, "b1", "b"),
+        ];
+        let m = Metrics::new();
+        let place = Place {
+            zone: Some("a1".into()),
+            region: Some("a".into()),
+        };
+        let bal = Balancer::new(&s, None, &m, Clock::new(), &place);
+        let b = bal.backend(0).unwrap();
+        for k in 0..20 {
+            assert_eq!(b.pick(None, k, None).unwrap().addr().port(), 1);
+        }
+        trip(b, "127.0.0.1:1", &m);
+        // After the cached choice expires, the region takes over.
+        for k in 0..20 {
+            assert_eq!(b.pick(None, 200 + k, None).unwrap().addr().port(), 2);
+        }
+        assert!(m.encode().contains("tier=\"region\"} 20"));
     }
 }
