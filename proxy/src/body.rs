@@ -14,14 +14,32 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::policy::concurrency::Permit;
 use crate::policy::limits::Slot;
 use crate::upstream::pool::PooledBody;
 
 pub enum ProxyBody {
-    /// The slot (if any) is the backend's `maxRequests` slot, given back when the body ends
-    /// or is dropped.
-    Upstream(PooledBody, Option<Slot>),
+    /// With what the request holds until its response body ends or is dropped.
+    Upstream(PooledBody, Held),
     Local(Option<Bytes>),
+}
+
+/// What a request holds while its response streams: the backend's `maxRequests` slot and
+/// its concurrency permits (backend, route), so that limits count whole exchanges.
+#[derive(Default)]
+pub struct Held {
+    pub slot: Option<Slot>,
+    /// Boxed: only routes and backends with a concurrency limit have any.
+    pub permits: Option<Box<[Option<Permit>; 2]>>,
+}
+
+impl Held {
+    /// Feeds the response (latency to headers, failed or not) to adaptive limits.
+    pub fn sample(&self, failed: bool) {
+        for p in self.permits.iter().flat_map(|p| p.iter().flatten()) {
+            p.sample(failed);
+        }
+    }
 }
 
 impl ProxyBody {
@@ -43,10 +61,10 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream(b, slot) => {
+            ProxyBody::Upstream(b, held) => {
                 let polled = Pin::new(b).poll_frame(cx);
                 if matches!(polled, Poll::Ready(None)) {
-                    slot.take();
+                    *held = Held::default();
                 }
                 polled
             }

@@ -5,7 +5,7 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tern_config::snapshot::Protocol;
 
-use crate::body::{ProxyBody, RequestBody};
+use crate::body::{Held, ProxyBody, RequestBody};
 use crate::headers;
 use crate::metrics::{Direction, RequestRecorder};
 use crate::outbound::upstream_error;
@@ -61,5 +61,5 @@ async fn serve(
     let mut resp = sent.map_err(|err| upstream_error(err, worker.app_label.clone(), app))?;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(resp.headers_mut(), switching);
-    Ok(resp.map(|b| ProxyBody::Upstream(b, None)))
+    Ok(resp.map(|b| ProxyBody::Upstream(b, Held::default())))
 }

@@ -97,6 +97,19 @@ struct OverflowLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: &'static str,
+    name: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    scope: &'static str,
+    name: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabels {
     backend_name: Arc<str>,
     tier: &'static str,
@@ -273,6 +286,8 @@ pub struct Metrics {
     circuit_refused: Family<BackendLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
     tier_requests: Family<TierLabels, Counter>,
+    concurrency_limit: Family<ScopeLabels, Gauge>,
+    shed: Family<ShedLabels, Counter>,
 }
 
 /// Latency buckets in seconds: fine below 10 ms where a sidecar hop lives.
@@ -338,6 +353,19 @@ impl Metrics {
         let circuit_refused = Family::<BackendLabels, Counter>::default();
         let overflows = Family::<OverflowLabels, Counter>::default();
         let tier_requests = Family::<TierLabels, Counter>::default();
+        let concurrency_limit = Family::<ScopeLabels, Gauge>::default();
+        let shed = Family::<ShedLabels, Counter>::default();
+        registry.register(
+            "tern_concurrency_limit",
+            "Current concurrency limit, by scope (backend, route) and name",
+            concurrency_limit.clone(),
+        );
+        registry.register(
+            "tern_shed",
+            "Requests shed with 503 overloaded, by scope, name and reason \
+             (queue_full, queue_timeout)",
+            shed.clone(),
+        );
         registry.register(
             "tern_balancer_requests",
             "Attempts sent, by backend and locality tier (zone, region, remote)",
@@ -406,7 +434,25 @@ impl Metrics {
             circuit_refused,
             overflows,
             tier_requests,
+            concurrency_limit,
+            shed,
         }
+    }
+
+    /// The limit gauge and shed counters (queue_full, queue_timeout) of one limiter.
+    pub fn concurrency(&self, scope: &'static str, name: &Arc<str>) -> (Gauge, [Counter; 2]) {
+        let gauge = self.concurrency_limit.get_or_create_owned(&ScopeLabels {
+            scope,
+            name: name.clone(),
+        });
+        let shed = ["queue_full", "queue_timeout"].map(|reason| {
+            self.shed.get_or_create_owned(&ShedLabels {
+                scope,
+                name: name.clone(),
+                reason,
+            })
+        });
+        (gauge, shed)
     }
 
     pub fn tier_requests(&self, backend: &Arc<str>, tier: &'static str) -> Counter {

@@ -14,9 +14,10 @@ use tokio::time::Instant;
 
 use crate::access_log::{Entry, Trace};
 use crate::balance::{BackendState, PickError, hash};
-use crate::body::{ProxyBody, RequestBody};
+use crate::body::{Held, ProxyBody, RequestBody};
 use crate::headers;
 use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics};
+use crate::policy::concurrency::Permit;
 use crate::policy::limits::Limit;
 use crate::policy::retry::{self, Buffered, Replay};
 use crate::policy::timeout::cap;
@@ -128,6 +129,7 @@ async fn serve(
             metrics: &metrics,
             deadline,
             peer,
+            active,
         };
         // No wrapper without a timeout: moving the attempt future into one costs a copy
         // of its whole state on every request.
@@ -177,6 +179,7 @@ struct Attempts<'a> {
     deadline: Option<Instant>,
     /// The client, for source-address hashing.
     peer: std::net::SocketAddr,
+    active: &'a Active,
 }
 
 impl Attempts<'_> {
@@ -197,6 +200,37 @@ impl Attempts<'_> {
             *fate = Some(Fate::NotRetryable);
             return Err(self.overflow(Limit::Requests, policy.limits.max_requests));
         };
+        let mut held = Held {
+            slot: Some(slot),
+            permits: None,
+        };
+        let backend_limiter = self.state.concurrency.as_ref();
+        let route_limiter = self.active.balancer.route_limiter(self.rule);
+        if backend_limiter.is_some() || route_limiter.is_some() {
+            let mut permits: Box<[Option<Permit>; 2]> = Box::default();
+            for (k, (limiter, scope)) in [(backend_limiter, "backend"), (route_limiter, "route")]
+                .into_iter()
+                .enumerate()
+            {
+                let Some(limiter) = limiter else { continue };
+                match limiter.acquire().await {
+                    Ok(p) => permits[k] = Some(p),
+                    Err(reason) => {
+                        *fate = Some(Fate::NotRetryable);
+                        let name = match scope {
+                            "backend" => self.backend.name.clone(),
+                            _ => self.rule.route.clone(),
+                        };
+                        return Err(ProxyError::Overloaded {
+                            scope,
+                            name,
+                            reason,
+                        });
+                    }
+                }
+            }
+            held.permits = Some(permits);
+        }
         // One clock read for the request's bookkeeping, refreshed after each attempt.
         let mut now = clock.now_ms();
         self.state.budget.deposit(now);
@@ -292,7 +326,8 @@ impl Attempts<'_> {
                             (false, 1) => Fate::SuccessFirstTry,
                             (false, _) => Fate::SuccessAfterRetry,
                         });
-                        return Ok(resp.map(|b| ProxyBody::Upstream(b, Some(slot))));
+                        held.sample(status >= 500);
+                        return Ok(resp.map(|b| ProxyBody::Upstream(b, held)));
                     }
                     verdict =
                         self.may_retry(n, max_attempts, resend_ok && replay.is_some(), after, now);
@@ -337,7 +372,11 @@ impl Attempts<'_> {
                 }
                 Err(f) => {
                     *fate = Some(f);
-                    return outcome.map(|resp| resp.map(|b| ProxyBody::Upstream(b, Some(slot))));
+                    let failed = outcome
+                        .as_ref()
+                        .map_or(true, |r| r.status().as_u16() >= 500);
+                    held.sample(failed);
+                    return outcome.map(|resp| resp.map(|b| ProxyBody::Upstream(b, held)));
                 }
             }
         }
@@ -441,7 +480,11 @@ async fn forward_upgrade(
                 .failure_status_codes
                 .contains(&resp.status().as_u16());
             state.record(picked, failed, now, &shared.metrics);
-            Ok(resp.map(|b| ProxyBody::Upstream(b, Some(slot))))
+            let held = Held {
+                slot: Some(slot),
+                permits: None,
+            };
+            Ok(resp.map(|b| ProxyBody::Upstream(b, held)))
         }
         Err(UpstreamError::Overflow(limit, max)) => Err(overflow(limit, max)),
         Err(err) => {

@@ -10,6 +10,7 @@ use http::{HeaderValue, Response, StatusCode};
 use tern_config::snapshot::LookupError;
 
 use crate::body::ProxyBody;
+use crate::policy::concurrency::Shed;
 use crate::policy::limits::Limit;
 
 /// The response header that carries the reason of a proxy-generated error.
@@ -62,6 +63,15 @@ pub enum ProxyError {
     },
     #[error("every endpoint of {0} is ejected (circuit open)")]
     CircuitOpen(Arc<str>),
+    #[error("{scope} {name} is at its concurrency limit ({})", match .reason {
+        Shed::QueueFull => "queue full",
+        Shed::QueueTimeout => "queue timeout",
+    })]
+    Overloaded {
+        scope: &'static str,
+        name: Arc<str>,
+        reason: Shed,
+    },
     #[error("reading the request body: {0}")]
     ClientBody(#[source] hyper::Error),
 }
@@ -77,6 +87,7 @@ impl ProxyError {
             ProxyError::NoEndpoints(_)
             | ProxyError::NotReady
             | ProxyError::Overflow { .. }
+            | ProxyError::Overloaded { .. }
             | ProxyError::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => {
@@ -102,12 +113,17 @@ impl ProxyError {
             ProxyError::NotReady => "not-ready",
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::CircuitOpen(_) => "circuit-open",
+            ProxyError::Overloaded { .. } => "overloaded",
         }
     }
 
     /// The response for this error: `tern-error: <code>: <reason>`, the same text as body.
     pub fn into_response(self) -> Response<ProxyBody> {
         let text = format!("{}: {}", self.code(), self);
+        let shed = matches!(
+            self,
+            ProxyError::Overloaded { .. } | ProxyError::Overflow { .. }
+        );
         let header =
             HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(self.code()));
         let mut body = text.into_bytes();
@@ -116,6 +132,10 @@ impl ProxyError {
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
         headers.insert(TERN_ERROR, header);
+        if shed {
+            // Load shedding says when to come back.
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),

@@ -16,12 +16,14 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use prometheus_client::metrics::counter::Counter;
+use rustc_hash::FxHashMap;
 use serde_json::Value;
 use tern_config::Snapshot;
-use tern_config::snapshot::Algorithm;
+use tern_config::snapshot::{Algorithm, ConcurrencyLimit, Rule};
 
 use crate::metrics::Metrics;
 use crate::policy::breaker::{Admit, BackendCircuits, Clock, EndpointCircuit};
+use crate::policy::concurrency::Limiter;
 use crate::policy::limits::Counters;
 use crate::policy::retry_budget::Budget;
 use hash::Table;
@@ -42,6 +44,8 @@ pub struct BackendState {
     pub budget: Arc<Budget>,
     /// Requests sent per locality tier.
     tier_requests: [Counter; 3],
+    /// BackendPolicy `concurrency`.
+    pub concurrency: Option<Arc<Limiter>>,
 }
 
 /// Why no endpoint could be picked.
@@ -211,6 +215,46 @@ impl BackendState {
 pub struct Balancer {
     /// Indexed by `Backend::index`.
     backends: Vec<BackendState>,
+    /// ConcurrencyPolicy limiters of route rules, by the rule's address in the snapshot
+    /// (valid: the snapshot outlives its balancer).
+    routes: FxHashMap<usize, Arc<Limiter>>,
+    /// (route, rule index) of each of those, to hand limiters to the next version.
+    route_keys: FxHashMap<usize, (Arc<str>, usize)>,
+}
+
+/// The limiter for `config`: the previous one when its settings are equal (so requests in
+/// flight stay counted), else a new one.
+fn limiter(
+    previous: Option<&Arc<Limiter>>,
+    config: &ConcurrencyLimit,
+    scope: &'static str,
+    name: &Arc<str>,
+    metrics: &Metrics,
+) -> Arc<Limiter> {
+    match previous {
+        Some(l) if l.config == *config => l.clone(),
+        _ => {
+            let (gauge, shed) = metrics.concurrency(scope, name);
+            Arc::new(Limiter::new(config.clone(), gauge, shed))
+        }
+    }
+}
+
+/// Every rule of a snapshot, once.
+fn rules(snapshot: &Snapshot) -> impl Iterator<Item = &Arc<Rule>> {
+    let mut seen = rustc_hash::FxHashSet::default();
+    snapshot
+        .services
+        .values()
+        .flat_map(|s| s.ports.iter())
+        .flat_map(|sp| {
+            sp.http
+                .iter()
+                .map(|m| &m.rule)
+                .chain(sp.grpc.iter().map(|m| &m.rule))
+                .chain(sp.default_rule.iter())
+        })
+        .filter(move |r| seen.insert(Arc::as_ptr(r) as usize))
 }
 
 impl Balancer {
@@ -298,6 +342,10 @@ impl Balancer {
                         _ => Arc::new(Budget::new(policy.retry_budget)),
                     },
                     tier_requests: TIER_NAMES.map(|tier| metrics.tier_requests(&b.name, tier)),
+                    concurrency: policy.concurrency.as_ref().map(|c| {
+                        let kept = prev.and_then(|p| p.concurrency.as_ref());
+                        limiter(kept, c, "backend", &b.name, metrics)
+                    }),
                 }
             })
             .collect();
@@ -319,7 +367,37 @@ impl Balancer {
                 }
             }
         }
-        Balancer { backends }
+        let old_routes: HashMap<(&str, usize), &Arc<Limiter>> = previous
+            .map(|p| {
+                p.route_keys
+                    .iter()
+                    .filter_map(|(ptr, key)| Some(((&*key.0, key.1), p.routes.get(ptr)?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut routes = FxHashMap::default();
+        let mut route_keys = FxHashMap::default();
+        for rule in rules(snapshot) {
+            if let Some(c) = &rule.concurrency {
+                let name: Arc<str> = format!("{}#{}", rule.route, rule.rule_index).into();
+                let kept = old_routes.get(&(&*rule.route, rule.rule_index)).copied();
+                let ptr = Arc::as_ptr(rule) as usize;
+                routes.insert(ptr, limiter(kept, c, "route", &name, metrics));
+                route_keys.insert(ptr, (rule.route.clone(), rule.rule_index));
+            }
+        }
+        Balancer {
+            backends,
+            routes,
+            route_keys,
+        }
+    }
+
+    /// The ConcurrencyPolicy limiter of `rule`, if it has one.
+    pub fn route_limiter(&self, rule: &Rule) -> Option<&Arc<Limiter>> {
+        // Most rules have none: no hash lookup for them.
+        rule.concurrency.as_ref()?;
+        self.routes.get(&(rule as *const Rule as usize))
     }
 
     /// Every backend with its runtime state (for the admin endpoints and gauges).

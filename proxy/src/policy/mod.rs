@@ -3,6 +3,7 @@
 //! breaker. Rate limits and concurrency limits come beside these.
 
 pub mod breaker;
+pub mod concurrency;
 pub mod limits;
 pub mod retry;
 pub mod retry_budget;
