@@ -110,6 +110,14 @@ struct ShedLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLimitLabels {
+    policy: Arc<str>,
+    route_name: String,
+    key_kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabels {
     backend_name: Arc<str>,
     tier: &'static str,
@@ -288,6 +296,7 @@ pub struct Metrics {
     tier_requests: Family<TierLabels, Counter>,
     concurrency_limit: Family<ScopeLabels, Gauge>,
     shed: Family<ShedLabels, Counter>,
+    rate_limits: Family<RateLimitLabels, Counter>,
 }
 
 /// Latency buckets in seconds: fine below 10 ms where a sidecar hop lives.
@@ -355,6 +364,13 @@ impl Metrics {
         let tier_requests = Family::<TierLabels, Counter>::default();
         let concurrency_limit = Family::<ScopeLabels, Gauge>::default();
         let shed = Family::<ShedLabels, Counter>::default();
+        let rate_limits = Family::<RateLimitLabels, Counter>::default();
+        registry.register(
+            "tern_rate_limit",
+            "Requests checked against a RateLimitPolicy, by policy, route, key kind and \
+             result (allowed, limited)",
+            rate_limits.clone(),
+        );
         registry.register(
             "tern_concurrency_limit",
             "Current concurrency limit, by scope (backend, route) and name",
@@ -436,7 +452,26 @@ impl Metrics {
             tier_requests,
             concurrency_limit,
             shed,
+            rate_limits,
         }
+    }
+
+    /// Counts one rate-limit decision (inbound, only where a policy applies).
+    pub fn rate_limit(
+        &self,
+        policy: &Arc<str>,
+        route: &str,
+        key_kind: &'static str,
+        limited: bool,
+    ) {
+        self.rate_limits
+            .get_or_create(&RateLimitLabels {
+                policy: policy.clone(),
+                route_name: route.to_string(),
+                key_kind,
+                result: if limited { "limited" } else { "allowed" },
+            })
+            .inc();
     }
 
     /// The limit gauge and shed counters (queue_full, queue_timeout) of one limiter.

@@ -72,6 +72,8 @@ pub enum ProxyError {
         name: Arc<str>,
         reason: Shed,
     },
+    #[error("rate limit of {0} exceeded")]
+    RateLimited(Arc<str>),
     #[error("reading the request body: {0}")]
     ClientBody(#[source] hyper::Error),
 }
@@ -83,6 +85,7 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UnknownService(_) | ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoints(_)
             | ProxyError::NotReady
@@ -114,6 +117,7 @@ impl ProxyError {
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::CircuitOpen(_) => "circuit-open",
             ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::RateLimited(_) => "rate-limited",
         }
     }
 

@@ -13,10 +13,11 @@ use arc_swap::ArcSwapOption;
 use tern_config::Snapshot;
 use tern_config::snapshot::ServicePort;
 
-use crate::balance::Balancer;
 use crate::balance::locality::Place;
+use crate::balance::{self, Balancer};
 use crate::metrics::Metrics;
 use crate::policy::breaker::Clock;
+use crate::policy::rate_limit::RateLimiters;
 
 /// The sidecar's settings, from flags and environment.
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ pub struct Active {
     pub snapshot: Arc<Snapshot>,
     /// Per-backend runtime state (circuits, limits, budgets), carried across versions.
     pub balancer: Balancer,
+    /// RateLimitPolicy buckets, carried across versions when unchanged.
+    pub rate_limiters: RateLimiters,
     /// `parent_name` metric labels (`ns/name:port`), keyed by the address of the
     /// `ServicePort` inside `snapshot` (stable: the snapshot is immutable and kept alive
     /// by this struct), so a request does not format a label.
@@ -66,6 +69,13 @@ impl Active {
             clock,
             place,
         );
+        let limits = snapshot
+            .services
+            .values()
+            .flat_map(|s| s.ports.iter())
+            .filter_map(|sp| sp.rate_limit.as_ref())
+            .chain(balance::rules(&snapshot).filter_map(|r| r.rate_limit.as_ref()));
+        let rate_limiters = RateLimiters::new(limits, previous.map(|p| &p.rate_limiters));
         let mut parent_labels = FxHashMap::default();
         for svc in snapshot.services.values() {
             for sp in &svc.ports {
@@ -78,6 +88,7 @@ impl Active {
         Active {
             snapshot: Arc::new(snapshot),
             balancer,
+            rate_limiters,
             parent_labels,
         }
     }

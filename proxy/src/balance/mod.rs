@@ -241,7 +241,7 @@ fn limiter(
 }
 
 /// Every rule of a snapshot, once.
-fn rules(snapshot: &Snapshot) -> impl Iterator<Item = &Arc<Rule>> {
+pub fn rules(snapshot: &Snapshot) -> impl Iterator<Item = &Arc<Rule>> {
     let mut seen = rustc_hash::FxHashSet::default();
     snapshot
         .services

@@ -5,6 +5,7 @@
 pub mod breaker;
 pub mod concurrency;
 pub mod limits;
+pub mod rate_limit;
 pub mod retry;
 pub mod retry_budget;
 pub mod timeout;
