@@ -8,9 +8,12 @@
 //! gRPC: service+method, then service only, then method only, then neither; Exact before
 //! RegularExpression; more header matches first; then the same route tie-breakers.
 //!
-//! BackendPolicies: each backend (Service port) gets the policy naming its port by
-//! `sectionName`, else one targeting the whole Service; between equals the oldest, then
-//! namespace/name (validation warns about the losers); see `rank_policies`.
+//! Policies (BackendPolicy, RateLimitPolicy, ConcurrencyPolicy): each Service port, or
+//! route rule, gets the policy of a kind naming it by `sectionName` (port name, rule
+//! name), else one targeting the whole Service or route; between equals the oldest, then
+//! namespace/name (validation warns about the losers); see `rank_policies`. BackendPolicy
+//! goes to backends; a RateLimitPolicy to Service ports (Service targets) and route rules
+//! (route targets); a ConcurrencyPolicy to route rules. One `Arc` per policy.
 //!
 //! Compilation assumes [`crate::validate`] passed; anything that still does not parse is
 //! skipped rather than panicking.
@@ -36,6 +39,12 @@ use crate::validate::{
 const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
 /// `retry.backoff` when omitted.
 const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+/// `queueTimeout` of a concurrency limit when omitted.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+/// `rate.per` of a RateLimitPolicy when omitted.
+pub const DEFAULT_RATE_PER: Duration = Duration::from_secs(1);
+/// `adaptive.minLimit` when omitted (`maxLimit` defaults to `maxConcurrent`).
+pub const DEFAULT_MIN_LIMIT: u32 = 1;
 /// HTTP statuses retried when `retry.codes` is omitted.
 const DEFAULT_RETRY_CODES: [u16; 3] = [502, 503, 504];
 /// gRPC codes retried when `retry.codes` is omitted: UNAVAILABLE.
@@ -102,10 +111,12 @@ struct Compiler<'a> {
     routes: HashMap<(&'a str, &'a str), Vec<&'a model::Object>>,
     /// EndpointSlices by the Service (namespace, name) they label, in resource order.
     slices: HashMap<(&'a str, &'a str), Vec<&'a model::Object>>,
-    /// BackendPolicies by the Service (namespace, name) they target.
-    policies: PolicyIndex<'a>,
-    /// Compiled policies by policy (one Arc per policy, shared by its backends).
+    /// Policies by the object they target.
+    policies: Policies<'a>,
+    /// Compiled policies by policy (one Arc per policy, shared by everything it governs).
     compiled_policies: HashMap<ObjectRef, Arc<BackendPolicy>>,
+    compiled_rate_limits: HashMap<ObjectRef, Arc<RateLimit>>,
+    compiled_concurrency: HashMap<ObjectRef, Arc<ConcurrencyLimit>>,
     /// Shared by every backend no policy targets.
     default_policy: Arc<BackendPolicy>,
 }
@@ -146,29 +157,156 @@ impl<'a> Compiler<'a> {
             backend_ids: HashMap::new(),
             routes,
             slices,
-            policies: policy_index(res),
+            policies: Policies::new(res),
             compiled_policies: HashMap::new(),
+            compiled_rate_limits: HashMap::new(),
+            compiled_concurrency: HashMap::new(),
             default_policy: Arc::new(BackendPolicy::default()),
         }
     }
 }
 
-/// BackendPolicies by the Service (namespace, name) they target, each once per Service,
-/// in resource order.
-pub(crate) type PolicyIndex<'a> = HashMap<(&'a str, &'a str), Vec<&'a model::BackendPolicy>>;
+/// A Tern policy kind: attaches to objects through `spec.targetRefs`.
+pub(crate) trait Policy: Sized + 'static {
+    const KIND: Kind;
+    /// The kinds its targetRefs may name.
+    const TARGETS: &'static [Kind];
+    fn meta(&self) -> &model::Meta;
+    fn target_refs(&self) -> &[model::PolicyTargetRef];
+    fn of(r: &Resource) -> Option<&Self>;
+    /// This kind's index in `p`.
+    fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self>;
 
-pub(crate) fn policy_index(res: &Resources) -> PolicyIndex<'_> {
-    let mut index: PolicyIndex = HashMap::new();
-    for obj in res.of_kind(Kind::BackendPolicy) {
-        let Resource::BackendPolicy(p) = &obj.resource else {
+    /// Whether targetRef `t` names something this kind attaches to, and what.
+    fn target_of(t: &model::PolicyTargetRef) -> Option<Kind> {
+        t.target_kind().filter(|k| Self::TARGETS.contains(k))
+    }
+}
+
+impl Policy for model::BackendPolicy {
+    const KIND: Kind = Kind::BackendPolicy;
+    const TARGETS: &'static [Kind] = &[Kind::Service];
+    fn meta(&self) -> &model::Meta {
+        &self.meta
+    }
+    fn target_refs(&self) -> &[model::PolicyTargetRef] {
+        &self.target_refs
+    }
+    fn of(r: &Resource) -> Option<&Self> {
+        match r {
+            Resource::BackendPolicy(p) => Some(p),
+            _ => None,
+        }
+    }
+    fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self> {
+        &p.backend
+    }
+}
+
+impl Policy for model::RateLimitPolicy {
+    const KIND: Kind = Kind::RateLimitPolicy;
+    const TARGETS: &'static [Kind] = &[Kind::Service, Kind::HTTPRoute, Kind::GRPCRoute];
+    fn meta(&self) -> &model::Meta {
+        &self.meta
+    }
+    fn target_refs(&self) -> &[model::PolicyTargetRef] {
+        &self.target_refs
+    }
+    fn of(r: &Resource) -> Option<&Self> {
+        match r {
+            Resource::RateLimitPolicy(p) => Some(p),
+            _ => None,
+        }
+    }
+    fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self> {
+        &p.rate_limit
+    }
+}
+
+impl Policy for model::ConcurrencyPolicy {
+    const KIND: Kind = Kind::ConcurrencyPolicy;
+    const TARGETS: &'static [Kind] = &[Kind::HTTPRoute, Kind::GRPCRoute];
+    fn meta(&self) -> &model::Meta {
+        &self.meta
+    }
+    fn target_refs(&self) -> &[model::PolicyTargetRef] {
+        &self.target_refs
+    }
+    fn of(r: &Resource) -> Option<&Self> {
+        match r {
+            Resource::ConcurrencyPolicy(p) => Some(p),
+            _ => None,
+        }
+    }
+    fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self> {
+        &p.concurrency
+    }
+}
+
+/// Policies of one kind by the object (kind, namespace, name) they target, each once per
+/// object, in resource order.
+pub(crate) type PolicyIndex<'a, P> = HashMap<(Kind, &'a str, &'a str), Vec<&'a P>>;
+
+/// Every policy kind's index, built once and shared by validation and compilation.
+pub(crate) struct Policies<'a> {
+    pub backend: PolicyIndex<'a, model::BackendPolicy>,
+    pub rate_limit: PolicyIndex<'a, model::RateLimitPolicy>,
+    pub concurrency: PolicyIndex<'a, model::ConcurrencyPolicy>,
+}
+
+impl<'a> Policies<'a> {
+    pub fn new(res: &'a Resources) -> Self {
+        Policies {
+            backend: policy_index(res),
+            rate_limit: policy_index(res),
+            concurrency: policy_index(res),
+        }
+    }
+
+    /// The policies of kind `P` targeting object `target`/`name` (in the policy's own
+    /// namespace `ns`).
+    pub fn targeting<'s, P: Policy>(
+        &'s self,
+        target: Kind,
+        ns: &'s str,
+        name: &'s str,
+    ) -> &'s [&'a P] {
+        P::index(self)
+            .get(&(target, ns, name))
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// The policy of kind `P` that applies to section `section` (port or rule name) of
+    /// `target` `ns/name`: see [`rank_policies`].
+    pub fn applying<P: Policy>(
+        &self,
+        target: Kind,
+        ns: &str,
+        name: &str,
+        section: Option<&str>,
+    ) -> Option<&'a P> {
+        let candidates = self.targeting::<P>(target, ns, name);
+        rank_policies(candidates, target, name, section)
+            .first()
+            .map(|&(_, _, p)| p)
+    }
+}
+
+fn policy_index<P: Policy>(res: &Resources) -> PolicyIndex<'_, P> {
+    let mut index: PolicyIndex<P> = HashMap::new();
+    for obj in res.of_kind(P::KIND) {
+        let Some(p) = P::of(&obj.resource) else {
             continue;
         };
-        let mut seen: Vec<&str> = Vec::new();
-        for t in p.target_refs.iter().filter(|t| t.is_service()) {
-            if !seen.contains(&t.name.as_str()) {
-                seen.push(&t.name);
+        let mut seen: Vec<(Kind, &str)> = Vec::new();
+        for t in p.target_refs() {
+            let Some(kind) = P::target_of(t) else {
+                continue;
+            };
+            if !seen.contains(&(kind, t.name.as_str())) {
+                seen.push((kind, &t.name));
                 index
-                    .entry((p.meta.namespace.as_str(), t.name.as_str()))
+                    .entry((kind, p.meta().namespace.as_str(), t.name.as_str()))
                     .or_default()
                     .push(p);
             }
@@ -177,33 +315,35 @@ pub(crate) fn policy_index(res: &Resources) -> PolicyIndex<'_> {
     index
 }
 
-/// The policies of `candidates` (all targeting Service `service`) that apply to its port
-/// named `port_name`, best first, as (specificity, targetRef index, policy): specificity 0
-/// targets the port by `sectionName`, 1 the whole Service; ties go to the oldest policy,
-/// then namespace/name (as for routes). The first one applies.
-pub(crate) fn rank_policies<'a>(
-    candidates: &[&'a model::BackendPolicy],
-    service: &str,
-    port_name: Option<&str>,
-) -> Vec<(u8, usize, &'a model::BackendPolicy)> {
-    let port_name = port_name.filter(|n| !n.is_empty());
-    let mut ranked: Vec<(u8, usize, &model::BackendPolicy)> = candidates
+/// The policies of `candidates` (all targeting object `target`/`name`) that apply to its
+/// section (Service port or route rule) named `section`, best first, as (specificity,
+/// targetRef index, policy): specificity 0 targets the section by `sectionName`, 1 the
+/// whole object; ties go to the oldest policy, then namespace/name (as for routes). The
+/// first one applies.
+pub(crate) fn rank_policies<'a, P: Policy>(
+    candidates: &[&'a P],
+    target: Kind,
+    name: &str,
+    section: Option<&str>,
+) -> Vec<(u8, usize, &'a P)> {
+    let section = section.filter(|n| !n.is_empty());
+    let mut ranked: Vec<(u8, usize, &P)> = candidates
         .iter()
         .filter_map(|p| {
-            p.target_refs
+            p.target_refs()
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| t.is_service() && t.name == service)
+                .filter(|(_, t)| P::target_of(t) == Some(target) && t.name == name)
                 .filter_map(|(i, t)| match t.section_name.as_deref() {
                     None => Some((1, i)),
-                    Some(section) if Some(section) == port_name => Some((0, i)),
+                    Some(s) if Some(s) == section => Some((0, i)),
                     Some(_) => None,
                 })
                 .min()
                 .map(|(rank, i)| (rank, i, *p))
         })
         .collect();
-    ranked.sort_by_cached_key(|(rank, i, p)| (*rank, age_key(&p.meta), *i));
+    ranked.sort_by_cached_key(|(rank, i, p)| (*rank, age_key(p.meta()), *i));
     ranked
 }
 
@@ -260,19 +400,24 @@ impl Compiler<'_> {
                         .get(NON_IDEMPOTENT_ANNOTATION)
                         .is_some_and(|v| v == "true");
                     for (ri, rule) in r.rules.iter().enumerate() {
-                        let compiled = Arc::new(
-                            self.rule(
-                                &label,
-                                ri,
-                                RouteKind::HTTPRoute,
-                                &rule.backend_refs,
-                                &rule.filters,
-                                &rule.timeouts,
-                                rule.retry
-                                    .as_ref()
-                                    .map(|rt| retry_policy(rt, false, non_idempotent)),
-                            ),
+                        let mut compiled = self.rule(
+                            &label,
+                            ri,
+                            RouteKind::HTTPRoute,
+                            &rule.backend_refs,
+                            &rule.filters,
+                            &rule.timeouts,
+                            rule.retry
+                                .as_ref()
+                                .map(|rt| retry_policy(rt, false, non_idempotent)),
                         );
+                        self.route_policies(
+                            &mut compiled,
+                            Kind::HTTPRoute,
+                            &r.meta,
+                            rule.name.as_deref(),
+                        );
+                        let compiled = Arc::new(compiled);
                         for (mi, m) in rule.matches.iter().enumerate() {
                             let Some(hm) = http_match(m) else { continue };
                             let (class, len) = match m.path_type {
@@ -304,7 +449,7 @@ impl Compiler<'_> {
                     attached = true;
                     let label: Arc<str> = format!("{}/{}", r.meta.namespace, r.meta.name).into();
                     for (ri, rule) in r.rules.iter().enumerate() {
-                        let compiled = Arc::new(self.rule(
+                        let mut compiled = self.rule(
                             &label,
                             ri,
                             RouteKind::GRPCRoute,
@@ -312,7 +457,14 @@ impl Compiler<'_> {
                             &rule.filters,
                             &model::Timeouts::default(),
                             rule.retry.as_ref().map(|rt| retry_policy(rt, true, true)),
-                        ));
+                        );
+                        self.route_policies(
+                            &mut compiled,
+                            Kind::GRPCRoute,
+                            &r.meta,
+                            rule.name.as_deref(),
+                        );
+                        let compiled = Arc::new(compiled);
                         for (mi, m) in rule.matches.iter().enumerate() {
                             let Some(gm) = grpc_match(m) else { continue };
                             let (class, regexes) = match &m.method {
@@ -379,8 +531,47 @@ impl Compiler<'_> {
             http,
             grpc: grpc.into_iter().map(|(_, m)| m).collect(),
             default_rule,
-            rate_limit: None,
+            rate_limit: self
+                .policies
+                .applying(Kind::Service, &id.namespace, &id.name, spec.name.as_deref())
+                .map(|p| self.rate_limit(p)),
         }
+    }
+
+    /// The RateLimitPolicy and ConcurrencyPolicy of a route rule (`rule_name`: its
+    /// `name`, what a targetRef's `sectionName` names).
+    fn route_policies(
+        &mut self,
+        rule: &mut Rule,
+        kind: Kind,
+        route: &model::Meta,
+        rule_name: Option<&str>,
+    ) {
+        let (ns, name) = (route.namespace.as_str(), route.name.as_str());
+        rule.rate_limit = self
+            .policies
+            .applying(kind, ns, name, rule_name)
+            .map(|p| self.rate_limit(p));
+        rule.concurrency = self
+            .policies
+            .applying::<model::ConcurrencyPolicy>(kind, ns, name, rule_name)
+            .and_then(|p| {
+                let compiled = concurrency_limit(&p.limit)?;
+                Some(
+                    self.compiled_concurrency
+                        .entry(source_of(&p.meta))
+                        .or_insert_with(|| Arc::new(compiled))
+                        .clone(),
+                )
+            });
+    }
+
+    /// The compiled RateLimitPolicy `p`, one `Arc` per policy.
+    fn rate_limit(&mut self, p: &model::RateLimitPolicy) -> Arc<RateLimit> {
+        self.compiled_rate_limits
+            .entry(source_of(&p.meta))
+            .or_insert_with_key(|source| Arc::new(rate_limit(source.clone(), p)))
+            .clone()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -482,19 +673,16 @@ impl Compiler<'_> {
 
     /// The policy for a Service port: see [`rank_policies`].
     fn policy(&mut self, id: &ObjectRef, port_name: Option<&str>) -> Arc<BackendPolicy> {
-        let candidates = self
-            .policies
-            .get(&(id.namespace.as_str(), id.name.as_str()))
-            .map_or(&[][..], Vec::as_slice);
-        let Some(&(_, _, p)) = rank_policies(candidates, &id.name, port_name).first() else {
+        let Some(p) = self.policies.applying::<model::BackendPolicy>(
+            Kind::Service,
+            &id.namespace,
+            &id.name,
+            port_name,
+        ) else {
             return self.default_policy.clone();
         };
-        let source = ObjectRef {
-            namespace: p.meta.namespace.clone(),
-            name: p.meta.name.clone(),
-        };
         self.compiled_policies
-            .entry(source)
+            .entry(source_of(&p.meta))
             .or_insert_with_key(|source| Arc::new(backend_policy(source.clone(), p)))
             .clone()
     }
@@ -648,7 +836,80 @@ fn backend_policy(source: ObjectRef, p: &model::BackendPolicy) -> BackendPolicy 
         m.max_pending_requests = n(l.max_pending_requests, m.max_pending_requests);
         m.max_requests = n(l.max_requests, m.max_requests);
     }
+    if let Some(lb) = &p.load_balancer {
+        let b = &mut policy.load_balancer;
+        b.algorithm = lb.algorithm.unwrap_or_default();
+        // The hash only matters to consistent hashing (validation warns otherwise).
+        if matches!(b.algorithm, Algorithm::RingHash | Algorithm::Maglev) {
+            b.hash = match &lb.hash {
+                Some(model::HashSpec::Header(h)) => HeaderName::from_bytes(h.as_bytes())
+                    .ok()
+                    .map(HashKey::Header),
+                Some(model::HashSpec::Cookie(c)) => Some(HashKey::Cookie(c.clone())),
+                Some(model::HashSpec::SourceIP(true)) => Some(HashKey::SourceIP),
+                _ => None,
+            };
+        }
+        if let Some(l) = &lb.locality {
+            let loc = &mut b.locality;
+            loc.enabled = l.enabled.unwrap_or(loc.enabled);
+            loc.min_healthy_percent = n(l.min_healthy_percent, loc.min_healthy_percent);
+        }
+    }
+    policy.concurrency = p.concurrency.as_ref().and_then(concurrency_limit);
     policy
+}
+
+/// `namespace/name` of a policy.
+fn source_of(meta: &model::Meta) -> ObjectRef {
+    ObjectRef {
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+    }
+}
+
+/// A concurrency limit with its defaults; `None` without a valid `maxConcurrent`.
+fn concurrency_limit(c: &model::ConcurrencySpec) -> Option<ConcurrencyLimit> {
+    let max_concurrent = c
+        .max_concurrent
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|v| *v > 0)?;
+    Some(ConcurrencyLimit {
+        max_concurrent,
+        max_queue: c.max_queue.and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
+        queue_timeout: positive(&c.queue_timeout).unwrap_or(DEFAULT_QUEUE_TIMEOUT),
+        adaptive: c.adaptive.as_ref().map(|a| {
+            let n = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
+            let min_limit = n(a.min_limit)
+                .unwrap_or(DEFAULT_MIN_LIMIT)
+                .min(max_concurrent);
+            Adaptive {
+                algorithm: a.algorithm.unwrap_or_default(),
+                min_limit,
+                max_limit: n(a.max_limit).unwrap_or(max_concurrent).max(max_concurrent),
+            }
+        }),
+    })
+}
+
+/// A RateLimitPolicy with its defaults.
+fn rate_limit(source: ObjectRef, p: &model::RateLimitPolicy) -> RateLimit {
+    let rate = p.rate.clone().unwrap_or_default();
+    let n = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok());
+    RateLimit {
+        source,
+        requests: n(rate.requests).filter(|v| *v > 0).unwrap_or(1),
+        per: positive(&rate.per).unwrap_or(DEFAULT_RATE_PER),
+        burst: n(rate.burst).unwrap_or(0),
+        key: match &p.key {
+            None | Some(model::RateLimitKeySpec::All) => RateLimitKey::All,
+            Some(model::RateLimitKeySpec::Route) => RateLimitKey::Route,
+            Some(model::RateLimitKeySpec::Caller) => RateLimitKey::Caller,
+            Some(model::RateLimitKeySpec::Header(h)) => {
+                HeaderName::from_bytes(h.as_bytes()).map_or(RateLimitKey::All, RateLimitKey::Header)
+            }
+        },
+    }
 }
 
 /// A duration that parses and is longer than zero.
@@ -838,6 +1099,51 @@ fn rule_json(r: &Rule) -> Value {
         "responseHeaders": header_modifier_json(&r.response_headers),
         "urlRewrite": rewrite,
         "retry": r.retry.as_ref().map(retry_json),
+        "rateLimit": r.rate_limit.as_deref().map(rate_limit_json),
+        "concurrency": r.concurrency.as_deref().map(concurrency_json),
+    })
+}
+
+fn rate_limit_json(r: &RateLimit) -> Value {
+    json!({
+        "source": r.source.to_string(),
+        "requests": r.requests,
+        "per": duration_json(Some(r.per)),
+        "burst": r.burst,
+        "key": match &r.key {
+            RateLimitKey::All => json!("All"),
+            RateLimitKey::Route => json!("Route"),
+            RateLimitKey::Caller => json!("Caller"),
+            RateLimitKey::Header(h) => json!({"header": h.as_str()}),
+        },
+    })
+}
+
+fn concurrency_json(c: &ConcurrencyLimit) -> Value {
+    json!({
+        "maxConcurrent": c.max_concurrent,
+        "maxQueue": c.max_queue,
+        "queueTimeout": duration_json(Some(c.queue_timeout)),
+        "adaptive": c.adaptive.map(|a| json!({
+            "algorithm": a.algorithm,
+            "minLimit": a.min_limit,
+            "maxLimit": a.max_limit,
+        })),
+    })
+}
+
+fn load_balancer_json(lb: &LoadBalancer) -> Value {
+    json!({
+        "algorithm": lb.algorithm,
+        "hash": lb.hash.as_ref().map(|h| match h {
+            HashKey::Header(name) => json!({"header": name.as_str()}),
+            HashKey::Cookie(name) => json!({"cookie": name}),
+            HashKey::SourceIP => json!({"sourceIP": true}),
+        }),
+        "locality": {
+            "enabled": lb.locality.enabled,
+            "minHealthyPercent": lb.locality.min_healthy_percent,
+        },
     })
 }
 
@@ -879,6 +1185,8 @@ fn policy_json(p: &BackendPolicy) -> Value {
             "maxPendingRequests": p.limits.max_pending_requests,
             "maxRequests": p.limits.max_requests,
         },
+        "loadBalancer": load_balancer_json(&p.load_balancer),
+        "concurrency": p.concurrency.as_ref().map(concurrency_json),
     })
 }
 
@@ -939,6 +1247,7 @@ fn port_json(sp: &ServicePort) -> Value {
         "http": http,
         "grpc": grpc,
         "default": sp.default_rule.as_deref().map(rule_json),
+        "rateLimit": sp.rate_limit.as_deref().map(rate_limit_json),
     })
 }
 
@@ -1494,6 +1803,12 @@ mod tests {
                     "failureStatusCodes": [502, 503, 504],
                 },
                 "limits": {"maxConnections": 1024, "maxPendingRequests": 1024, "maxRequests": 1024},
+                "loadBalancer": {
+                    "algorithm": "P2CPeakEWMA",
+                    "hash": null,
+                    "locality": {"enabled": true, "minHealthyPercent": 70},
+                },
+                "concurrency": null,
             })
         );
         let v2 = j["backends"]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::diag::{Diagnostic, Sink};
 use crate::model::*;
+use crate::snapshot::{AdaptiveAlgorithm, Algorithm};
 use crate::yaml::{self, LocMap, Node, NodeKind, Scalar, join};
 
 /// Standard ObjectMeta fields that carry nothing Tern needs: accepted silently.
@@ -283,11 +284,13 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
         (Some(k), Some(n)) => match Kind::from_name(k) {
             Some(kind) => Some(kind),
             None => {
+                let [init @ .., last] = Kind::ALL.map(|k| k.to_string());
                 s.error(
                     n.loc,
                     "kind",
                     format!(
-                        "unknown kind \"{k}\" (Tern reads Service, EndpointSlice, HTTPRoute, GRPCRoute and BackendPolicy)"
+                        "unknown kind \"{k}\" (Tern reads {} and {last})",
+                        init.join(", ")
                     ),
                 );
                 None
@@ -366,16 +369,25 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
         Kind::BackendPolicy => {
             let spec = spec_fields(&mut f, s).map(|sf| backend_policy_spec(s, sf));
             f.finish(s, &["status"], &[]);
-            let spec = spec.unwrap_or(BackendPolicy {
-                meta: Meta::default(),
-                target_refs: Vec::new(),
-                retry_budget: None,
-                circuit_breaker: None,
-                limits: None,
-            });
             Resource::BackendPolicy(Box::new(BackendPolicy {
                 meta: meta?,
-                ..spec
+                ..spec.unwrap_or_default()
+            }))
+        }
+        Kind::RateLimitPolicy => {
+            let spec = spec_fields(&mut f, s).map(|sf| rate_limit_policy_spec(s, sf));
+            f.finish(s, &["status"], &[]);
+            Resource::RateLimitPolicy(Box::new(RateLimitPolicy {
+                meta: meta?,
+                ..spec.unwrap_or_default()
+            }))
+        }
+        Kind::ConcurrencyPolicy => {
+            let spec = spec_fields(&mut f, s).map(|sf| concurrency_policy_spec(s, sf));
+            f.finish(s, &["status"], &[]);
+            Resource::ConcurrencyPolicy(Box::new(ConcurrencyPolicy {
+                meta: meta?,
+                ..spec.unwrap_or_default()
             }))
         }
     };
@@ -746,7 +758,7 @@ fn http_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Ve
         let Some(mut rf) = Fields::new(s, n, &p) else {
             continue;
         };
-        rf.str(s, "name");
+        let name = rf.str(s, "name");
         let mut matches = Vec::new();
         for (mn, mp) in rf.list(s, "matches") {
             let Some(mut mf) = Fields::new(s, mn, &mp) else {
@@ -793,6 +805,7 @@ fn http_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Ve
         let retry = retry(s, &mut rf, false);
         rf.finish(s, &[], &["sessionPersistence"]);
         rules.push(HttpRule {
+            name,
             matches,
             filters,
             backend_refs,
@@ -811,7 +824,7 @@ fn grpc_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Ve
         let Some(mut rf) = Fields::new(s, n, &p) else {
             continue;
         };
-        rf.str(s, "name");
+        let name = rf.str(s, "name");
         let mut matches = Vec::new();
         for (mn, mp) in rf.list(s, "matches") {
             let Some(mut mf) = Fields::new(s, mn, &mp) else {
@@ -841,6 +854,7 @@ fn grpc_route_spec(s: &mut Sink, mut f: Fields, ns: &str) -> (Vec<ParentRef>, Ve
         let retry = retry(s, &mut rf, true);
         rf.finish(s, &[], &["sessionPersistence"]);
         rules.push(GrpcRule {
+            name,
             matches,
             filters,
             backend_refs,
@@ -886,35 +900,41 @@ fn retry(s: &mut Sink, f: &mut Fields, grpc: bool) -> Option<Retry> {
     })
 }
 
-fn backend_policy_spec(s: &mut Sink, mut f: Fields) -> BackendPolicy {
+/// A policy's `spec.targetRefs` (required, at least one). Group and kind default to `""`
+/// and `Service`; which kinds a policy takes is checked by validation.
+fn target_refs(s: &mut Sink, f: &mut Fields) -> Vec<PolicyTargetRef> {
     let mut target_refs = Vec::new();
-    match f.take("targetRefs") {
-        None => f.missing(s, "targetRefs"),
-        Some((n, p)) => {
-            let items = list(s, n, &p);
-            if items.is_empty() && matches!(n.kind, NodeKind::Seq(_)) {
-                s.error(n.loc, &p, "at least one targetRef is required");
-            }
-            for (tn, tp) in items {
-                let Some(mut tf) = Fields::new(s, tn, &tp) else {
-                    continue;
-                };
-                let group = tf.str(s, "group").unwrap_or_default();
-                let kind = tf.str(s, "kind").unwrap_or_else(|| "Service".into());
-                let name = tf.required_str(s, "name");
-                let section_name = tf.str(s, "sectionName");
-                tf.finish(s, &[], &[]);
-                if let Some(name) = name {
-                    target_refs.push(PolicyTargetRef {
-                        group,
-                        kind,
-                        name,
-                        section_name,
-                    });
-                }
-            }
+    let Some((n, p)) = f.take("targetRefs") else {
+        f.missing(s, "targetRefs");
+        return target_refs;
+    };
+    let items = list(s, n, &p);
+    if items.is_empty() && matches!(n.kind, NodeKind::Seq(_)) {
+        s.error(n.loc, &p, "at least one targetRef is required");
+    }
+    for (tn, tp) in items {
+        let Some(mut tf) = Fields::new(s, tn, &tp) else {
+            continue;
+        };
+        let group = tf.str(s, "group").unwrap_or_default();
+        let kind = tf.str(s, "kind").unwrap_or_else(|| "Service".into());
+        let name = tf.required_str(s, "name");
+        let section_name = tf.str(s, "sectionName");
+        tf.finish(s, &[], &[]);
+        if let Some(name) = name {
+            target_refs.push(PolicyTargetRef {
+                group,
+                kind,
+                name,
+                section_name,
+            });
         }
     }
+    target_refs
+}
+
+fn backend_policy_spec(s: &mut Sink, mut f: Fields) -> BackendPolicy {
+    let target_refs = target_refs(s, &mut f);
     let retry_budget = f.map(s, "retryBudget").map(|mut bf| {
         let b = RetryBudgetSpec {
             percent: bf.int(s, "percent"),
@@ -967,6 +987,12 @@ fn backend_policy_spec(s: &mut Sink, mut f: Fields) -> BackendPolicy {
         lf.finish(s, &[], &[]);
         l
     });
+    let load_balancer = f.map(s, "loadBalancer").map(|lf| load_balancer(s, lf));
+    let concurrency = f.map(s, "concurrency").map(|mut cf| {
+        let c = concurrency_spec(s, &mut cf);
+        cf.finish(s, &[], &[]);
+        c
+    });
     f.finish(s, &[], &[]);
     BackendPolicy {
         meta: Meta::default(),
@@ -974,6 +1000,205 @@ fn backend_policy_spec(s: &mut Sink, mut f: Fields) -> BackendPolicy {
         retry_budget,
         circuit_breaker,
         limits,
+        load_balancer,
+        concurrency,
+    }
+}
+
+const ALGORITHMS: [(&str, Algorithm); 5] = [
+    ("P2CPeakEWMA", Algorithm::P2CPeakEWMA),
+    ("RoundRobin", Algorithm::RoundRobin),
+    ("LeastRequest", Algorithm::LeastRequest),
+    ("RingHash", Algorithm::RingHash),
+    ("Maglev", Algorithm::Maglev),
+];
+
+const ADAPTIVE_ALGORITHMS: [(&str, AdaptiveAlgorithm); 2] = [
+    ("Gradient", AdaptiveAlgorithm::Gradient),
+    ("AIMD", AdaptiveAlgorithm::AIMD),
+];
+
+/// Decodes `key` as one of `values` by name (see [`enum_value`]).
+fn enum_of<T: Copy>(
+    f: &mut Fields,
+    s: &mut Sink,
+    key: &str,
+    what: &str,
+    values: &[(&str, T)],
+) -> Option<T> {
+    let names: Vec<&str> = values.iter().map(|(n, _)| *n).collect();
+    let name = enum_value(f, s, key, what, &names)?;
+    values.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+}
+
+/// `BackendPolicy.spec.loadBalancer`.
+fn load_balancer(s: &mut Sink, mut f: Fields) -> LoadBalancerSpec {
+    let given = f.has("algorithm");
+    let algorithm = enum_of(
+        &mut f,
+        s,
+        "algorithm",
+        "load balancing algorithm",
+        &ALGORITHMS,
+    );
+    let hash = f.take("hash").map(|(n, p)| hash_spec(s, n, &p));
+    let locality = f.map(s, "locality").map(|mut lf| {
+        let l = LocalitySpec {
+            enabled: lf.boolean(s, "enabled"),
+            min_healthy_percent: lf.int(s, "minHealthyPercent"),
+        };
+        lf.finish(s, &[], &[]);
+        l
+    });
+    f.finish(s, &[], &[]);
+    LoadBalancerSpec {
+        algorithm,
+        invalid_algorithm: given && algorithm.is_none(),
+        hash,
+        locality,
+    }
+}
+
+/// `loadBalancer.hash`: `{header: name}`, `{cookie: name}` or `{sourceIP: true}`.
+fn hash_spec(s: &mut Sink, n: &Node, path: &str) -> HashSpec {
+    let Some(mut f) = Fields::new(s, n, path) else {
+        return HashSpec::Invalid;
+    };
+    let keys = ["header", "cookie", "sourceIP"];
+    let given: Vec<&str> = keys.into_iter().filter(|k| f.has(k)).collect();
+    let spec = match given.as_slice() {
+        ["header"] => f
+            .str(s, "header")
+            .map_or(HashSpec::Invalid, HashSpec::Header),
+        ["cookie"] => f
+            .str(s, "cookie")
+            .map_or(HashSpec::Invalid, HashSpec::Cookie),
+        ["sourceIP"] => f
+            .boolean(s, "sourceIP")
+            .map_or(HashSpec::Invalid, HashSpec::SourceIP),
+        [] => {
+            s.error(n.loc, path, "one of header, cookie or sourceIP is required");
+            HashSpec::Invalid
+        }
+        several => {
+            for k in several {
+                f.take(k);
+            }
+            s.error(
+                n.loc,
+                path,
+                format!(
+                    "only one of header, cookie or sourceIP may be given (got {})",
+                    several.join(" and ")
+                ),
+            );
+            HashSpec::Invalid
+        }
+    };
+    f.finish(s, &[], &[]);
+    spec
+}
+
+/// The fields of a concurrency limit, taken from `f` (`BackendPolicy.spec.concurrency`,
+/// or a ConcurrencyPolicy's `spec`); the caller finishes `f`.
+fn concurrency_spec(s: &mut Sink, f: &mut Fields) -> ConcurrencySpec {
+    let max_concurrent = if f.has("maxConcurrent") {
+        f.int(s, "maxConcurrent")
+    } else {
+        f.missing(s, "maxConcurrent");
+        None
+    };
+    let max_queue = f.int(s, "maxQueue");
+    let queue_timeout = f.str(s, "queueTimeout");
+    let adaptive = f.map(s, "adaptive").map(|mut af| {
+        let a = AdaptiveSpec {
+            algorithm: enum_of(
+                &mut af,
+                s,
+                "algorithm",
+                "adaptive algorithm",
+                &ADAPTIVE_ALGORITHMS,
+            ),
+            min_limit: af.int(s, "minLimit"),
+            max_limit: af.int(s, "maxLimit"),
+        };
+        af.finish(s, &[], &[]);
+        a
+    });
+    ConcurrencySpec {
+        max_concurrent,
+        max_queue,
+        queue_timeout,
+        adaptive,
+    }
+}
+
+fn rate_limit_policy_spec(s: &mut Sink, mut f: Fields) -> RateLimitPolicy {
+    let target_refs = target_refs(s, &mut f);
+    if !f.has("rate") {
+        f.missing(s, "rate");
+    }
+    let rate = f.map(s, "rate").map(|mut rf| {
+        let requests = if rf.has("requests") {
+            rf.int(s, "requests")
+        } else {
+            rf.missing(s, "requests");
+            None
+        };
+        let r = RateSpec {
+            requests,
+            per: rf.str(s, "per"),
+            burst: rf.int(s, "burst"),
+        };
+        rf.finish(s, &[], &[]);
+        r
+    });
+    let key = f.take("key").and_then(|(n, p)| rate_limit_key(s, n, &p));
+    f.finish(s, &[], &[]);
+    RateLimitPolicy {
+        meta: Meta::default(),
+        target_refs,
+        rate,
+        key,
+    }
+}
+
+/// `key: All | Route | Caller | {header: name}`.
+fn rate_limit_key(s: &mut Sink, n: &Node, path: &str) -> Option<RateLimitKeySpec> {
+    const EXPECTED: &str = "expected All, Route, Caller or {header: <name>}";
+    if let NodeKind::Map(_) = n.kind {
+        let mut f = Fields::new(s, n, path)?;
+        let header = f.required_str(s, "header");
+        f.finish(s, &[], &[]);
+        return header.map(RateLimitKeySpec::Header);
+    }
+    match n.scalar() {
+        Some(Scalar::Str("All")) => Some(RateLimitKeySpec::All),
+        Some(Scalar::Str("Route")) => Some(RateLimitKeySpec::Route),
+        Some(Scalar::Str("Caller")) => Some(RateLimitKeySpec::Caller),
+        Some(Scalar::Str(v)) => {
+            s.error(
+                n.loc,
+                path,
+                format!("unknown rate limit key \"{v}\" ({EXPECTED})"),
+            );
+            None
+        }
+        _ => {
+            s.error(n.loc, path, EXPECTED);
+            None
+        }
+    }
+}
+
+fn concurrency_policy_spec(s: &mut Sink, mut f: Fields) -> ConcurrencyPolicy {
+    let target_refs = target_refs(s, &mut f);
+    let limit = concurrency_spec(s, &mut f);
+    f.finish(s, &[], &[]);
+    ConcurrencyPolicy {
+        meta: Meta::default(),
+        target_refs,
+        limit,
     }
 }
 
@@ -1045,7 +1270,7 @@ mod tests {
     fn document_level_errors() {
         assert_eq!(
             one("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"),
-            "routes.yaml:2:7: kind: unknown kind \"Pod\" (Tern reads Service, EndpointSlice, HTTPRoute, GRPCRoute and BackendPolicy)"
+            "routes.yaml:2:7: kind: unknown kind \"Pod\" (Tern reads Service, EndpointSlice, HTTPRoute, GRPCRoute, BackendPolicy, RateLimitPolicy and ConcurrencyPolicy)"
         );
         assert_eq!(
             one(
@@ -1207,7 +1432,7 @@ mod tests {
         assert_eq!(bp.target_refs.len(), 2);
         assert_eq!(bp.target_refs[0].section_name.as_deref(), Some("http"));
         assert!(
-            bp.target_refs[1].is_service(),
+            bp.target_refs[1].target_kind() == Some(crate::model::Kind::Service),
             "group and kind default to \"\" and Service"
         );
         assert_eq!(

@@ -12,7 +12,11 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::diag::Loc;
+use crate::snapshot::{AdaptiveAlgorithm, Algorithm};
 use crate::yaml::LocMap;
+
+/// The Gateway API group of routes (as a policy target).
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// The kinds Tern reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -22,27 +26,35 @@ pub enum Kind {
     HTTPRoute,
     GRPCRoute,
     BackendPolicy,
+    RateLimitPolicy,
+    ConcurrencyPolicy,
 }
 
 impl Kind {
+    /// Every kind, in the order error messages list them.
+    pub const ALL: [Kind; 7] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::HTTPRoute,
+        Kind::GRPCRoute,
+        Kind::BackendPolicy,
+        Kind::RateLimitPolicy,
+        Kind::ConcurrencyPolicy,
+    ];
+
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::Service => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::HTTPRoute | Kind::GRPCRoute => "gateway.networking.k8s.io/v1",
-            Kind::BackendPolicy => "policy.tern.dev/v1alpha1",
+            Kind::BackendPolicy | Kind::RateLimitPolicy | Kind::ConcurrencyPolicy => {
+                "policy.tern.dev/v1alpha1"
+            }
         }
     }
 
     pub fn from_name(kind: &str) -> Option<Kind> {
-        Some(match kind {
-            "Service" => Kind::Service,
-            "EndpointSlice" => Kind::EndpointSlice,
-            "HTTPRoute" => Kind::HTTPRoute,
-            "GRPCRoute" => Kind::GRPCRoute,
-            "BackendPolicy" => Kind::BackendPolicy,
-            _ => return None,
-        })
+        Kind::ALL.into_iter().find(|k| k.to_string() == kind)
     }
 }
 
@@ -104,6 +116,8 @@ pub enum Resource {
     HTTPRoute(HttpRoute),
     GRPCRoute(GrpcRoute),
     BackendPolicy(Box<BackendPolicy>),
+    RateLimitPolicy(Box<RateLimitPolicy>),
+    ConcurrencyPolicy(Box<ConcurrencyPolicy>),
 }
 
 impl Resource {
@@ -114,6 +128,8 @@ impl Resource {
             Resource::HTTPRoute(_) => Kind::HTTPRoute,
             Resource::GRPCRoute(_) => Kind::GRPCRoute,
             Resource::BackendPolicy(_) => Kind::BackendPolicy,
+            Resource::RateLimitPolicy(_) => Kind::RateLimitPolicy,
+            Resource::ConcurrencyPolicy(_) => Kind::ConcurrencyPolicy,
         }
     }
 
@@ -124,6 +140,8 @@ impl Resource {
             Resource::HTTPRoute(r) => &r.meta,
             Resource::GRPCRoute(r) => &r.meta,
             Resource::BackendPolicy(r) => &r.meta,
+            Resource::RateLimitPolicy(r) => &r.meta,
+            Resource::ConcurrencyPolicy(r) => &r.meta,
         }
     }
 }
@@ -214,6 +232,8 @@ pub struct HttpRoute {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpRule {
+    /// `name`: what a policy's targetRef `sectionName` names.
+    pub name: Option<String>,
     /// Never empty: a rule without matches gets one `PathPrefix /` match.
     pub matches: Vec<HttpRouteMatch>,
     pub filters: Vec<Filter>,
@@ -326,6 +346,8 @@ pub struct GrpcRoute {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GrpcRule {
+    /// `name`: what a policy's targetRef `sectionName` names.
+    pub name: Option<String>,
     /// Never empty: a rule without matches gets one match-everything entry.
     pub matches: Vec<GrpcRouteMatch>,
     pub filters: Vec<Filter>,
@@ -350,29 +372,133 @@ pub struct GrpcMethodMatch {
 /// A `BackendPolicy` (`policy.tern.dev/v1alpha1`): retry budget, circuit breaker and
 /// limits for the Services it targets. Every setting is optional (defaults in
 /// [`crate::snapshot`]).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct BackendPolicy {
     pub meta: Meta,
     pub target_refs: Vec<PolicyTargetRef>,
     pub retry_budget: Option<RetryBudgetSpec>,
     pub circuit_breaker: Option<CircuitBreakerSpec>,
     pub limits: Option<LimitsSpec>,
+    pub load_balancer: Option<LoadBalancerSpec>,
+    pub concurrency: Option<ConcurrencySpec>,
 }
 
-/// A `targetRefs[]` entry: a Service in the policy's namespace, optionally one port of it.
+/// A `targetRefs[]` entry of a Tern policy: an object in the policy's namespace (a
+/// Service, or a route for the kinds that take routes), optionally one section of it.
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyTargetRef {
     pub group: String,
     pub kind: String,
     pub name: String,
-    /// A Service port name; `None` targets every port.
+    /// A Service port name or a route rule name; `None` targets the whole object.
     pub section_name: Option<String>,
 }
 
 impl PolicyTargetRef {
-    pub fn is_service(&self) -> bool {
-        self.group.is_empty() && self.kind == "Service"
+    /// The kind of object named, if it is one a policy can target at all (Service,
+    /// HTTPRoute or GRPCRoute); whether this policy kind takes it is checked apart.
+    pub fn target_kind(&self) -> Option<Kind> {
+        match (self.group.as_str(), self.kind.as_str()) {
+            ("", "Service") => Some(Kind::Service),
+            (GATEWAY_GROUP, "HTTPRoute") => Some(Kind::HTTPRoute),
+            (GATEWAY_GROUP, "GRPCRoute") => Some(Kind::GRPCRoute),
+            _ => None,
+        }
     }
+
+    /// `Deployment`, `apps/Deployment`: the group/kind as shown in messages.
+    pub fn group_kind(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.clone()
+        } else {
+            format!("{}/{}", self.group, self.kind)
+        }
+    }
+}
+
+/// A `RateLimitPolicy` (`policy.tern.dev/v1alpha1`): a token bucket for the Services or
+/// routes it targets.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RateLimitPolicy {
+    pub meta: Meta,
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// Required (reported when missing).
+    pub rate: Option<RateSpec>,
+    /// `None` when omitted (`All`) or invalid (already reported).
+    pub key: Option<RateLimitKeySpec>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RateSpec {
+    pub requests: Option<i64>,
+    pub per: Option<String>,
+    pub burst: Option<i64>,
+}
+
+/// `spec.key` of a RateLimitPolicy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum RateLimitKeySpec {
+    All,
+    Route,
+    Caller,
+    Header(String),
+}
+
+/// A `ConcurrencyPolicy` (`policy.tern.dev/v1alpha1`): a concurrency limit for every rule
+/// of the routes it targets.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConcurrencyPolicy {
+    pub meta: Meta,
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// The rest of `spec`.
+    pub limit: ConcurrencySpec,
+}
+
+/// `BackendPolicy.spec.concurrency`, or a ConcurrencyPolicy's `spec`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConcurrencySpec {
+    /// Required (reported when missing).
+    pub max_concurrent: Option<i64>,
+    pub max_queue: Option<i64>,
+    pub queue_timeout: Option<String>,
+    pub adaptive: Option<AdaptiveSpec>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AdaptiveSpec {
+    /// `None` when omitted (Gradient) or invalid (already reported).
+    pub algorithm: Option<AdaptiveAlgorithm>,
+    pub min_limit: Option<i64>,
+    pub max_limit: Option<i64>,
+}
+
+/// `BackendPolicy.spec.loadBalancer`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadBalancerSpec {
+    /// `None` when omitted (the default) or invalid.
+    pub algorithm: Option<Algorithm>,
+    /// `algorithm` was given but is not one Tern knows (already reported): checks that
+    /// depend on the algorithm are skipped.
+    #[serde(skip)]
+    pub invalid_algorithm: bool,
+    pub hash: Option<HashSpec>,
+    pub locality: Option<LocalitySpec>,
+}
+
+/// `loadBalancer.hash`: exactly one of `header`, `cookie` or `sourceIP`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum HashSpec {
+    Header(String),
+    Cookie(String),
+    SourceIP(bool),
+    /// Did not decode (already reported).
+    Invalid,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LocalitySpec {
+    pub enabled: Option<bool>,
+    pub min_healthy_percent: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

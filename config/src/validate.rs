@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+use crate::compile::{Policies, Policy, rank_policies};
 use crate::diag::{Diagnostic, Sink};
 use crate::model::*;
 use crate::resources::Resources;
+use crate::snapshot::Algorithm;
 
 /// Label naming the Service of an EndpointSlice.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -49,7 +51,7 @@ const METHODS: &[&str] = &[
 /// Checks every object of the set; returns errors and warnings in no particular order.
 pub fn validate(res: &Resources) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
-    let policies = crate::compile::policy_index(res);
+    let policies = Policies::new(res);
     for obj in res.iter() {
         let mut v = V {
             res,
@@ -67,6 +69,8 @@ pub fn validate(res: &Resources) -> Vec<Diagnostic> {
             Resource::HTTPRoute(r) => v.http_route(r),
             Resource::GRPCRoute(r) => v.grpc_route(r),
             Resource::BackendPolicy(p) => v.backend_policy(p),
+            Resource::RateLimitPolicy(p) => v.rate_limit_policy(p),
+            Resource::ConcurrencyPolicy(p) => v.concurrency_policy(p),
         }
     }
     diags
@@ -74,12 +78,12 @@ pub fn validate(res: &Resources) -> Vec<Diagnostic> {
 
 struct V<'a> {
     res: &'a Resources,
-    policies: &'a crate::compile::PolicyIndex<'a>,
+    policies: &'a Policies<'a>,
     src: &'a Source,
     sink: Sink<'a>,
 }
 
-impl V<'_> {
+impl<'a> V<'a> {
     fn err(&mut self, path: &str, msg: impl Into<String>) {
         let loc = self.src.loc(path);
         self.sink.error(loc, path, msg);
@@ -636,50 +640,7 @@ impl V<'_> {
     }
 
     fn backend_policy(&mut self, bp: &BackendPolicy) {
-        let ns = &bp.meta.namespace;
-        for (i, t) in bp.target_refs.iter().enumerate() {
-            let path = format!("spec.targetRefs[{i}]");
-            if !t.is_service() {
-                let gk = if t.group.is_empty() {
-                    t.kind.clone()
-                } else {
-                    format!("{}/{}", t.group, t.kind)
-                };
-                self.err(
-                    &format!("{path}.kind"),
-                    format!(
-                        "unsupported targetRef kind {gk}: a BackendPolicy targets Services (group \"\", kind Service)"
-                    ),
-                );
-                continue;
-            }
-            let Some(svc) = self.res.service(ns, &t.name) else {
-                self.warn(
-                    &format!("{path}.name"),
-                    format!(
-                        "no Service {ns}/{}: policy attaches to nothing (targetRef ignored)",
-                        t.name
-                    ),
-                );
-                continue;
-            };
-            if let Some(section) = &t.section_name
-                && !svc.incomplete
-                && !svc
-                    .ports
-                    .iter()
-                    .any(|p| !section.is_empty() && p.name.as_deref() == Some(section.as_str()))
-            {
-                self.warn(
-                    &format!("{path}.sectionName"),
-                    format!(
-                        "Service {ns}/{} has no port named \"{section}\": policy attaches to nothing (targetRef ignored)",
-                        t.name
-                    ),
-                );
-            }
-        }
-        self.policy_conflicts(bp);
+        self.policy_targets(bp);
         let u32_max = i64::from(u32::MAX);
         if let Some(b) = &bp.retry_budget {
             let p = "spec.retryBudget";
@@ -762,78 +723,338 @@ impl V<'_> {
                 }
             }
         }
+        if let Some(lb) = &bp.load_balancer {
+            self.load_balancer(lb);
+        }
+        if let Some(c) = &bp.concurrency {
+            self.concurrency("spec.concurrency", c);
+        }
     }
 
-    /// Warns at each targetRef of `bp` that ties with an older policy (same Service port,
-    /// same specificity) and therefore applies nowhere on some ports.
-    fn policy_conflicts(&mut self, bp: &BackendPolicy) {
-        let ns = bp.meta.namespace.as_str();
-        // (targetRef index, winner, ports lost) in first-seen order.
-        let mut lost: Vec<(usize, &BackendPolicy, Vec<String>)> = Vec::new();
-        let mut services: Vec<&str> = Vec::new();
-        for t in bp.target_refs.iter().filter(|t| t.is_service()) {
-            if !services.contains(&t.name.as_str()) {
-                services.push(&t.name);
+    fn load_balancer(&mut self, lb: &LoadBalancerSpec) {
+        let p = "spec.loadBalancer";
+        let algorithm = lb.algorithm.unwrap_or_default();
+        let hashing = matches!(algorithm, Algorithm::RingHash | Algorithm::Maglev);
+        match &lb.hash {
+            None if hashing => self.err(
+                &format!("{p}.algorithm"),
+                format!(
+                    "{algorithm:?} needs loadBalancer.hash: {{header: <name>}}, {{cookie: <name>}} or {{sourceIP: true}}"
+                ),
+            ),
+            Some(_) if !hashing && !lb.invalid_algorithm => {
+                let default = if lb.algorithm.is_none() {
+                    " (the default)"
+                } else {
+                    ""
+                };
+                self.warn(
+                    &format!("{p}.hash"),
+                    format!(
+                        "hash is only used by RingHash and Maglev; ignored with {algorithm:?}{default}"
+                    ),
+                );
+            }
+            _ => {}
+        }
+        match &lb.hash {
+            Some(HashSpec::Header(h)) if HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                self.err(
+                    &format!("{p}.hash.header"),
+                    format!("invalid header name \"{h}\""),
+                );
+            }
+            Some(HashSpec::Cookie(c)) => {
+                if c.is_empty() {
+                    self.err(&format!("{p}.hash.cookie"), "cookie name must not be empty");
+                } else if !is_token(c) {
+                    self.err(
+                        &format!("{p}.hash.cookie"),
+                        format!("invalid cookie name \"{c}\""),
+                    );
+                }
+            }
+            Some(HashSpec::SourceIP(false)) => self.err(
+                &format!("{p}.hash.sourceIP"),
+                "sourceIP: false hashes on nothing (write sourceIP: true, or hash on a header or a cookie)",
+            ),
+            _ => {}
+        }
+        if let Some(v) = lb.locality.as_ref().and_then(|l| l.min_healthy_percent) {
+            self.int_range(&format!("{p}.locality.minHealthyPercent"), v, 1, 100);
+        }
+    }
+
+    /// A concurrency limit at `p` (`spec.concurrency`, or `spec` of a ConcurrencyPolicy).
+    fn concurrency(&mut self, p: &str, c: &ConcurrencySpec) {
+        let u32_max = i64::from(u32::MAX);
+        let max = c
+            .max_concurrent
+            .filter(|v| self.int_range(&format!("{p}.maxConcurrent"), *v, 1, u32_max));
+        if let Some(v) = c.max_queue {
+            self.int_range(&format!("{p}.maxQueue"), v, 0, u32_max);
+        }
+        if let Some(v) = &c.queue_timeout {
+            self.positive_duration(&format!("{p}.queueTimeout"), v);
+        }
+        let Some(a) = &c.adaptive else { return };
+        let ap = format!("{p}.adaptive");
+        let min = a
+            .min_limit
+            .filter(|v| self.int_range(&format!("{ap}.minLimit"), *v, 1, u32_max));
+        let max_limit = a
+            .max_limit
+            .filter(|v| self.int_range(&format!("{ap}.maxLimit"), *v, 1, u32_max));
+        let Some(max) = max else { return };
+        if let Some(min) = min
+            && min > max
+        {
+            self.err(
+                &format!("{ap}.minLimit"),
+                format!("minLimit ({min}) is greater than maxConcurrent ({max})"),
+            );
+        }
+        if let Some(max_limit) = max_limit
+            && max_limit < max
+        {
+            self.err(
+                &format!("{ap}.maxLimit"),
+                format!("maxLimit ({max_limit}) is less than maxConcurrent ({max})"),
+            );
+        }
+    }
+
+    fn rate_limit_policy(&mut self, rp: &RateLimitPolicy) {
+        self.policy_targets(rp);
+        let u32_max = i64::from(u32::MAX);
+        if let Some(r) = &rp.rate {
+            if let Some(v) = r.requests {
+                self.int_range("spec.rate.requests", v, 1, u32_max);
+            }
+            if let Some(v) = &r.per {
+                self.positive_duration("spec.rate.per", v);
+            }
+            if let Some(v) = r.burst {
+                self.int_range("spec.rate.burst", v, 0, u32_max);
             }
         }
-        for name in services {
-            let Some(svc) = self.res.service(ns, name) else {
+        if let Some(RateLimitKeySpec::Header(h)) = &rp.key
+            && HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            self.err("spec.key.header", format!("invalid header name \"{h}\""));
+        }
+    }
+
+    fn concurrency_policy(&mut self, cp: &ConcurrencyPolicy) {
+        self.policy_targets(cp);
+        self.concurrency("spec", &cp.limit);
+    }
+
+    /// Checks a policy's targetRefs (kinds it takes, objects that exist, section names
+    /// they have), then warns about its conflicts with other policies of its kind.
+    fn policy_targets<P: Policy>(&mut self, policy: &P) {
+        let ns = policy.meta().namespace.as_str();
+        for (i, t) in policy.target_refs().iter().enumerate() {
+            let path = format!("spec.targetRefs[{i}]");
+            let Some(kind) = P::target_of(t) else {
+                let msg = if P::KIND == Kind::ConcurrencyPolicy
+                    && t.target_kind() == Some(Kind::Service)
+                {
+                    format!(
+                        "a ConcurrencyPolicy targets routes ({}); to limit concurrency to a Service, use BackendPolicy.spec.concurrency",
+                        describe_targets(P::TARGETS)
+                    )
+                } else {
+                    format!(
+                        "unsupported targetRef kind {}: a {} targets {}",
+                        t.group_kind(),
+                        P::KIND,
+                        describe_targets(P::TARGETS)
+                    )
+                };
+                self.err(&format!("{path}.kind"), msg);
                 continue;
             };
-            let all = self
-                .policies
-                .get(&(ns, name))
-                .map_or(&[][..], Vec::as_slice);
-            for sp in &svc.ports {
-                let ranked = crate::compile::rank_policies(all, name, sp.name.as_deref());
+            let Some(sections) = self.sections(kind, ns, &t.name) else {
+                self.warn(
+                    &format!("{path}.name"),
+                    format!(
+                        "no {kind} {ns}/{}: policy attaches to nothing (targetRef ignored)",
+                        t.name
+                    ),
+                );
+                continue;
+            };
+            if let Some(section) = &t.section_name
+                && !sections.incomplete
+                && !sections
+                    .list
+                    .iter()
+                    .any(|(n, _)| !section.is_empty() && *n == Some(section.as_str()))
+            {
+                self.warn(
+                    &format!("{path}.sectionName"),
+                    format!(
+                        "{kind} {ns}/{} has no {} named \"{section}\": policy attaches to nothing (targetRef ignored)",
+                        t.name, sections.what
+                    ),
+                );
+            }
+        }
+        self.policy_conflicts(policy);
+    }
+
+    /// What a targetRef's `sectionName` can name in object `kind` `ns/name`: a Service's
+    /// ports or a route's rules; `None` if there is no such object.
+    fn sections(&self, kind: Kind, ns: &str, name: &str) -> Option<Sections<'a>> {
+        let key = Key {
+            kind,
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        };
+        let obj: &'a Object = self.res.get(&key)?;
+        let named = |i: usize, n: Option<&str>| match n.filter(|n| !n.is_empty()) {
+            Some(n) => format!("{i} ({n})"),
+            None => i.to_string(),
+        };
+        Some(match &obj.resource {
+            Resource::Service(svc) => Sections {
+                what: "port",
+                incomplete: svc.incomplete,
+                list: svc
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let n = p.name.as_deref();
+                        let label = match n.filter(|n| !n.is_empty()) {
+                            Some(n) => format!("{} ({n})", p.port),
+                            None => p.port.to_string(),
+                        };
+                        (n, label)
+                    })
+                    .collect(),
+            },
+            Resource::HTTPRoute(r) => Sections {
+                what: "rule",
+                incomplete: false,
+                list: r
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, rule)| (rule.name.as_deref(), named(i, rule.name.as_deref())))
+                    .collect(),
+            },
+            Resource::GRPCRoute(r) => Sections {
+                what: "rule",
+                incomplete: false,
+                list: r
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, rule)| (rule.name.as_deref(), named(i, rule.name.as_deref())))
+                    .collect(),
+            },
+            _ => return None,
+        })
+    }
+
+    /// Warns at each targetRef of `policy` that ties with an older policy of its kind (same
+    /// Service port or route rule, same specificity) and therefore applies nowhere there.
+    fn policy_conflicts<P: Policy>(&mut self, policy: &P) {
+        let ns = policy.meta().namespace.as_str();
+        // (targetRef index, winner, sections lost, what they are) in first-seen order.
+        let mut lost: Vec<(usize, &P, Vec<String>, &str)> = Vec::new();
+        let mut targets: Vec<(Kind, &str)> = Vec::new();
+        for t in policy.target_refs() {
+            if let Some(kind) = P::target_of(t)
+                && !targets.contains(&(kind, t.name.as_str()))
+            {
+                targets.push((kind, &t.name));
+            }
+        }
+        for (kind, name) in targets {
+            let Some(sections) = self.sections(kind, ns, name) else {
+                continue;
+            };
+            let all = self.policies.targeting::<P>(kind, ns, name);
+            for (section, label) in sections.list {
+                let ranked = rank_policies(all, kind, name, section);
                 let Some((best_rank, _, winner)) = ranked.first().copied() else {
                     continue;
                 };
                 let Some((_, ref_index, _)) = ranked
                     .iter()
                     .skip(1)
-                    .find(|(rank, _, p)| *rank == best_rank && std::ptr::eq(*p, bp))
+                    .find(|(rank, _, p)| *rank == best_rank && std::ptr::eq(*p, policy))
                     .copied()
                 else {
                     continue;
                 };
-                let port = match sp.name.as_deref().filter(|n| !n.is_empty()) {
-                    Some(n) => format!("{} ({n})", sp.port),
-                    None => sp.port.to_string(),
-                };
                 match lost
                     .iter_mut()
-                    .find(|(i, w, _)| *i == ref_index && std::ptr::eq(*w, winner))
+                    .find(|(i, w, _, _)| *i == ref_index && std::ptr::eq(*w, winner))
                 {
-                    Some((_, _, ports)) => ports.push(port),
-                    None => lost.push((ref_index, winner, vec![port])),
+                    Some((_, _, labels, _)) => labels.push(label),
+                    None => lost.push((ref_index, winner, vec![label], sections.what)),
                 }
             }
         }
-        for (i, winner, ports) in lost {
-            let t = &bp.target_refs[i];
+        for (i, winner, labels, what) in lost {
+            let t = &policy.target_refs()[i];
             let (w, me) = (
-                crate::compile::age_key(&winner.meta),
-                crate::compile::age_key(&bp.meta),
+                crate::compile::age_key(winner.meta()),
+                crate::compile::age_key(policy.meta()),
             );
             let reason = if (w.0, &w.1) != (me.0, &me.1) {
                 "it is older"
             } else {
                 "same creationTimestamp, its name sorts first"
             };
-            let plural = if ports.len() == 1 { "" } else { "s" };
+            let plural = if labels.len() == 1 { "" } else { "s" };
+            let kind = P::target_of(t).unwrap_or(Kind::Service);
+            let winner = &winner.meta().name;
             self.warn(
                 &format!("spec.targetRefs[{i}]"),
                 format!(
-                    "conflicts with BackendPolicy {ns}/{} on Service {ns}/{} port{plural} {}: {ns}/{} applies there ({reason})",
-                    winner.meta.name,
+                    "conflicts with {} {ns}/{winner} on {kind} {ns}/{} {what}{plural} {}: {ns}/{winner} applies there ({reason})",
+                    P::KIND,
                     t.name,
-                    ports.join(", "),
-                    winner.meta.name,
+                    labels.join(", "),
                 ),
             );
         }
     }
+}
+
+/// The parts of a policy target a `sectionName` can name.
+struct Sections<'a> {
+    /// `port` or `rule`.
+    what: &'static str,
+    /// Some port of the Service did not decode: unknown names are not reported.
+    incomplete: bool,
+    /// (name, label for messages) of each section, in order.
+    list: Vec<(Option<&'a str>, String)>,
+}
+
+/// `Services (group "", kind Service) and routes (...)`: what a policy kind targets.
+fn describe_targets(kinds: &[Kind]) -> String {
+    let mut parts = Vec::new();
+    if kinds.contains(&Kind::Service) {
+        parts.push("Services (group \"\", kind Service)".to_string());
+    }
+    if kinds.contains(&Kind::HTTPRoute) {
+        parts.push(format!(
+            "routes (group {GATEWAY_GROUP}, kind HTTPRoute or GRPCRoute)"
+        ));
+    }
+    parts.join(" and ")
+}
+
+/// An RFC 7230 token (a cookie name).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Most retries a rule may ask for.
