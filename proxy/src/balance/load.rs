@@ -3,7 +3,6 @@
 //! ones bring it down gradually), plus a back-off window after it answered 429/503 with
 //! `Retry-After`. Shared by every worker: atomics only.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// How fast old latency is forgotten (the EWMA's time constant).
@@ -21,20 +20,20 @@ pub struct Load {
 }
 
 /// One request in flight at an endpoint; counted until dropped.
-pub struct InFlight {
-    load: Arc<Load>,
+pub struct InFlight<'a> {
+    load: &'a Load,
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Load {
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub fn start(&self) -> InFlight<'_> {
         self.pending.fetch_add(1, Ordering::Relaxed);
-        InFlight { load: self.clone() }
+        InFlight { load: self }
     }
 
     pub fn pending(&self) -> u32 {
@@ -67,6 +66,9 @@ impl Load {
         let new = if old == 0.0 || rtt_us > old {
             // Peak: a slower response counts in full at once.
             rtt_us
+        } else if now_ms == last {
+            // Within the same millisecond the weight of the past is 1 (no exp needed).
+            return;
         } else {
             let elapsed = now_ms.saturating_sub(last) as f64;
             let w = (-elapsed / DECAY_MS).exp();
@@ -87,6 +89,7 @@ impl Load {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn peak_then_decay() {
