@@ -1460,3 +1460,215 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod traffic_policy_tests {
+    use crate::model::{HashSpec, RateLimitKeySpec, Resource};
+    use crate::snapshot::{AdaptiveAlgorithm, Algorithm};
+    use crate::testutil::{diags, policy, policy_of};
+
+    const SVC: &str = "  targetRefs: [{name: checkout}]\n";
+    const ROUTE: &str =
+        "  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}]\n";
+
+    fn decoded(yaml: String) -> Resource {
+        let res = crate::check_sources(&[("p.yaml".into(), yaml)]).resources;
+        res.iter().next().unwrap().resource.clone()
+    }
+
+    #[test]
+    fn load_balancer_and_concurrency_decoding() {
+        let p = |spec: &str| diags(&policy("p", "", &format!("{SVC}{spec}")));
+        let cases = [
+            "  loadBalancer: {algorithm: Random}\n",
+            // An unknown algorithm: no second message about the hash.
+            "  loadBalancer: {algorithm: Random, hash: {header: x}}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: {header: x, cookie: y}}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: {}}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: {header: 5}}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: {sourceIP: yes}}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: x-user}\n",
+            "  loadBalancer: {locality: {enabled: 1}, slowStart: 1}\n",
+            "  concurrency: {maxQueue: 1}\n",
+            "  concurrency: {maxConcurrent: 1, adaptive: {algorithm: Vegas}}\n",
+            "  concurrency: {maxConcurrent: 1, limit: 2}\n",
+            "  concurrency: {maxConcurrent: 1, queueTimeout: 1}\n",
+        ];
+        let got: Vec<Vec<String>> = cases.iter().map(|c| p(c)).collect();
+        let want: [&[&str]; 12] = [
+            &[
+                "routes.yaml:6:29: spec.loadBalancer.algorithm: unknown load balancing algorithm \"Random\" (expected P2CPeakEWMA, RoundRobin, LeastRequest, RingHash or Maglev)",
+            ],
+            &[
+                "routes.yaml:6:29: spec.loadBalancer.algorithm: unknown load balancing algorithm \"Random\" (expected P2CPeakEWMA, RoundRobin, LeastRequest, RingHash or Maglev)",
+            ],
+            &[
+                "routes.yaml:6:45: spec.loadBalancer.hash: only one of header, cookie or sourceIP may be given (got header and cookie)",
+            ],
+            &[
+                "routes.yaml:6:45: spec.loadBalancer.hash: one of header, cookie or sourceIP is required",
+            ],
+            &["routes.yaml:6:54: spec.loadBalancer.hash.header: expected a string"],
+            &["routes.yaml:6:56: spec.loadBalancer.hash.sourceIP: expected true or false"],
+            &["routes.yaml:6:45: spec.loadBalancer.hash: expected a mapping"],
+            &[
+                "routes.yaml:6:38: spec.loadBalancer.locality.enabled: expected true or false",
+                "routes.yaml:6:42: spec.loadBalancer.slowStart: unknown field \"slowStart\"",
+            ],
+            &["routes.yaml:6:16: spec.concurrency: missing required field \"maxConcurrent\""],
+            &[
+                "routes.yaml:6:57: spec.concurrency.adaptive.algorithm: unknown adaptive algorithm \"Vegas\" (expected Gradient or AIMD)",
+            ],
+            &["routes.yaml:6:35: spec.concurrency.limit: unknown field \"limit\""],
+            &["routes.yaml:6:49: spec.concurrency.queueTimeout: expected a string"],
+        ];
+        assert_eq!(got, want);
+
+        let full = policy(
+            "p",
+            "",
+            &format!(
+                "{SVC}  loadBalancer:\n    algorithm: Maglev\n    hash: {{cookie: session}}\n    locality: {{enabled: false, minHealthyPercent: 50}}\n  concurrency:\n    maxConcurrent: 100\n    maxQueue: 10\n    queueTimeout: 250ms\n    adaptive: {{algorithm: AIMD, minLimit: 5, maxLimit: 500}}\n"
+            ),
+        );
+        assert_eq!(diags(&full), Vec::<String>::new());
+        let Resource::BackendPolicy(bp) = decoded(full) else {
+            panic!()
+        };
+        let lb = bp.load_balancer.as_ref().unwrap();
+        assert_eq!(lb.algorithm, Some(Algorithm::Maglev));
+        assert_eq!(lb.hash, Some(HashSpec::Cookie("session".into())));
+        let loc = lb.locality.as_ref().unwrap();
+        assert_eq!(
+            (loc.enabled, loc.min_healthy_percent),
+            (Some(false), Some(50))
+        );
+        let c = bp.concurrency.as_ref().unwrap();
+        assert_eq!((c.max_concurrent, c.max_queue), (Some(100), Some(10)));
+        assert_eq!(c.queue_timeout.as_deref(), Some("250ms"));
+        let a = c.adaptive.as_ref().unwrap();
+        assert_eq!(
+            (a.algorithm, a.min_limit, a.max_limit),
+            (Some(AdaptiveAlgorithm::AIMD), Some(5), Some(500))
+        );
+        for (hash, want) in [
+            ("{header: X-User}", HashSpec::Header("X-User".into())),
+            ("{sourceIP: true}", HashSpec::SourceIP(true)),
+        ] {
+            let yaml = policy(
+                "p",
+                "",
+                &format!("{SVC}  loadBalancer: {{algorithm: RingHash, hash: {hash}}}\n"),
+            );
+            let Resource::BackendPolicy(bp) = decoded(yaml) else {
+                panic!()
+            };
+            assert_eq!(bp.load_balancer.unwrap().hash, Some(want));
+        }
+    }
+
+    #[test]
+    fn rate_limit_policy_decoding() {
+        let p = |spec: &str| diags(&policy_of("RateLimitPolicy", "p", "", spec));
+        let cases = [
+            SVC.to_string(),
+            format!("{SVC}  rate: {{per: 1s}}\n"),
+            format!("{SVC}  rate: {{requests: 1, period: 1s}}\n"),
+            format!("{SVC}  rate: {{requests: many}}\n"),
+            format!("{SVC}  rate: {{requests: 1}}\n  key: Tenant\n"),
+            format!("{SVC}  rate: {{requests: 1}}\n  key: [a]\n"),
+            format!("{SVC}  rate: {{requests: 1}}\n  key: {{}}\n"),
+            format!("{SVC}  rate: {{requests: 1}}\n  key: {{header: a, cookie: b}}\n"),
+            "  rate: {requests: 1}\n".to_string(),
+            format!("{SVC}  rate: {{requests: 1}}\n  limit: 5\n"),
+        ];
+        let got: Vec<Vec<String>> = cases.iter().map(|c| p(c)).collect();
+        let want: [&[&str]; 10] = [
+            &["routes.yaml:5:3: spec: missing required field \"rate\""],
+            &["routes.yaml:6:9: spec.rate: missing required field \"requests\""],
+            &["routes.yaml:6:23: spec.rate.period: unknown field \"period\""],
+            &["routes.yaml:6:20: spec.rate.requests: expected an integer"],
+            &[
+                "routes.yaml:7:8: spec.key: unknown rate limit key \"Tenant\" (expected All, Route, Caller or {header: <name>})",
+            ],
+            &["routes.yaml:7:8: spec.key: expected All, Route, Caller or {header: <name>}"],
+            &["routes.yaml:7:8: spec.key: missing required field \"header\""],
+            &["routes.yaml:7:20: spec.key.cookie: unknown field \"cookie\""],
+            &["routes.yaml:5:3: spec: missing required field \"targetRefs\""],
+            &["routes.yaml:7:3: spec.limit: unknown field \"limit\""],
+        ];
+        assert_eq!(got, want);
+        assert_eq!(
+            diags("apiVersion: policy.tern.dev/v1\nkind: RateLimitPolicy\nmetadata: {name: p}\n"),
+            [
+                "routes.yaml:1:13: apiVersion: unsupported apiVersion \"policy.tern.dev/v1\" for RateLimitPolicy (expected policy.tern.dev/v1alpha1)"
+            ]
+        );
+        // Every key form; a top-level status is ignored.
+        for (key, want) in [
+            ("All", RateLimitKeySpec::All),
+            ("Route", RateLimitKeySpec::Route),
+            ("Caller", RateLimitKeySpec::Caller),
+            (
+                "{header: x-tenant}",
+                RateLimitKeySpec::Header("x-tenant".into()),
+            ),
+        ] {
+            let yaml = policy_of(
+                "RateLimitPolicy",
+                "p",
+                "",
+                &format!(
+                    "{SVC}  rate: {{requests: 100, per: 1m, burst: 20}}\n  key: {key}\nstatus: {{}}\n"
+                ),
+            );
+            assert_eq!(diags(&yaml), Vec::<String>::new(), "{key}");
+            let Resource::RateLimitPolicy(rp) = decoded(yaml) else {
+                panic!()
+            };
+            assert_eq!(rp.key, Some(want));
+            let rate = rp.rate.as_ref().unwrap();
+            assert_eq!(
+                (rate.requests, rate.per.as_deref(), rate.burst),
+                (Some(100), Some("1m"), Some(20))
+            );
+        }
+    }
+
+    #[test]
+    fn concurrency_policy_decoding() {
+        let p = |spec: &str| diags(&policy_of("ConcurrencyPolicy", "p", "", spec));
+        // (Route targets that do not exist are only warnings, checked in validation.)
+        assert_eq!(
+            p(ROUTE),
+            [
+                "routes.yaml:5:3: spec: missing required field \"maxConcurrent\"",
+                "routes.yaml:5:74: spec.targetRefs[0].name: warning: no HTTPRoute shop/r: policy attaches to nothing (targetRef ignored)",
+            ]
+        );
+        assert_eq!(
+            p(&format!("{ROUTE}  maxConcurrent: 1\n  concurrency: {{}}\n"))[1],
+            "routes.yaml:7:3: spec.concurrency: unknown field \"concurrency\""
+        );
+        let yaml = policy_of(
+            "ConcurrencyPolicy",
+            "p",
+            "",
+            &format!(
+                "{ROUTE}  maxConcurrent: 8\n  maxQueue: 0\n  queueTimeout: 2s\n  adaptive: {{}}\n"
+            ),
+        );
+        let Resource::ConcurrencyPolicy(cp) = decoded(yaml) else {
+            panic!()
+        };
+        assert_eq!(
+            cp.target_refs[0].target_kind(),
+            Some(crate::model::Kind::HTTPRoute)
+        );
+        assert_eq!(cp.limit.max_concurrent, Some(8));
+        assert_eq!(cp.limit.max_queue, Some(0));
+        assert_eq!(cp.limit.queue_timeout.as_deref(), Some("2s"));
+        let a = cp.limit.adaptive.as_ref().unwrap();
+        assert_eq!((a.algorithm, a.min_limit, a.max_limit), (None, None, None));
+    }
+}

@@ -104,8 +104,13 @@ pub fn grpc_route(rules: &str) -> String {
 /// A BackendPolicy `shop/{name}` with the given `spec:` YAML (indented 2, starting on
 /// line 5). `meta` is added to the metadata mapping, e.g. `", creationTimestamp: ..."`.
 pub fn policy(name: &str, meta: &str, spec: &str) -> String {
+    policy_of("BackendPolicy", name, meta, spec)
+}
+
+/// Like [`policy`], for any policy kind (`RateLimitPolicy`, `ConcurrencyPolicy`).
+pub fn policy_of(kind: &str, name: &str, meta: &str, spec: &str) -> String {
     format!(
-        "apiVersion: policy.tern.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: {name}, namespace: shop{meta}}}\nspec:\n{spec}"
+        "apiVersion: policy.tern.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: shop{meta}}}\nspec:\n{spec}"
     )
 }
 

@@ -861,7 +861,7 @@ impl<'a> V<'a> {
                     && t.target_kind() == Some(Kind::Service)
                 {
                     format!(
-                        "a ConcurrencyPolicy targets routes ({}); to limit concurrency to a Service, use BackendPolicy.spec.concurrency",
+                        "a ConcurrencyPolicy targets {}; to limit concurrency to a Service, use BackendPolicy.spec.concurrency",
                         describe_targets(P::TARGETS)
                     )
                 } else {
@@ -1653,5 +1653,336 @@ mod retry_and_policy_tests {
         // One policy naming the Service twice does not conflict with itself.
         let twice = "  targetRefs: [{name: multi}, {name: multi, sectionName: http}]\n";
         assert_eq!(policies(&[policy("x", "", twice)]), Vec::<String>::new());
+    }
+}
+
+#[cfg(test)]
+mod traffic_policy_tests {
+    use crate::testutil::{MULTI, diags, policy, policy_of, route};
+
+    const SVC: &str = "  targetRefs: [{name: checkout}]\n";
+    const ROUTE: &str =
+        "  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}]\n";
+
+    /// Route `shop/r` on checkout:8080 with rules `pay` (0) and an unnamed one (1), then
+    /// the given documents: the first one starts on line 15.
+    fn with_route(docs: &[String]) -> Vec<String> {
+        let r = route(
+            "  - name: pay\n    backendRefs: [{name: checkout-v1, port: 8080}]\n  - backendRefs: [{name: checkout-v2, port: 8080}]\n",
+        );
+        diags(&(r + "---\n" + &docs.join("---\n")))
+    }
+
+    fn rate(name: &str, meta: &str, spec: &str) -> String {
+        policy_of("RateLimitPolicy", name, meta, spec)
+    }
+
+    fn conc(name: &str, meta: &str, spec: &str) -> String {
+        policy_of("ConcurrencyPolicy", name, meta, spec)
+    }
+
+    #[test]
+    fn load_balancer_checks() {
+        let cases = [
+            "  loadBalancer: {algorithm: RingHash}\n",
+            "  loadBalancer: {algorithm: Maglev, locality: {}}\n",
+            "  loadBalancer: {algorithm: RoundRobin, hash: {header: x}}\n",
+            "  loadBalancer: {hash: {sourceIP: true}}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: {header: \"x user\"}}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: {cookie: \"\"}}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: {cookie: \"a;b\"}}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: {sourceIP: false}}\n",
+            "  loadBalancer: {locality: {minHealthyPercent: 0}}\n",
+            "  loadBalancer: {locality: {minHealthyPercent: 101}}\n",
+        ];
+        let got: Vec<Vec<String>> = cases
+            .iter()
+            .map(|c| diags(&policy("p", "", &format!("{SVC}{c}"))))
+            .collect();
+        let want: [&[&str]; 10] = [
+            &[
+                "routes.yaml:6:29: spec.loadBalancer.algorithm: RingHash needs loadBalancer.hash: {header: <name>}, {cookie: <name>} or {sourceIP: true}",
+            ],
+            &[
+                "routes.yaml:6:29: spec.loadBalancer.algorithm: Maglev needs loadBalancer.hash: {header: <name>}, {cookie: <name>} or {sourceIP: true}",
+            ],
+            &[
+                "routes.yaml:6:47: spec.loadBalancer.hash: warning: hash is only used by RingHash and Maglev; ignored with RoundRobin",
+            ],
+            &[
+                "routes.yaml:6:24: spec.loadBalancer.hash: warning: hash is only used by RingHash and Maglev; ignored with P2CPeakEWMA (the default)",
+            ],
+            &["routes.yaml:6:54: spec.loadBalancer.hash.header: invalid header name \"x user\""],
+            &["routes.yaml:6:54: spec.loadBalancer.hash.cookie: cookie name must not be empty"],
+            &["routes.yaml:6:54: spec.loadBalancer.hash.cookie: invalid cookie name \"a;b\""],
+            &[
+                "routes.yaml:6:56: spec.loadBalancer.hash.sourceIP: sourceIP: false hashes on nothing (write sourceIP: true, or hash on a header or a cookie)",
+            ],
+            &[
+                "routes.yaml:6:48: spec.loadBalancer.locality.minHealthyPercent: minHealthyPercent 0 out of range (1-100)",
+            ],
+            &[
+                "routes.yaml:6:48: spec.loadBalancer.locality.minHealthyPercent: minHealthyPercent 101 out of range (1-100)",
+            ],
+        ];
+        assert_eq!(got, want);
+        // Fine: every algorithm, hashes on the two that use them, header names in any
+        // case, the percent's boundaries, locality off.
+        for ok in [
+            "  loadBalancer: {}\n",
+            "  loadBalancer: {algorithm: P2CPeakEWMA, locality: {minHealthyPercent: 1}}\n",
+            "  loadBalancer: {algorithm: RoundRobin, locality: {enabled: false, minHealthyPercent: 100}}\n",
+            "  loadBalancer: {algorithm: LeastRequest}\n",
+            "  loadBalancer: {algorithm: RingHash, hash: {header: X-User}}\n",
+            "  loadBalancer: {algorithm: Maglev, hash: {cookie: session_id}}\n",
+            "  loadBalancer: {algorithm: Maglev, hash: {sourceIP: true}}\n",
+        ] {
+            assert_eq!(
+                diags(&policy("p", "", &format!("{SVC}{ok}"))),
+                Vec::<String>::new(),
+                "{ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn concurrency_checks() {
+        let cases = [
+            "  concurrency: {maxConcurrent: 0}\n",
+            "  concurrency: {maxConcurrent: 1, maxQueue: -1}\n",
+            "  concurrency: {maxConcurrent: 1, queueTimeout: 0s}\n",
+            "  concurrency: {maxConcurrent: 10, adaptive: {minLimit: 0, maxLimit: 0}}\n",
+            "  concurrency: {maxConcurrent: 10, adaptive: {minLimit: 11, maxLimit: 9}}\n",
+            "  concurrency: {maxConcurrent: 5000000000}\n",
+        ];
+        let got: Vec<Vec<String>> = cases
+            .iter()
+            .map(|c| diags(&policy("p", "", &format!("{SVC}{c}"))))
+            .collect();
+        let want: [&[&str]; 6] = [
+            &[
+                "routes.yaml:6:32: spec.concurrency.maxConcurrent: maxConcurrent must be at least 1 (got 0)",
+            ],
+            &["routes.yaml:6:45: spec.concurrency.maxQueue: maxQueue must be at least 0 (got -1)"],
+            &[
+                "routes.yaml:6:49: spec.concurrency.queueTimeout: duration \"0s\" must be longer than 0",
+            ],
+            &[
+                "routes.yaml:6:57: spec.concurrency.adaptive.minLimit: minLimit must be at least 1 (got 0)",
+                "routes.yaml:6:70: spec.concurrency.adaptive.maxLimit: maxLimit must be at least 1 (got 0)",
+            ],
+            &[
+                "routes.yaml:6:57: spec.concurrency.adaptive.minLimit: minLimit (11) is greater than maxConcurrent (10)",
+                "routes.yaml:6:71: spec.concurrency.adaptive.maxLimit: maxLimit (9) is less than maxConcurrent (10)",
+            ],
+            &[
+                "routes.yaml:6:32: spec.concurrency.maxConcurrent: maxConcurrent 5000000000 out of range (1-4294967295)",
+            ],
+        ];
+        assert_eq!(got, want);
+        // The same checks at the top of a ConcurrencyPolicy's spec.
+        assert_eq!(
+            with_route(&[conc(
+                "c",
+                "",
+                &format!(
+                    "{ROUTE}  maxConcurrent: 10\n  maxQueue: -1\n  adaptive: {{minLimit: 20}}\n"
+                )
+            )]),
+            [
+                "routes.yaml:17:13: spec.maxQueue: maxQueue must be at least 0 (got -1)",
+                "routes.yaml:18:24: spec.adaptive.minLimit: minLimit (20) is greater than maxConcurrent (10)",
+            ]
+        );
+        // Boundaries that are fine: minLimit = maxConcurrent = maxLimit, an empty queue.
+        let ok = "  concurrency: {maxConcurrent: 1, maxQueue: 0, queueTimeout: 1ms, adaptive: {algorithm: AIMD, minLimit: 1, maxLimit: 1}}\n";
+        assert_eq!(
+            diags(&policy("p", "", &format!("{SVC}{ok}"))),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn rate_limit_checks() {
+        assert_eq!(
+            diags(&rate(
+                "p",
+                "",
+                &format!(
+                    "{SVC}  rate: {{requests: 0, per: 0s, burst: -1}}\n  key: {{header: \"a b\"}}\n"
+                )
+            )),
+            [
+                "routes.yaml:6:20: spec.rate.requests: requests must be at least 1 (got 0)",
+                "routes.yaml:6:28: spec.rate.per: duration \"0s\" must be longer than 0",
+                "routes.yaml:6:39: spec.rate.burst: burst must be at least 0 (got -1)",
+                "routes.yaml:7:17: spec.key.header: invalid header name \"a b\"",
+            ]
+        );
+        assert_eq!(
+            diags(&rate(
+                "p",
+                "",
+                &format!("{SVC}  rate: {{requests: 5000000000, per: 1d}}\n")
+            )),
+            [
+                "routes.yaml:6:20: spec.rate.requests: requests 5000000000 out of range (1-4294967295)",
+                "routes.yaml:6:37: spec.rate.per: invalid duration \"1d\" (expected 1 to 4 number+unit parts with units h, m, s or ms, e.g. 10s, 500ms, 1h30m)",
+            ]
+        );
+        let ok = format!(
+            "{SVC}  rate: {{requests: 1, per: 1h, burst: 0}}\n  key: {{header: X-Tenant}}\n"
+        );
+        assert_eq!(diags(&rate("p", "", &ok)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn target_checks() {
+        let deployment = "  targetRefs: [{group: apps, kind: Deployment, name: x}]\n";
+        assert_eq!(
+            diags(&rate(
+                "p",
+                "",
+                &format!("{deployment}  rate: {{requests: 1}}\n")
+            )),
+            [
+                "routes.yaml:5:36: spec.targetRefs[0].kind: unsupported targetRef kind apps/Deployment: a RateLimitPolicy targets Services (group \"\", kind Service) and routes (group gateway.networking.k8s.io, kind HTTPRoute or GRPCRoute)"
+            ]
+        );
+        // A route kind needs the Gateway API group.
+        assert_eq!(
+            diags(&rate(
+                "p",
+                "",
+                "  targetRefs: [{kind: HTTPRoute, name: r}]\n  rate: {requests: 1}\n"
+            )),
+            [
+                "routes.yaml:5:23: spec.targetRefs[0].kind: unsupported targetRef kind HTTPRoute: a RateLimitPolicy targets Services (group \"\", kind Service) and routes (group gateway.networking.k8s.io, kind HTTPRoute or GRPCRoute)"
+            ]
+        );
+        assert_eq!(
+            diags(&conc("p", "", &format!("{SVC}  maxConcurrent: 10\n"))),
+            [
+                "routes.yaml:5:16: spec.targetRefs[0].kind: a ConcurrencyPolicy targets routes (group gateway.networking.k8s.io, kind HTTPRoute or GRPCRoute); to limit concurrency to a Service, use BackendPolicy.spec.concurrency"
+            ]
+        );
+        assert_eq!(
+            diags(&conc(
+                "p",
+                "",
+                &format!("{deployment}  maxConcurrent: 10\n")
+            )),
+            [
+                "routes.yaml:5:36: spec.targetRefs[0].kind: unsupported targetRef kind apps/Deployment: a ConcurrencyPolicy targets routes (group gateway.networking.k8s.io, kind HTTPRoute or GRPCRoute)"
+            ]
+        );
+        // Targets that do not exist, by name or section: warnings.
+        let gw = "group: gateway.networking.k8s.io";
+        assert_eq!(
+            with_route(&[
+                rate(
+                    "a",
+                    "",
+                    &format!(
+                        "  targetRefs: [{{{gw}, kind: HTTPRoute, name: r, sectionName: refund}}]\n  rate: {{requests: 1}}\n"
+                    )
+                ),
+                rate(
+                    "b",
+                    "",
+                    &format!(
+                        "  targetRefs: [{{{gw}, kind: GRPCRoute, name: r}}]\n  rate: {{requests: 1}}\n"
+                    )
+                ),
+                rate(
+                    "c",
+                    "",
+                    "  targetRefs: [{name: checkout, sectionName: grpc}]\n  rate: {requests: 1}\n"
+                ),
+                conc(
+                    "d",
+                    "",
+                    &format!(
+                        "  targetRefs: [{{{gw}, kind: HTTPRoute, name: gone}}]\n  maxConcurrent: 1\n"
+                    )
+                ),
+            ]),
+            [
+                "routes.yaml:15:90: spec.targetRefs[0].sectionName: warning: HTTPRoute shop/r has no rule named \"refund\": policy attaches to nothing (targetRef ignored)",
+                "routes.yaml:22:74: spec.targetRefs[0].name: warning: no GRPCRoute shop/r: policy attaches to nothing (targetRef ignored)",
+                "routes.yaml:29:46: spec.targetRefs[0].sectionName: warning: Service shop/checkout has no port named \"grpc\": policy attaches to nothing (targetRef ignored)",
+                "routes.yaml:36:74: spec.targetRefs[0].name: warning: no HTTPRoute shop/gone: policy attaches to nothing (targetRef ignored)",
+            ]
+        );
+        // Existing targets: nothing to say.
+        assert_eq!(
+            with_route(&[
+                rate(
+                    "a",
+                    "",
+                    &format!(
+                        "  targetRefs: [{{{gw}, kind: HTTPRoute, name: r, sectionName: pay}}, {{name: checkout, sectionName: http}}]\n  rate: {{requests: 1}}\n"
+                    )
+                ),
+                conc("b", "", &format!("{ROUTE}  maxConcurrent: 1\n")),
+            ]),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn conflicts() {
+        let old = ", creationTimestamp: \"2020-01-01T00:00:00Z\"";
+        let gw = "group: gateway.networking.k8s.io";
+        let pay = format!("  targetRefs: [{{{gw}, kind: HTTPRoute, name: r, sectionName: pay}}]\n");
+        let limit = "  rate: {requests: 1}\n";
+        // Route-wide against route-wide: the newer loses every rule.
+        assert_eq!(
+            with_route(&[
+                rate("a", "", &format!("{ROUTE}{limit}")),
+                rate("b", old, &format!("{ROUTE}{limit}")),
+            ]),
+            [
+                "routes.yaml:15:16: spec.targetRefs[0]: warning: conflicts with RateLimitPolicy shop/b on HTTPRoute shop/r rules 0 (pay), 1: shop/b applies there (it is older)"
+            ]
+        );
+        // A rule named by sectionName beats the route-wide policy (no warning); two of
+        // them on that rule conflict there only.
+        assert_eq!(
+            with_route(&[
+                conc("a", "", &format!("{pay}  maxConcurrent: 1\n")),
+                conc("b", "", &format!("{pay}  maxConcurrent: 1\n")),
+                conc("c", old, &format!("{ROUTE}  maxConcurrent: 1\n")),
+            ]),
+            [
+                "routes.yaml:22:16: spec.targetRefs[0]: warning: conflicts with ConcurrencyPolicy shop/a on HTTPRoute shop/r rule 0 (pay): shop/a applies there (same creationTimestamp, its name sorts first)"
+            ]
+        );
+        // Service targets: by port, as for BackendPolicy.
+        let whole = "  targetRefs: [{name: multi}]\n";
+        let http = "  targetRefs: [{name: multi, sectionName: http}]\n";
+        let docs = [
+            MULTI.to_string(),
+            rate("svc", old, &format!("{whole}{limit}")),
+            rate("new", "", &format!("{whole}{limit}")),
+            rate("port", "", &format!("{http}{limit}")),
+        ];
+        assert_eq!(
+            diags(&docs.join("---\n")),
+            [
+                "routes.yaml:18:16: spec.targetRefs[0]: warning: conflicts with RateLimitPolicy shop/svc on Service shop/multi port 90 (grpc): shop/svc applies there (it is older)"
+            ]
+        );
+        // Different kinds never conflict: a BackendPolicy, a RateLimitPolicy on the
+        // Service and one on the route, a ConcurrencyPolicy on the route.
+        assert_eq!(
+            with_route(&[
+                policy("a", "", SVC),
+                rate("b", "", &format!("{SVC}{limit}")),
+                rate("c", "", &format!("{ROUTE}{limit}")),
+                conc("d", "", &format!("{ROUTE}  maxConcurrent: 1\n")),
+            ]),
+            Vec::<String>::new()
+        );
     }
 }
