@@ -259,6 +259,7 @@ impl Attempts<'_> {
         let admission = Admission {
             counters: &self.state.limits,
             limits: policy.limits,
+            endpoints: &self.state.addrs,
         };
         let mut avoid = None;
         loop {
@@ -469,6 +470,7 @@ async fn forward_upgrade(
     let admission = Admission {
         counters: &state.limits,
         limits: policy.limits,
+        endpoints: &state.addrs,
     };
     let sent: Result<Response<PooledBody>, UpstreamError> =
         upstream::send_upgrade(&worker.pool, addr, req, Some(admission)).await;

@@ -36,6 +36,8 @@ pub struct BackendState {
     pub circuits: BackendCircuits,
     /// The load of each endpoint, parallel to `circuits.endpoints`.
     pub loads: Box<[Arc<Load>]>,
+    /// The address of each endpoint, parallel to `circuits.endpoints`.
+    pub addrs: Box<[SocketAddr]>,
     tiers: Tiers,
     /// The consistent-hash table, for RingHash and Maglev.
     table: Option<Table>,
@@ -96,7 +98,7 @@ impl BackendState {
     ///    among endpoints that are not backing off (429/503 with Retry-After) and are not
     ///    `avoid` (where the previous attempt failed);
     /// 2. else the next such endpoint of the tier in round-robin order;
-    /// 3. else any endpoint whose circuit admits a request.
+    /// 3. else any endpoint whose circuit admits a request, `avoid` last.
     ///
     /// Circuits are asked only about the endpoint about to be used: asking is what takes
     /// a half-open probe.
@@ -162,7 +164,13 @@ impl BackendState {
         }) {
             return Ok(p);
         }
-        (0..eps.len()).find_map(take).ok_or(PickError::AllEjected)
+        // Last resort: any endpoint its circuit admits, the one to avoid last.
+        let others = (0..eps.len()).filter(|&i| avoid != Some(eps[i].addr));
+        let avoided = (0..eps.len()).filter(|&i| avoid == Some(eps[i].addr));
+        others
+            .chain(avoided)
+            .find_map(take)
+            .ok_or(PickError::AllEjected)
     }
 
     /// Records the outcome of an attempt at `picked` for its circuit.
@@ -333,6 +341,7 @@ impl Balancer {
                         clock,
                     },
                     loads: loads.into(),
+                    addrs: addrs.clone().into(),
                     tiers: Tiers::new(&b.endpoints, &ready, place, lb.locality),
                     table,
                     cursor: AtomicUsize::new(start),

@@ -74,6 +74,8 @@ fn is_refused_stream(err: &hyper::Error) -> bool {
 pub struct Admission<'a> {
     pub counters: &'a Arc<Counters>,
     pub limits: Limits,
+    /// The backend's endpoints, whose idle connections may be closed to make room.
+    pub endpoints: &'a [SocketAddr],
 }
 
 impl Admission<'_> {
@@ -125,7 +127,7 @@ async fn send_h1(
     admission: Option<Admission<'_>>,
 ) -> Result<Response<PooledBody>, SendError> {
     loop {
-        let (mut sender, reused) = match pool.take_h1(addr) {
+        let (mut conn, reused) = match pool.take_h1(addr) {
             Some(s) => (s, true),
             // Boxed: connecting is the cold path, and its large state would otherwise be
             // moved around with every request's future.
@@ -134,7 +136,7 @@ async fn send_h1(
                 Err(err) => return Err(SendError::new(err, Some(req))),
             },
         };
-        if sender.ready().await.is_err() {
+        if conn.sender.ready().await.is_err() {
             if reused {
                 continue;
             }
@@ -144,9 +146,9 @@ async fn send_h1(
             );
             return Err(SendError::new(UpstreamError::Connect(closed), Some(req)));
         }
-        match sender.try_send_request(req).await {
+        match conn.sender.try_send_request(req).await {
             Ok(resp) => {
-                return Ok(resp.map(|b| PooledBody::returning(b, pool.clone(), addr, sender)));
+                return Ok(resp.map(|b| PooledBody::returning(b, pool.clone(), addr, conn)));
             }
             Err(mut err) => match err.take_message() {
                 // The request never left: a pooled connection died while idle. Try again.
@@ -168,8 +170,9 @@ pub async fn send_upgrade(
 ) -> Result<Response<PooledBody>, UpstreamError> {
     let client = hyper::upgrade::on(&mut req);
     let req = req.map(RequestBody::Stream);
-    let mut sender = pool.connect_h1(addr, true, admission).await?;
-    let mut resp = sender
+    let mut conn = pool.connect_h1(addr, true, admission).await?;
+    let mut resp = conn
+        .sender
         .send_request(req)
         .await
         .map_err(UpstreamError::Request)?;

@@ -23,6 +23,15 @@ use crate::body::RequestBody;
 use crate::policy::limits::{Limit, Slot};
 
 pub type H1Sender = http1::SendRequest<RequestBody>;
+
+/// An HTTP/1.1 connection as the pool holds it: its sender, and the backend's connection
+/// slot it occupies (held here rather than by the connection task, so that evicting an
+/// idle connection frees its slot at once).
+pub struct H1Conn {
+    pub sender: H1Sender,
+    /// Held, never read: dropped with the connection.
+    _slot: Option<Slot>,
+}
 pub type H2Sender = http2::SendRequest<RequestBody>;
 
 /// Idle HTTP/1.1 connections older than this are closed rather than reused: most servers
@@ -52,7 +61,7 @@ impl Default for PoolSettings {
 pub struct Pool {
     settings: PoolSettings,
     // FxHash: the keys are endpoint addresses from the config, not attacker input.
-    h1_idle: Mutex<FxHashMap<SocketAddr, Vec<(H1Sender, Instant)>>>,
+    h1_idle: Mutex<FxHashMap<SocketAddr, Vec<(H1Conn, Instant)>>>,
     h2: Mutex<FxHashMap<SocketAddr, H2Sender>>,
 }
 
@@ -71,37 +80,72 @@ impl Pool {
     /// stays in the list: it went back when its response ended while its request body was
     /// still streaming (the upstream answered early), and waiting for it could stall this
     /// request behind a slow client.
-    pub fn take_h1(&self, addr: SocketAddr) -> Option<H1Sender> {
+    pub fn take_h1(&self, addr: SocketAddr) -> Option<H1Conn> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&addr)?;
         let now = Instant::now();
         // Most recently returned first; busy ones are set aside (no allocation unless met).
         let mut busy = Vec::new();
         let found = loop {
-            let Some((sender, since)) = list.pop() else {
+            let Some((conn, since)) = list.pop() else {
                 break None;
             };
-            if sender.is_closed() || now.duration_since(since) >= IDLE_TIMEOUT {
+            if conn.sender.is_closed() || now.duration_since(since) >= IDLE_TIMEOUT {
                 continue;
             }
-            if sender.is_ready() {
-                break Some(sender);
+            if conn.sender.is_ready() {
+                break Some(conn);
             }
-            busy.push((sender, since));
+            busy.push((conn, since));
         };
         list.extend(busy);
         found
     }
 
-    fn put_h1(&self, addr: SocketAddr, sender: H1Sender) {
-        if sender.is_closed() {
+    fn put_h1(&self, addr: SocketAddr, conn: H1Conn) {
+        if conn.sender.is_closed() {
             return;
         }
         let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push((sender, Instant::now()));
+            list.push((conn, Instant::now()));
         }
+    }
+
+    /// Closes the oldest idle HTTP/1.1 connection to one of `addrs`, freeing its slot.
+    fn evict_idle(&self, addrs: &[SocketAddr]) -> bool {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+        addrs.iter().any(|addr| {
+            idle.get_mut(addr)
+                .filter(|list| !list.is_empty())
+                .map(|list| drop(list.remove(0)))
+                .is_some()
+        })
+    }
+
+    /// The slots a new connection takes: a pending-request slot while it connects, and a
+    /// connection slot for as long as it lives. With every connection slot taken, an
+    /// idle connection of the same backend (in this worker) is closed to make room:
+    /// idle connections must not lock out the endpoints that have none.
+    fn connecting_slots(
+        &self,
+        admission: Option<Admission<'_>>,
+    ) -> Result<(Option<Slot>, Option<Slot>), UpstreamError> {
+        let Some(a) = admission else {
+            return Ok((None, None));
+        };
+        let pending = a.acquire(Limit::Pending)?;
+        let slot = match a.acquire(Limit::Connections) {
+            Ok(s) => s,
+            Err(err) => {
+                if !self.evict_idle(a.endpoints) {
+                    return Err(err);
+                }
+                a.acquire(Limit::Connections)?
+            }
+        };
+        Ok((Some(pending), Some(slot)))
     }
 
     /// A new HTTP/1.1 connection, within the backend's limits when `admission` is given.
@@ -110,25 +154,31 @@ impl Pool {
         addr: SocketAddr,
         upgrades: bool,
         admission: Option<Admission<'_>>,
-    ) -> Result<H1Sender, UpstreamError> {
-        let (_pending, slot) = connecting_slots(admission)?;
+    ) -> Result<H1Conn, UpstreamError> {
+        let (_pending, slot) = self.connecting_slots(admission)?;
         let io = TokioIo::new(self.connect_tcp(addr).await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
         if upgrades {
+            // The tunnel outlives the sender: the connection task holds the slot.
             tokio::spawn(async move {
                 let _ = conn.with_upgrades().await;
                 drop(slot);
             });
-        } else {
-            tokio::spawn(async move {
-                let _ = conn.await;
-                drop(slot);
+            return Ok(H1Conn {
+                sender,
+                _slot: None,
             });
         }
-        Ok(sender)
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(H1Conn {
+            sender,
+            _slot: slot,
+        })
     }
 
     /// The shared HTTP/2 connection to `addr`, connecting if there is none open.
@@ -155,7 +205,7 @@ impl Pool {
         addr: SocketAddr,
         admission: Option<Admission<'_>>,
     ) -> Result<H2Sender, UpstreamError> {
-        let (_pending, slot) = connecting_slots(admission)?;
+        let (_pending, slot) = self.connecting_slots(admission)?;
         let io = TokioIo::new(self.connect_tcp(addr).await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -192,20 +242,6 @@ impl Pool {
     }
 }
 
-/// The slots a new connection takes: a pending-request slot while it connects, and a
-/// connection slot for as long as it lives.
-fn connecting_slots(
-    admission: Option<Admission<'_>>,
-) -> Result<(Option<Slot>, Option<Slot>), UpstreamError> {
-    match admission {
-        Some(a) => Ok((
-            Some(a.acquire(Limit::Pending)?),
-            Some(a.acquire(Limit::Connections)?),
-        )),
-        None => Ok((None, None)),
-    }
-}
-
 /// An upstream response body that returns its HTTP/1.1 connection to the pool once the
 /// body has been read to the end.
 pub struct PooledBody {
@@ -216,7 +252,7 @@ pub struct PooledBody {
 struct Release {
     pool: Arc<Pool>,
     addr: SocketAddr,
-    sender: H1Sender,
+    conn: H1Conn,
 }
 
 impl PooledBody {
@@ -227,10 +263,10 @@ impl PooledBody {
         }
     }
 
-    pub fn returning(inner: Incoming, pool: Arc<Pool>, addr: SocketAddr, sender: H1Sender) -> Self {
+    pub fn returning(inner: Incoming, pool: Arc<Pool>, addr: SocketAddr, conn: H1Conn) -> Self {
         let mut body = PooledBody {
             inner,
-            release: Some(Release { pool, addr, sender }),
+            release: Some(Release { pool, addr, conn }),
         };
         if body.inner.is_end_stream() {
             body.release_now();
@@ -240,7 +276,7 @@ impl PooledBody {
 
     fn release_now(&mut self) {
         if let Some(r) = self.release.take() {
-            r.pool.put_h1(r.addr, r.sender);
+            r.pool.put_h1(r.addr, r.conn);
         }
     }
 }
