@@ -1858,3 +1858,451 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod traffic_policy_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use http::HeaderName;
+    use serde_json::json;
+
+    use crate::snapshot::*;
+    use crate::testutil::{MULTI, policy, policy_of};
+
+    const GW: &str = "group: gateway.networking.k8s.io";
+
+    /// `MULTI`, an HTTPRoute `shop/r` on every port of it (rules `pay` and an unnamed
+    /// one), a GRPCRoute `shop/g` on port 90, then `docs`.
+    fn load(docs: &[String]) -> crate::Compiled {
+        let routes = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: multi}]\n  rules:\n  - name: pay\n    matches: [{path: {value: /pay}}]\n  - {}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: multi, port: 90}]\n  rules: [{}]\n".to_string();
+        let yaml = [MULTI.to_string(), routes]
+            .into_iter()
+            .chain(docs.iter().cloned())
+            .collect::<Vec<_>>()
+            .join("---\n");
+        crate::load_sources(&[("p.yaml".into(), yaml)]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn port(c: &crate::Compiled, port: u16) -> Arc<ServicePort> {
+        c.snapshot
+            .resolve("multi.shop", Some(port), "shop")
+            .unwrap()
+            .clone()
+    }
+
+    /// The rules of HTTPRoute `r` on a port, by rule index.
+    fn http_rules(sp: &ServicePort) -> Vec<Arc<Rule>> {
+        let mut rules: Vec<Arc<Rule>> = sp.http.iter().map(|h| h.rule.clone()).collect();
+        rules.sort_by_key(|r| r.rule_index);
+        rules
+    }
+
+    fn source(r: &Option<Arc<RateLimit>>) -> Option<String> {
+        r.as_ref().map(|r| r.source.name.clone())
+    }
+
+    fn backend_policy(c: &crate::Compiled, name: &str) -> Arc<BackendPolicy> {
+        c.snapshot
+            .backends
+            .iter()
+            .find(|b| &*b.name == name)
+            .unwrap_or_else(|| panic!("no backend {name}"))
+            .policy
+            .clone()
+    }
+
+    #[test]
+    fn load_balancer_and_concurrency_values_and_defaults() {
+        let targets = "  targetRefs: [{name: checkout-v1}]\n";
+        let one = |spec: &str| {
+            let c = crate::testutil::compile(&policy("p", "", &format!("{targets}{spec}")));
+            let p = backend_policy(&c, "shop/checkout-v1:8080");
+            (c, p)
+        };
+        // Omitted: the defaults, no concurrency limit.
+        let (_, p) = one("");
+        assert_eq!(p.load_balancer, LoadBalancer::default());
+        assert_eq!(p.load_balancer.algorithm, Algorithm::P2CPeakEWMA);
+        assert_eq!(
+            p.load_balancer.locality,
+            Locality {
+                enabled: true,
+                min_healthy_percent: 70
+            }
+        );
+        assert_eq!(p.concurrency, None);
+        // Every field.
+        let (c, p) = one(
+            "  loadBalancer:\n    algorithm: Maglev\n    hash: {cookie: session}\n    locality: {enabled: false, minHealthyPercent: 50}\n  concurrency:\n    maxConcurrent: 100\n    maxQueue: 10\n    queueTimeout: 250ms\n    adaptive: {algorithm: AIMD, minLimit: 5, maxLimit: 500}\n",
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(
+            p.load_balancer,
+            LoadBalancer {
+                algorithm: Algorithm::Maglev,
+                hash: Some(HashKey::Cookie("session".into())),
+                locality: Locality {
+                    enabled: false,
+                    min_healthy_percent: 50
+                },
+            }
+        );
+        assert_eq!(
+            p.concurrency,
+            Some(ConcurrencyLimit {
+                max_concurrent: 100,
+                max_queue: 10,
+                queue_timeout: Duration::from_millis(250),
+                adaptive: Some(Adaptive {
+                    algorithm: AdaptiveAlgorithm::AIMD,
+                    min_limit: 5,
+                    max_limit: 500
+                }),
+            })
+        );
+        // Header names are lower-cased; the source IP.
+        let (_, p) = one("  loadBalancer: {algorithm: RingHash, hash: {header: X-User}}\n");
+        assert_eq!(
+            p.load_balancer.hash,
+            Some(HashKey::Header(HeaderName::from_static("x-user")))
+        );
+        let (_, p) = one("  loadBalancer: {algorithm: Maglev, hash: {sourceIP: true}}\n");
+        assert_eq!(p.load_balancer.hash, Some(HashKey::SourceIP));
+        // A hash with an algorithm that does not hash is dropped (and warned about).
+        let (c, p) = one("  loadBalancer: {algorithm: LeastRequest, hash: {header: x}}\n");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert_eq!(p.load_balancer.algorithm, Algorithm::LeastRequest);
+        assert_eq!(p.load_balancer.hash, None);
+        // Concurrency defaults: no queue, 1s, Gradient between 1 and maxConcurrent.
+        let (_, p) = one("  concurrency: {maxConcurrent: 50, adaptive: {}}\n");
+        assert_eq!(
+            p.concurrency,
+            Some(ConcurrencyLimit {
+                max_concurrent: 50,
+                max_queue: 0,
+                queue_timeout: Duration::from_secs(1),
+                adaptive: Some(Adaptive {
+                    algorithm: AdaptiveAlgorithm::Gradient,
+                    min_limit: 1,
+                    max_limit: 50
+                }),
+            })
+        );
+        let (_, p) = one("  concurrency: {maxConcurrent: 7}\n");
+        assert_eq!(p.concurrency.as_ref().unwrap().adaptive, None);
+    }
+
+    #[test]
+    fn rate_limit_on_service_ports_and_route_rules() {
+        let rate = |name: &str, meta: &str, targets: &str, rest: &str| {
+            policy_of(
+                "RateLimitPolicy",
+                name,
+                meta,
+                &format!("  targetRefs: {targets}\n  rate: {{requests: 10}}\n{rest}"),
+            )
+        };
+        let c = load(&[
+            rate("svc", "", "[{name: multi, sectionName: http}]", ""),
+            rate(
+                "route",
+                "",
+                &format!("[{{{GW}, kind: HTTPRoute, name: r}}]"),
+                "  key: {header: X-Tenant}\n",
+            ),
+        ]);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let (p80, p90) = (port(&c, 80), port(&c, 90));
+        // A Service target: the named port only, with the defaults filled in.
+        assert_eq!(
+            p80.rate_limit.as_deref(),
+            Some(&RateLimit {
+                source: ObjectRef {
+                    namespace: "shop".into(),
+                    name: "svc".into()
+                },
+                requests: 10,
+                per: Duration::from_secs(1),
+                burst: 0,
+                key: RateLimitKey::All,
+            })
+        );
+        assert_eq!(p90.rate_limit, None);
+        // A route target: every rule of the route on every port it attaches to, one Arc.
+        let rules: Vec<Arc<Rule>> = http_rules(&p80)
+            .into_iter()
+            .chain(http_rules(&p90))
+            .collect();
+        assert_eq!(rules.len(), 4);
+        let first = rules[0].rate_limit.clone().unwrap();
+        assert_eq!(
+            first.key,
+            RateLimitKey::Header(HeaderName::from_static("x-tenant"))
+        );
+        for r in &rules {
+            assert!(Arc::ptr_eq(r.rate_limit.as_ref().unwrap(), &first));
+        }
+        // Not the GRPCRoute, not the route's rules' concurrency.
+        assert_eq!(p90.grpc[0].rule.rate_limit, None);
+        assert!(rules.iter().all(|r| r.concurrency.is_none()));
+
+        // One policy on the Service and on a route: one Arc everywhere.
+        let c = load(&[rate(
+            "both",
+            "",
+            &format!("[{{name: multi}}, {{{GW}, kind: GRPCRoute, name: g}}]"),
+            "  rate: {requests: 5, per: 1m, burst: 3}\n  key: Caller\n",
+        )
+        .replace("  rate: {requests: 10}\n", "")]);
+        let p90 = port(&c, 90);
+        let svc = p90.rate_limit.clone().unwrap();
+        assert_eq!(
+            (svc.requests, svc.per, svc.burst, &svc.key),
+            (5, Duration::from_secs(60), 3, &RateLimitKey::Caller)
+        );
+        assert!(Arc::ptr_eq(&svc, port(&c, 80).rate_limit.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            &svc,
+            p90.grpc[0].rule.rate_limit.as_ref().unwrap()
+        ));
+        assert!(http_rules(&p90).iter().all(|r| r.rate_limit.is_none()));
+    }
+
+    #[test]
+    fn rate_limit_precedence() {
+        let old = ", creationTimestamp: \"2020-01-01T00:00:00Z\"";
+        let rate = |name: &str, meta: &str, targets: &str| {
+            policy_of(
+                "RateLimitPolicy",
+                name,
+                meta,
+                &format!("  targetRefs: {targets}\n  rate: {{requests: 1}}\n"),
+            )
+        };
+        let route = format!("[{{{GW}, kind: HTTPRoute, name: r}}]");
+        let pay = format!("[{{{GW}, kind: HTTPRoute, name: r, sectionName: pay}}]");
+        // Rule `pay` by sectionName beats the older route-wide policies; of those, the
+        // oldest gets the other rule; the newer one is warned about.
+        let c = load(&[
+            rate("a-new", "", &route),
+            rate("z-old", old, &route),
+            rate("pay", "", &pay),
+        ]);
+        let rules = http_rules(&port(&c, 80));
+        assert_eq!(source(&rules[0].rate_limit).as_deref(), Some("pay"));
+        assert_eq!(source(&rules[1].rate_limit).as_deref(), Some("z-old"));
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].message.contains("shop/z-old applies there"),
+            "{:?}",
+            c.warnings
+        );
+        // Service ports: sectionName, then age, then name.
+        let c = load(&[
+            rate("b", old, "[{name: multi}]"),
+            rate("a", old, "[{name: multi}]"),
+            rate("grpc", "", "[{name: multi, sectionName: grpc}]"),
+        ]);
+        assert_eq!(source(&port(&c, 80).rate_limit).as_deref(), Some("a"));
+        assert_eq!(source(&port(&c, 90).rate_limit).as_deref(), Some("grpc"));
+    }
+
+    #[test]
+    fn concurrency_policy_on_route_rules() {
+        let conc = |name: &str, meta: &str, targets: &str, spec: &str| {
+            policy_of(
+                "ConcurrencyPolicy",
+                name,
+                meta,
+                &format!("  targetRefs: {targets}\n{spec}"),
+            )
+        };
+        let c = load(&[
+            conc(
+                "http",
+                "",
+                &format!("[{{{GW}, kind: HTTPRoute, name: r}}]"),
+                "  maxConcurrent: 20\n",
+            ),
+            conc(
+                "grpc",
+                "",
+                &format!("[{{{GW}, kind: GRPCRoute, name: g}}]"),
+                "  maxConcurrent: 30\n  maxQueue: 5\n  queueTimeout: 2s\n  adaptive: {algorithm: Gradient, minLimit: 10, maxLimit: 300}\n",
+            ),
+        ]);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let rules: Vec<Arc<Rule>> = http_rules(&port(&c, 80))
+            .into_iter()
+            .chain(http_rules(&port(&c, 90)))
+            .collect();
+        let first = rules[0].concurrency.clone().unwrap();
+        assert_eq!(
+            *first,
+            ConcurrencyLimit {
+                max_concurrent: 20,
+                max_queue: 0,
+                queue_timeout: Duration::from_secs(1),
+                adaptive: None,
+            }
+        );
+        for r in &rules {
+            assert!(Arc::ptr_eq(r.concurrency.as_ref().unwrap(), &first));
+            assert!(r.rate_limit.is_none());
+        }
+        assert_eq!(
+            port(&c, 90).grpc[0].rule.concurrency.as_deref(),
+            Some(&ConcurrencyLimit {
+                max_concurrent: 30,
+                max_queue: 5,
+                queue_timeout: Duration::from_secs(2),
+                adaptive: Some(Adaptive {
+                    algorithm: AdaptiveAlgorithm::Gradient,
+                    min_limit: 10,
+                    max_limit: 300
+                }),
+            })
+        );
+        // By rule name; the rest of the route keeps the route-wide policy.
+        let c = load(&[
+            conc(
+                "route",
+                ", creationTimestamp: \"2020-01-01T00:00:00Z\"",
+                &format!("[{{{GW}, kind: HTTPRoute, name: r}}]"),
+                "  maxConcurrent: 20\n",
+            ),
+            conc(
+                "pay",
+                "",
+                &format!("[{{{GW}, kind: HTTPRoute, name: r, sectionName: pay}}]"),
+                "  maxConcurrent: 2\n",
+            ),
+        ]);
+        let rules = http_rules(&port(&c, 80));
+        assert_eq!(rules[0].concurrency.as_ref().unwrap().max_concurrent, 2);
+        assert_eq!(rules[1].concurrency.as_ref().unwrap().max_concurrent, 20);
+        // A Service's own default rule never has one.
+        let c = crate::testutil::compile("");
+        let sp = c.snapshot.resolve("checkout", Some(8080), "shop").unwrap();
+        let default = sp.default_rule.as_ref().unwrap();
+        assert!(default.concurrency.is_none() && default.rate_limit.is_none());
+        assert!(sp.rate_limit.is_none());
+    }
+
+    #[test]
+    fn json_and_version() {
+        let docs = [
+            policy_of(
+                "RateLimitPolicy",
+                "limit",
+                "",
+                "  targetRefs: [{name: multi, sectionName: http}]\n  rate: {requests: 100, per: 1s, burst: 20}\n  key: {header: x-tenant}\n",
+            ),
+            policy_of(
+                "ConcurrencyPolicy",
+                "conc",
+                "",
+                &format!(
+                    "  targetRefs: [{{{GW}, kind: HTTPRoute, name: r, sectionName: pay}}]\n  maxConcurrent: 8\n  adaptive: {{algorithm: AIMD}}\n"
+                ),
+            ),
+        ];
+        let c = load(&docs);
+        let j = &c.snapshot.json;
+        let p80 = &j["services"][0]["ports"][0];
+        assert_eq!(p80["port"], 80);
+        let limit = json!({
+            "source": "shop/limit",
+            "requests": 100,
+            "per": "1s",
+            "burst": 20,
+            "key": {"header": "x-tenant"},
+        });
+        assert_eq!(p80["rateLimit"], limit);
+        assert_eq!(j["services"][0]["ports"][1]["rateLimit"], json!(null));
+        let pay = p80["http"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["rule"]["rule"] == 0)
+            .unwrap();
+        assert_eq!(pay["rule"]["rateLimit"], json!(null));
+        assert_eq!(
+            pay["rule"]["concurrency"],
+            json!({
+                "maxConcurrent": 8,
+                "maxQueue": 0,
+                "queueTimeout": "1s",
+                "adaptive": {"algorithm": "AIMD", "minLimit": 1, "maxLimit": 8},
+            })
+        );
+        // A route-targeted rate limit in its rules.
+        let routed = load(&[policy_of(
+            "RateLimitPolicy",
+            "per-route",
+            "",
+            &format!(
+                "  targetRefs: [{{{GW}, kind: HTTPRoute, name: r}}]\n  rate: {{requests: 3}}\n  key: Route\n"
+            ),
+        )]);
+        assert_eq!(
+            routed.snapshot.json["services"][0]["ports"][1]["http"][0]["rule"]["rateLimit"],
+            json!({"source": "shop/per-route", "requests": 3, "per": "1s", "burst": 0, "key": "Route"})
+        );
+        // BackendPolicy: the load balancer and the concurrency limit of a backend.
+        let lb = policy(
+            "lb",
+            "",
+            "  targetRefs: [{name: checkout-v1}]\n  loadBalancer: {algorithm: RingHash, hash: {header: x-user}, locality: {minHealthyPercent: 80}}\n  concurrency: {maxConcurrent: 100, maxQueue: 100, queueTimeout: 1500ms}\n",
+        );
+        let c2 = crate::testutil::compile(&lb);
+        let v1 = c2.snapshot.json["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "shop/checkout-v1:8080")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            v1["policy"]["loadBalancer"],
+            json!({
+                "algorithm": "RingHash",
+                "hash": {"header": "x-user"},
+                "locality": {"enabled": true, "minHealthyPercent": 80},
+            })
+        );
+        assert_eq!(
+            v1["policy"]["concurrency"],
+            json!({"maxConcurrent": 100, "maxQueue": 100, "queueTimeout": "1500ms", "adaptive": null})
+        );
+        for (hash, want) in [
+            ("{cookie: s}", json!({"cookie": "s"})),
+            ("{sourceIP: true}", json!({"sourceIP": true})),
+        ] {
+            let yaml = lb.replace("{header: x-user}", hash);
+            let c = crate::testutil::compile(&yaml);
+            let b = &c.snapshot.json["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["name"] == "shop/checkout-v1:8080")
+                .unwrap()["policy"]["loadBalancer"]["hash"];
+            assert_eq!(*b, want);
+        }
+        // The new kinds and fields are part of the version.
+        let base = c.snapshot.version.clone();
+        for (i, from, to) in [
+            (0, "burst: 20", "burst: 21"),
+            (1, "maxConcurrent: 8", "maxConcurrent: 9"),
+        ] {
+            let mut changed = docs.clone();
+            changed[i] = changed[i].replace(from, to);
+            assert_ne!(load(&changed).snapshot.version, base);
+        }
+        assert_ne!(load(&docs[..1]).snapshot.version, base);
+        let v = c2.snapshot.version.clone();
+        let changed = lb.replace("minHealthyPercent: 80", "minHealthyPercent: 81");
+        assert_ne!(crate::testutil::compile(&changed).snapshot.version, v);
+    }
+}
