@@ -334,7 +334,43 @@ metadata: {{name: upstream-h2c-1, namespace: bench, labels: {{kubernetes.io/serv
 addressType: IPv4
 endpoints: [{{addresses: ["{ADDR}"], conditions: {{ready: true}}}}]
 ports: [{{name: http, port: {h2c_port}}}]
+""" + POLICIES
+
+
+# Every layer configured, so the numbers are those of a mesh with its policies on:
+# retries (bodies buffered, heads kept for replay), per-route request timeout, breakers,
+# limits, a concurrency limit, P2C, and a rate limit the inbound side checks (set far
+# above the offered load: it must cost, not refuse).
+POLICIES = "".join(
+    f"""---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {svc}, namespace: bench}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: {svc}, port: 80}}]
+  rules:
+  - backendRefs: [{{name: {svc}, port: 80}}]
+    timeouts: {{request: 10s}}
+    retry: {{attempts: 2, backoff: 25ms, codes: [502, 503]}}
+---
+apiVersion: policy.tern.dev/v1alpha1
+kind: BackendPolicy
+metadata: {{name: {svc}, namespace: bench}}
+spec:
+  targetRefs: [{{group: "", kind: Service, name: {svc}}}]
+  circuitBreaker: {{consecutiveFailures: 5}}
+  limits: {{maxConnections: 100000, maxPendingRequests: 100000, maxRequests: 100000}}
+  concurrency: {{maxConcurrent: 4096, maxQueue: 4096, queueTimeout: 1s}}
+---
+apiVersion: policy.tern.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {{name: {svc}, namespace: bench}}
+spec:
+  targetRefs: [{{group: "", kind: Service, name: {svc}}}]
+  rate: {{requests: 10000000, per: 1s}}
 """
+    for svc in ("upstream", "upstream-h2c")
+)
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,11 @@
 # upstream), counted by valgrind's callgrind. Instruction counts are repeatable on a
 # noisy machine, unlike time: use this to judge a change to the data path.
 #
-#   benches/load/callgrind.sh [N]        (default N=20000)
+#   benches/load/callgrind.sh [N] [--policies]        (default N=20000)
+#
+# --policies adds every outbound layer to tern's config (route retry and timeout,
+# BackendPolicy breaker, limits and a concurrency limit): run with and without to see
+# what the layers cost.
 #
 # Each proxy runs under callgrind twice: with N and with N/10 requests (h2load --h1,
 # 8 connections). The marginal cost (difference / (N - N/10)) excludes start-up and
@@ -14,6 +18,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 N="${1:-20000}"
+POLICIES="${2:-}"
 SMALL=$((N / 10))
 OUT="$HERE/results/callgrind-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT/cfg"
@@ -71,6 +76,28 @@ addressType: IPv4
 endpoints: [{addresses: ["127.0.0.1"]}]
 ports: [{name: http, port: $UP}]
 EOF
+if [ "$POLICIES" = "--policies" ]; then
+  cat >>"$OUT/cfg/bench.yaml" <<EOF
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: upstream, namespace: bench}
+spec:
+  parentRefs: [{group: "", kind: Service, name: upstream, port: 80}]
+  rules:
+  - backendRefs: [{name: upstream, port: 80}]
+    timeouts: {request: 10s}
+    retry: {attempts: 2, backoff: 25ms, codes: [502, 503]}
+---
+apiVersion: policy.tern.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: upstream, namespace: bench}
+spec:
+  targetRefs: [{group: "", kind: Service, name: upstream}]
+  limits: {maxConnections: 100000, maxPendingRequests: 100000, maxRequests: 100000}
+  concurrency: {maxConcurrent: 4096, maxQueue: 4096, queueTimeout: 1s}
+EOF
+fi
 
 nginx -c "$OUT/upstream.conf" >/dev/null 2>&1 &
 PIDS+=($!)
