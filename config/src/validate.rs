@@ -742,7 +742,7 @@ impl<'a> V<'a> {
                     "{algorithm:?} needs loadBalancer.hash: {{header: <name>}}, {{cookie: <name>}} or {{sourceIP: true}}"
                 ),
             ),
-            Some(_) if !hashing && !lb.invalid_algorithm => {
+            Some(h) if !hashing && !lb.invalid_algorithm && *h != HashSpec::Invalid => {
                 let default = if lb.algorithm.is_none() {
                     " (the default)"
                 } else {

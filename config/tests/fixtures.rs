@@ -2,8 +2,10 @@
 //! `fixtures/broken.expected` line for line, and a valid one that compiles cleanly.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tern_config::snapshot::{Algorithm, HashKey};
 use tern_config::{ConfigError, load_dir};
 
 fn fixture(name: &str) -> PathBuf {
@@ -99,6 +101,49 @@ fn valid_fixture_compiles_cleanly() {
     assert_eq!(v2_grpc.circuit_breaker.consecutive_failures, Some(3));
     assert_eq!(v2_grpc.limits, Default::default());
     assert!(backend("shop/checkout-v1:8080").policy.source.is_none());
+
+    // Load balancing and backpressure on checkout-v2's HTTP port (its gRPC port's policy
+    // leaves them out: the defaults).
+    assert_eq!(v2_http.load_balancer.algorithm, Algorithm::RingHash);
+    assert_eq!(
+        v2_http.load_balancer.hash,
+        Some(HashKey::Header(http::HeaderName::from_static("x-user")))
+    );
+    let c = v2_http.concurrency.as_ref().expect("a concurrency limit");
+    assert_eq!((c.max_concurrent, c.max_queue), (100, 100));
+    assert_eq!(
+        c.adaptive.map(|a| (a.min_limit, a.max_limit)),
+        Some((1, 1000))
+    );
+    assert_eq!(v2_grpc.load_balancer, Default::default());
+    assert!(v2_grpc.concurrency.is_none());
+
+    // RateLimitPolicy: checkout's HTTP port and the GRPCRoute's rule share one limit.
+    let limit = http.rate_limit.as_ref().expect("http port is rate limited");
+    assert_eq!(limit.source.to_string(), "shop/api-limit");
+    assert_eq!((limit.requests, limit.burst), (100, 20));
+    assert!(Arc::ptr_eq(
+        limit,
+        grpc.grpc[0].rule.rate_limit.as_ref().unwrap()
+    ));
+    assert!(grpc.rate_limit.is_none());
+    assert!(http.http.iter().all(|h| h.rule.rate_limit.is_none()));
+
+    // ConcurrencyPolicy: every rule of the split.
+    for h in &http.http {
+        let c = h
+            .rule
+            .concurrency
+            .as_ref()
+            .expect("split rules are limited");
+        assert_eq!((c.max_concurrent, c.max_queue), (50, 10));
+        assert_eq!(c.queue_timeout, Duration::from_millis(500));
+    }
+    assert!(grpc.grpc[0].rule.concurrency.is_none());
+    assert_eq!(
+        snap.json["services"][0]["ports"][0]["rateLimit"]["source"],
+        "shop/api-limit"
+    );
 }
 
 #[test]
