@@ -1,7 +1,7 @@
 //! tern-config: the contract between Tern's control plane and its sidecars.
 //!
 //! Users write Kubernetes-style YAML (Service, EndpointSlice, HTTPRoute, GRPCRoute and
-//! Tern's BackendPolicy). This crate parses it with source locations ([`yaml`], the only
+//! Tern's BackendPolicy, RateLimitPolicy and ConcurrencyPolicy). This crate parses it with source locations ([`yaml`], the only
 //! module that touches a YAML library), decodes it into typed resources ([`decode`],
 //! [`model`]) held in a [`resources::Resources`] set, checks it ([`validate`]) with
 //! diagnostics that name `file:line:column` and the field path, and compiles it
