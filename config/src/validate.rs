@@ -913,9 +913,18 @@ impl<'a> V<'a> {
             name: name.to_string(),
         };
         let obj: &'a Object = self.res.get(&key)?;
-        let named = |i: usize, n: Option<&str>| match n.filter(|n| !n.is_empty()) {
-            Some(n) => format!("{i} ({n})"),
-            None => i.to_string(),
+        // Rule names of a route, in order; labelled `0 (pay)`, `1`.
+        let rules = |names: Vec<Option<&'a str>>| Sections {
+            what: "rule",
+            incomplete: false,
+            list: names
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| match n.filter(|n| !n.is_empty()) {
+                    Some(name) => (n, format!("{i} ({name})")),
+                    None => (n, i.to_string()),
+                })
+                .collect(),
         };
         Some(match &obj.resource {
             Resource::Service(svc) => Sections {
@@ -934,26 +943,8 @@ impl<'a> V<'a> {
                     })
                     .collect(),
             },
-            Resource::HTTPRoute(r) => Sections {
-                what: "rule",
-                incomplete: false,
-                list: r
-                    .rules
-                    .iter()
-                    .enumerate()
-                    .map(|(i, rule)| (rule.name.as_deref(), named(i, rule.name.as_deref())))
-                    .collect(),
-            },
-            Resource::GRPCRoute(r) => Sections {
-                what: "rule",
-                incomplete: false,
-                list: r
-                    .rules
-                    .iter()
-                    .enumerate()
-                    .map(|(i, rule)| (rule.name.as_deref(), named(i, rule.name.as_deref())))
-                    .collect(),
-            },
+            Resource::HTTPRoute(r) => rules(r.rules.iter().map(|r| r.name.as_deref()).collect()),
+            Resource::GRPCRoute(r) => rules(r.rules.iter().map(|r| r.name.as_deref()).collect()),
             _ => return None,
         })
     }
