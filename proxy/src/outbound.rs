@@ -131,18 +131,11 @@ async fn serve(
             peer,
             active,
         };
-        // No wrapper without a timeout: moving the attempt future into one costs a copy
-        // of its whole state on every request.
-        let result = match rule.timeouts.request {
-            None => attempts.run(req, trace, &mut fate).await,
-            limit => {
-                cap(
-                    limit,
-                    ProxyError::RequestTimeout,
-                    attempts.run(req, trace, &mut fate),
-                )
-                .await
-            }
+        // Pinned in place: the attempt future is large, and must not be copied around.
+        let result = {
+            let run = attempts.run(req, trace, &mut fate);
+            tokio::pin!(run);
+            cap(rule.timeouts.request, ProxyError::RequestTimeout, run).await
         };
         if let Err(ProxyError::RequestTimeout(_)) = result {
             fate = Some(Fate::TimedOut);
@@ -213,7 +206,13 @@ impl Attempts<'_> {
                 .enumerate()
             {
                 let Some(limiter) = limiter else { continue };
-                match limiter.acquire().await {
+                // Boxed: waiting in the queue is the slow path; its state stays out of
+                // the request's future.
+                let acquired = match limiter.try_acquire() {
+                    Some(p) => Ok(p),
+                    None => Box::pin(limiter.acquire()).await,
+                };
+                match acquired {
                     Ok(p) => permits[k] = Some(p),
                     Err(reason) => {
                         *fate = Some(Fate::NotRetryable);
@@ -243,7 +242,12 @@ impl Attempts<'_> {
         let resend_ok =
             retry.is_some_and(|p| p.non_idempotent || retry::is_idempotent(req.method()));
         let (replay, mut next): (Option<Replay>, _) = match retry {
-            Some(_) => match retry::buffer(req, shared.settings.retry_buffer)
+            Some(_) if http_body::Body::is_end_stream(req.body()) => {
+                (Some(Replay::bodiless(req)), None)
+            }
+            // Boxed: reading a body is the less common path; its state stays out of the
+            // request's future.
+            Some(_) => match Box::pin(retry::buffer(req, shared.settings.retry_buffer))
                 .await
                 .map_err(ProxyError::ClientBody)?
             {
@@ -290,14 +294,13 @@ impl Attempts<'_> {
             let in_flight = picked.load.start();
             let sent_at = Instant::now();
             let send = upstream::send(&self.worker.pool, addr, protocol, req, Some(admission));
+            tokio::pin!(send);
             let sent = match self.rule.timeouts.backend_request {
                 None => send.await.map_err(Failure::Send),
-                limit => {
-                    cap(limit, Failure::Timeout, async {
-                        send.await.map_err(Failure::Send)
-                    })
-                    .await
-                }
+                Some(limit) => match tokio::time::timeout(limit, send).await {
+                    Ok(r) => r.map_err(Failure::Send),
+                    Err(_) => Err(Failure::Timeout(limit)),
+                },
             };
             now = clock.now_ms();
             // Whether to try again, and after how long; or the fate of the request.
@@ -367,7 +370,7 @@ impl Attempts<'_> {
                     self.metrics.retried();
                     avoid = Some(addr);
                     if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
+                        Box::pin(tokio::time::sleep(wait)).await;
                         now = clock.now_ms();
                     }
                 }

@@ -386,13 +386,20 @@ impl Balancer {
             .unwrap_or_default();
         let mut routes = FxHashMap::default();
         let mut route_keys = FxHashMap::default();
+        // One limiter per route rule, shared by the copies of the rule on each port the
+        // route attaches to.
+        let mut by_rule: HashMap<(Arc<str>, usize), Arc<Limiter>> = HashMap::new();
         for rule in rules(snapshot) {
             if let Some(c) = &rule.concurrency {
-                let name: Arc<str> = format!("{}#{}", rule.route, rule.rule_index).into();
-                let kept = old_routes.get(&(&*rule.route, rule.rule_index)).copied();
+                let key = (rule.route.clone(), rule.rule_index);
+                let shared = by_rule.entry(key.clone()).or_insert_with(|| {
+                    let name: Arc<str> = format!("{}#{}", rule.route, rule.rule_index).into();
+                    let kept = old_routes.get(&(&*rule.route, rule.rule_index)).copied();
+                    limiter(kept, c, "route", &name, metrics)
+                });
                 let ptr = Arc::as_ptr(rule) as usize;
-                routes.insert(ptr, limiter(kept, c, "route", &name, metrics));
-                route_keys.insert(ptr, (rule.route.clone(), rule.rule_index));
+                routes.insert(ptr, shared.clone());
+                route_keys.insert(ptr, key);
             }
         }
         Balancer {

@@ -100,6 +100,16 @@ impl Limiter {
             .saturating_sub(self.sem.available_permits() as u32)
     }
 
+    /// A permit if one is free now (the fast path, no future).
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let p = self.sem.clone().try_acquire_owned().ok()?;
+        Some(Permit {
+            permit: Some(p),
+            limiter: self.clone(),
+            started: Instant::now(),
+        })
+    }
+
     /// A permit now, after waiting in the queue, or the reason for shedding.
     pub async fn acquire(self: &Arc<Self>) -> Result<Permit, Shed> {
         let granted = |permit| Permit {
@@ -107,8 +117,8 @@ impl Limiter {
             limiter: self.clone(),
             started: Instant::now(),
         };
-        if let Ok(p) = self.sem.clone().try_acquire_owned() {
-            return Ok(granted(p));
+        if let Some(p) = self.try_acquire() {
+            return Ok(p);
         }
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.config.max_queue {
             self.waiting.fetch_sub(1, Ordering::Relaxed);

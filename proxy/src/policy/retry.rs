@@ -96,6 +96,21 @@ impl Replay {
     }
 }
 
+impl Replay {
+    /// The replay of a request without a body: nothing to read, nothing to wait for.
+    pub fn bodiless<B>(req: Request<B>) -> Replay {
+        let (parts, _) = req.into_parts();
+        Replay {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            data: None,
+            trailers: None,
+        }
+    }
+}
+
 /// What buffering made of a request.
 pub enum Buffered {
     Replayable(Replay),

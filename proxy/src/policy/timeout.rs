@@ -4,14 +4,18 @@
 //! tell which setting to change.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 /// Runs `fut` for at most `limit` (no limit: as long as it takes); on expiry, the error
 /// `expired` makes from the limit.
+///
+/// `fut` is pinned by the caller, in place: the attempt futures are several KB, and
+/// moving one into a timeout wrapper copied all of it on every request (measured).
 pub async fn cap<F, T, E>(
     limit: Option<Duration>,
     expired: fn(Duration) -> E,
-    fut: F,
+    fut: Pin<&mut F>,
 ) -> Result<T, E>
 where
     F: Future<Output = Result<T, E>>,
@@ -36,11 +40,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_tighter_timeout_fires_and_names_itself() {
+        let inner = slow();
+        tokio::pin!(inner);
         let per_try = cap(
             Some(Duration::from_secs(2)),
             ProxyError::BackendTimeout,
-            slow(),
+            inner,
         );
+        tokio::pin!(per_try);
         let err = cap(
             Some(Duration::from_secs(10)),
             ProxyError::RequestTimeout,
@@ -50,10 +57,12 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, ProxyError::BackendTimeout(d) if d == Duration::from_secs(2)));
 
+        let fut = slow();
+        tokio::pin!(fut);
         let err = cap(
             Some(Duration::from_secs(1)),
             ProxyError::RequestTimeout,
-            slow(),
+            fut,
         )
         .await
         .unwrap_err();
@@ -62,9 +71,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_limit_waits() {
-        let r = cap(None, ProxyError::RequestTimeout, async {
-            Ok::<_, ProxyError>(7)
-        });
-        assert_eq!(r.await.unwrap(), 7);
+        let fut = async { Ok::<_, ProxyError>(7) };
+        tokio::pin!(fut);
+        assert_eq!(cap(None, ProxyError::RequestTimeout, fut).await.unwrap(), 7);
     }
 }
