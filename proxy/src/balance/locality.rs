@@ -77,6 +77,11 @@ impl Tiers {
         }
     }
 
+    /// The candidate set of `level` (0 zone, 1 zone + region, 2 all).
+    pub fn set(&self, level: usize) -> &[u32] {
+        &self.sets[level.min(2)]
+    }
+
     /// Whether there is any choice to make (endpoints in more than one tier).
     fn has_choice(&self) -> bool {
         (0..2).any(|l| !self.sets[l].is_empty() && self.sets[l].len() < self.sets[2].len())

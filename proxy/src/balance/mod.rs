@@ -97,7 +97,8 @@ impl BackendState {
     ///    requests in flight, or the owner of `hash` on the consistent-hash table),
     ///    among endpoints that are not backing off (429/503 with Retry-After) and are not
     ///    `avoid` (where the previous attempt failed);
-    /// 2. else the next such endpoint of the tier in round-robin order;
+    /// 2. else the next such endpoint of the tier in round-robin order, then of the wider
+    ///    tiers in order;
     /// 3. else any endpoint whose circuit admits a request, `avoid` last.
     ///
     /// Circuits are asked only about the endpoint about to be used: asking is what takes
@@ -137,7 +138,7 @@ impl BackendState {
         {
             return Ok(p);
         }
-        let (set, _) = self.tiers.active(now_ms, |i| !eps[i].is_ejected());
+        let (set, level) = self.tiers.active(now_ms, |i| !eps[i].is_ejected());
         if set.len() >= 2 && matches!(algorithm, Algorithm::P2CPeakEWMA | Algorithm::LeastRequest) {
             let a = fastrand::usize(..set.len());
             let mut b = fastrand::usize(..set.len() - 1);
@@ -163,6 +164,20 @@ impl BackendState {
             if usable(i) { take(i) } else { None }
         }) {
             return Ok(p);
+        }
+        // The tier cannot take it (its endpoints failed since the tier was chosen, or the
+        // only one is `avoid`): the next wider tiers, in order, before anywhere.
+        for wider in level + 1..3 {
+            if let Some(p) = self
+                .tiers
+                .set(wider)
+                .iter()
+                .map(|&i| i as usize)
+                .filter(|&i| usable(i))
+                .find_map(take)
+            {
+                return Ok(p);
+            }
         }
         // Last resort: any endpoint its circuit admits, the one to avoid last.
         let others = (0..eps.len()).filter(|&i| avoid != Some(eps[i].addr));
