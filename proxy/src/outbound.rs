@@ -216,10 +216,7 @@ impl Attempts<'_> {
                     Ok(p) => permits[k] = Some(p),
                     Err(reason) => {
                         *fate = Some(Fate::NotRetryable);
-                        let name = match scope {
-                            "backend" => self.backend.name.clone(),
-                            _ => self.rule.route.clone(),
-                        };
+                        let name = limiter.name.clone();
                         return Err(ProxyError::Overloaded {
                             scope,
                             name,

@@ -258,7 +258,7 @@ fn limiter(
         Some(l) if l.config == *config => l.clone(),
         _ => {
             let (gauge, shed) = metrics.concurrency(scope, name);
-            Arc::new(Limiter::new(config.clone(), gauge, shed))
+            Arc::new(Limiter::new(config.clone(), name.clone(), gauge, shed))
         }
     }
 }

@@ -34,6 +34,8 @@ impl Shed {
 
 pub struct Limiter {
     pub config: ConcurrencyLimit,
+    /// What it limits: `namespace/service:port` or `namespace/route#rule`, as in metrics.
+    pub name: Arc<str>,
     sem: Arc<Semaphore>,
     limit: AtomicU32,
     /// Permits to retire as they come back: the limit went down while they were out.
@@ -70,7 +72,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl Limiter {
-    pub fn new(config: ConcurrencyLimit, gauge: Gauge, shed: [Counter; 2]) -> Self {
+    pub fn new(config: ConcurrencyLimit, name: Arc<str>, gauge: Gauge, shed: [Counter; 2]) -> Self {
         let limit = config.max_concurrent.max(1);
         gauge.set(i64::from(limit));
         Limiter {
@@ -86,6 +88,7 @@ impl Limiter {
             debt: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
             config,
+            name,
             gauge,
             shed,
         }
@@ -260,6 +263,7 @@ mod tests {
                 queue_timeout: Duration::from_millis(100),
                 adaptive,
             },
+            "ns/r#0".into(),
             Gauge::default(),
             Default::default(),
         ))
