@@ -595,3 +595,67 @@ def mesh(tmp_path_factory):
         yield Mesh(s)
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------------------
+# policies and circuits (shared by the resilience, balancing and shedding tests)
+
+
+def backend_name(svc: str, port: int = 80) -> str:
+    return f"{NS}/{svc}:{port}"
+
+
+def backend_policy(name: str, target: str, **spec) -> dict:
+    return {
+        "apiVersion": "policy.tern.dev/v1alpha1",
+        "kind": "BackendPolicy",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": target}], **spec},
+    }
+
+
+def circuits(proxy) -> dict:
+    status, body = proxy.admin_get("/circuits")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def circuit_backend(proxy, svc: str) -> dict:
+    doc = circuits(proxy)
+    for b in doc["backends"]:
+        if b["backend"] == backend_name(svc):
+            return b
+    raise AssertionError(f"{backend_name(svc)} not in /circuits: {doc}")
+
+
+def circuit_endpoint(proxy, svc: str, addr: str) -> dict:
+    b = circuit_backend(proxy, svc)
+    for ep in b["endpoints"]:
+        if ep["address"] == addr:
+            return ep
+    raise AssertionError(f"{addr} not in /circuits of {svc}: {b}")
+
+
+def control(app: "DemoApp", **params):
+    """POST /control on a demo app directly (not through the proxy)."""
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    r = request(app.addr, "POST", f"/control?{query}")
+    assert r.status == 200, r
+
+
+def retry_route(name: str, svc: str, retry: dict | None = None, timeouts: dict | None = None,
+                non_idempotent: bool = False, port: int = 80) -> dict:
+    """An HTTPRoute attached to Service `svc` sending everything back to `svc`, with
+    an optional `retry` and `timeouts` on its one rule."""
+    rule: dict = {
+        "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+        "backendRefs": [{"name": svc, "port": port}],
+    }
+    if retry is not None:
+        rule["retry"] = retry
+    if timeouts is not None:
+        rule["timeouts"] = timeouts
+    route = http_route(name, svc, [rule], parent_port=port)
+    if non_idempotent:
+        route["metadata"]["annotations"] = {"retry.tern.dev/non-idempotent": "true"}
+    return route

@@ -22,7 +22,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import NS, error_code, free_addr, http_route, request, split_addr, wait_until
+from conftest import (
+    NS,
+    backend_name,
+    backend_policy,
+    circuit_backend,
+    circuit_endpoint,
+    control,
+    error_code,
+    free_addr,
+    http_route,
+    request,
+    retry_route,
+    split_addr,
+    wait_until,
+)
 
 # --------------------------------------------------------------------------------------
 # config helpers
@@ -66,27 +80,6 @@ def zoned_service(name: str, endpoints: list, port: int = 80, ns: str = NS) -> l
     return docs
 
 
-def backend_policy(name: str, target: str, **spec) -> dict:
-    return {
-        "apiVersion": "policy.tern.dev/v1alpha1",
-        "kind": "BackendPolicy",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": target}], **spec},
-    }
-
-
-def retry_route(name: str, svc: str, retry: dict, port: int = 80) -> dict:
-    return http_route(name, svc, [{
-        "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-        "backendRefs": [{"name": svc, "port": port}],
-        "retry": retry,
-    }], parent_port=port)
-
-
-def backend_name(svc: str, port: int = 80) -> str:
-    return f"{NS}/{svc}:{port}"
-
-
 # --------------------------------------------------------------------------------------
 # observation helpers
 
@@ -95,35 +88,10 @@ def served_by(resp) -> str | None:
     return resp.header("x-demo-service")
 
 
-def circuit_backend(proxy, svc: str) -> dict:
-    status, body = proxy.admin_get("/circuits")
-    assert status == 200, body
-    doc = json.loads(body)
-    for b in doc["backends"]:
-        if b["backend"] == backend_name(svc):
-            return b
-    raise AssertionError(f"{backend_name(svc)} not in /circuits: {doc}")
-
-
-def circuit_endpoint(proxy, svc: str, addr: str) -> dict:
-    b = circuit_backend(proxy, svc)
-    for e in b["endpoints"]:
-        if e["address"] == addr:
-            return e
-    raise AssertionError(f"{addr} not in /circuits of {svc}: {b}")
-
-
 def tier_counts(proxy, svc: str) -> dict[str, float]:
     m = proxy.metrics()
     return {tier: m.sum("tern_balancer_requests_total", backend_name=backend_name(svc), tier=tier)
             for tier in ("zone", "region", "remote")}
-
-
-def control(app, **params):
-    """POST /control on a demo app directly (not through the proxy)."""
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    r = request(app.addr, "POST", f"/control?{query}")
-    assert r.status == 200, (r.status, r.body)
 
 
 def reload_to(stack, proxy, filename: str, docs, what: str):

@@ -26,11 +26,18 @@ from conftest import (
     NS,
     DemoApp,
     Proc,
+    backend_name,
+    backend_policy,
     binary,
+    circuit_backend,
+    circuit_endpoint,
+    circuits,
+    control,
     error_code,
     free_addr,
     http_route,
     request,
+    retry_route,
     split_addr,
     wait_until,
 )
@@ -69,65 +76,12 @@ def multi_service(name: str, endpoints: list[str], port: int = 80, ns: str = NS,
     return docs
 
 
-def retry_route(name: str, svc: str, retry: dict | None = None, timeouts: dict | None = None,
-                non_idempotent: bool = False, port: int = 80) -> dict:
-    """An HTTPRoute attached to Service `svc` sending everything back to `svc`, with
-    an optional `retry` and `timeouts` on its one rule."""
-    rule: dict = {
-        "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-        "backendRefs": [{"name": svc, "port": port}],
-    }
-    if retry is not None:
-        rule["retry"] = retry
-    if timeouts is not None:
-        rule["timeouts"] = timeouts
-    route = http_route(name, svc, [rule], parent_port=port)
-    if non_idempotent:
-        route["metadata"]["annotations"] = {"retry.tern.dev/non-idempotent": "true"}
-    return route
-
-
-def backend_policy(name: str, target: str, **spec) -> dict:
-    return {
-        "apiVersion": "policy.tern.dev/v1alpha1",
-        "kind": "BackendPolicy",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": target}], **spec},
-    }
-
-
-def backend_name(svc: str, port: int = 80) -> str:
-    return f"{NS}/{svc}:{port}"
-
-
 def route_name(route: str) -> str:
     return f"{NS}/{route}"
 
 
 # --------------------------------------------------------------------------------------
 # proxy observation helpers
-
-
-def circuits(proxy) -> dict:
-    status, body = proxy.admin_get("/circuits")
-    assert status == 200, body
-    return json.loads(body)
-
-
-def circuit_backend(proxy, svc: str) -> dict:
-    doc = circuits(proxy)
-    for b in doc["backends"]:
-        if b["backend"] == backend_name(svc):
-            return b
-    raise AssertionError(f"{backend_name(svc)} not in /circuits: {doc}")
-
-
-def circuit_endpoint(proxy, svc: str, addr: str) -> dict:
-    b = circuit_backend(proxy, svc)
-    for ep in b["endpoints"]:
-        if ep["address"] == addr:
-            return ep
-    raise AssertionError(f"{addr} not in /circuits of {svc}: {b}")
 
 
 def retries_sent(proxy, route: str) -> float:
@@ -164,13 +118,6 @@ def demo_at(stack, name: str, addr: str) -> DemoApp:
                15, f"tern-demo-app {name} on {addr}")
     stack.things.append(app)
     return app
-
-
-def control(app: DemoApp, **params):
-    """POST /control on a demo app directly (not through the proxy)."""
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    r = request(app.addr, "POST", f"/control?{query}")
-    assert r.status == 200, r
 
 
 # --------------------------------------------------------------------------------------

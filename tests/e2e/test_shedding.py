@@ -22,7 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NS, error_code, free_addr, http_route, request, service, split_addr, wait_until
+from conftest import (
+    NS,
+    error_code,
+    free_addr,
+    http_route,
+    request,
+    service,
+    split_addr,
+    wait_until,
+)
 
 # --------------------------------------------------------------------------------------
 # config helpers
