@@ -128,6 +128,43 @@ pub fn check_sources(sources: &[(String, String)]) -> Checked {
 
 /// Reads the `*.yaml` / `*.yml` files of `dir` (not recursive), sorted by name, as
 /// (file name, text) pairs.
+/// Splits a YAML file into its documents (at `---` lines), keeping each document's text
+/// as written, with its 1-based position in the file. Empty documents are skipped.
+///
+/// The control plane ships documents one by one (a sidecar gets only those it needs);
+/// each still parses on its own exactly as it did inside the file.
+pub fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let (mut start, mut offset) = (0, 0);
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end();
+        let marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if marker || bare == "..." {
+            docs.push(&text[start..offset]);
+            // Whatever follows `---` on its line belongs to the next document.
+            start = if marker && bare != "---" {
+                offset + 3
+            } else {
+                offset + line.len()
+            };
+        }
+        offset += line.len();
+    }
+    docs.push(&text[start..]);
+    docs.into_iter()
+        .enumerate()
+        .map(|(i, d)| (i + 1, d))
+        .filter(|(_, d)| !is_blank_document(d))
+        .collect()
+}
+
+fn is_blank_document(doc: &str) -> bool {
+    doc.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l.starts_with('%')
+    })
+}
+
 pub fn read_dir_sources(dir: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -157,3 +194,19 @@ pub fn read_dir_sources(dir: &Path) -> Result<Vec<(String, String)>, ConfigError
 
 #[cfg(test)]
 mod testutil;
+
+#[cfg(test)]
+mod split_tests {
+    use super::split_documents;
+
+    #[test]
+    fn documents_keep_their_text_and_position() {
+        let text = "# header\n---\na: 1\n---\n\n--- # third\nb: 2\n...\nc: 3\n";
+        let docs = split_documents(text);
+        assert_eq!(
+            docs,
+            vec![(2, "a: 1\n"), (4, " # third\nb: 2\n"), (5, "c: 3\n")]
+        );
+        assert_eq!(split_documents("x: 1"), vec![(1, "x: 1")]);
+    }
+}
