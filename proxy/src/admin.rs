@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics` (Prometheus text), `/ready`, `/live`, `/config`.
+//! The admin listener: `/metrics` (Prometheus text), `/ready`, `/live`, `/config`,
+//! `/circuits`, `/control` (the control-plane client).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::state::Shared;
+use crate::state::{ConfigSource, Shared};
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     loop {
@@ -63,6 +64,16 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
         "/ready" => {
             if shared.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if let ConfigSource::ControlPlane(cp) = &shared.settings.source {
+                match shared.version() {
+                    Some(v) if shared.is_ready() => {
+                        owned_text(StatusCode::OK, shared.control.ready_text(&v))
+                    }
+                    _ => owned_text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        shared.control.not_ready_text(&cp.addresses),
+                    ),
+                }
             } else if shared.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else {
@@ -82,6 +93,18 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
                 "no configuration loaded yet\n",
             ),
         },
+        "/control" => match &shared.settings.source {
+            ConfigSource::ControlPlane(cp) => json(&shared.control.json(&cp.addresses)),
+            ConfigSource::Dir(dir) => json(&serde_json::json!({
+                "addresses": [],
+                "connected": null,
+                "applied_version": null,
+                "source": "config-dir",
+                "config_dir": dir.display().to_string(),
+                "last_push_unix_ms": null,
+                "last_error": null,
+            })),
+        },
         "/circuits" => match shared.active.load_full() {
             Some(active) => json(&serde_json::json!({
                 "version": active.snapshot.version,
@@ -94,7 +117,7 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics, /ready, /live, /config or /circuits\n",
+            "not found; try /metrics, /ready, /live, /config, /circuits or /control\n",
         ),
     }
 }
@@ -109,7 +132,11 @@ fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    owned_text(status, body.to_string())
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

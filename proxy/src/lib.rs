@@ -6,13 +6,14 @@
 //! [`route`] (one snapshot load, Gateway API match, weighted backend, filters) ->
 //! [`policy`] (timeouts) -> [`balance`] (endpoint choice) -> [`upstream`] (pooled
 //! connections) -> the upstream. Errors climb back to [`rescue`], which answers with a
-//! status and a `tern-error` reason. Config arrives through [`reload`] into
-//! [`state::Shared`]; [`admin`] and [`metrics`] make it all visible.
+//! status and a `tern-error` reason. Config arrives through [`reload`] (a directory) or
+//! [`control`] (tern-control) into [`state::Shared`]; [`admin`] and [`metrics`] make it all visible.
 
 pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod control;
 pub mod framing;
 pub mod headers;
 pub mod inbound;
@@ -31,7 +32,7 @@ pub mod worker;
 use std::net::SocketAddr;
 
 pub use server::Limits;
-pub use state::{Settings, Shared};
+pub use state::{ConfigSource, Settings, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -58,15 +59,25 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     let shared = Shared::new(settings.clone());
 
     // The first snapshot. A missing directory is fatal; invalid content is not: the
-    // proxy starts unready and applies the first valid change.
-    match tern_config::load_dir(&settings.config_dir) {
-        Err(source @ tern_config::ConfigError::Io { .. }) => {
-            return Err(StartError::ConfigDir {
-                path: settings.config_dir.clone(),
-                source,
-            });
-        }
-        result => reload::apply(&shared, result),
+    // proxy starts unready and applies the first valid change. With a control plane, the
+    // last good config of the state dir serves until the control plane answers.
+    match &settings.source {
+        ConfigSource::Dir(dir) => match tern_config::load_dir(dir) {
+            Err(source @ tern_config::ConfigError::Io { .. }) => {
+                return Err(StartError::ConfigDir {
+                    path: dir.clone(),
+                    source,
+                });
+            }
+            result => reload::apply(&shared, result),
+        },
+        ConfigSource::ControlPlane(cp) => match &cp.state_dir {
+            Some(dir) => control::boot_from_state_dir(&shared, dir),
+            None => tracing::warn!(
+                "no --state-dir: the config is not persisted, and a restart while the \
+                 control plane is unreachable leaves this sidecar without one"
+            ),
+        },
     }
 
     let bind =
@@ -106,7 +117,16 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     rt.block_on(async move {
         let admin = tokio::net::TcpListener::from_std(admin).map_err(StartError::Runtime)?;
         tokio::spawn(admin::serve(shared.clone(), admin));
-        let watcher = tokio::spawn(reload::watch(shared.clone()));
+        let watcher = match &shared.settings.source {
+            ConfigSource::Dir(dir) => tokio::spawn(reload::watch(shared.clone(), dir.clone())),
+            ConfigSource::ControlPlane(cp) => {
+                let (shared, cp) = (shared.clone(), cp.clone());
+                tokio::spawn(async move {
+                    control::run(shared, cp).await;
+                    Ok(())
+                })
+            }
+        };
         tokio::select! {
             _ = shutdown_signal() => {}
             res = watcher => {

@@ -5,14 +5,35 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 
 #[derive(Parser)]
 #[command(name = "tern-proxy", version, about = "Tern sidecar proxy")]
+#[command(group(ArgGroup::new("source").required(true).args(["config_dir", "control_plane"])))]
 struct Args {
     /// Directory of *.yaml config files, watched for changes.
     #[arg(long, env = "TERN_CONFIG_DIR")]
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
+    /// gRPC addresses (host:port, comma-separated) of tern-control replicas: the config
+    /// comes from the control plane instead of a directory.
+    #[arg(long, env = "TERN_CONTROL_PLANE", value_delimiter = ',')]
+    control_plane: Vec<String>,
+    /// Where the last config applied from the control plane is kept, so that the sidecar
+    /// boots and serves from it when no control plane answers.
+    #[arg(long, env = "TERN_STATE_DIR", requires = "control_plane")]
+    state_dir: Option<PathBuf>,
+    /// This sidecar's instance name for the control plane (default: hostname-pid).
+    #[arg(long, env = "TERN_WORKLOAD")]
+    workload: Option<String>,
+    /// Its own Service, namespace/name (for inbound policy).
+    #[arg(long, env = "TERN_SERVICE")]
+    service: Option<String>,
+    /// Services it calls, namespace/name, comma-separated (default: every Service).
+    #[arg(long, env = "TERN_CALLS", value_delimiter = ',')]
+    calls: Vec<String>,
+    /// Its ServiceAccount.
+    #[arg(long, env = "TERN_SERVICE_ACCOUNT", default_value = "default")]
+    service_account: String,
     /// Where the application sends its outbound requests.
     #[arg(long, env = "TERN_OUTBOUND", default_value = "127.0.0.1:4140")]
     outbound: SocketAddr,
@@ -54,6 +75,15 @@ struct Args {
     log: String,
 }
 
+fn default_workload() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sidecar".into());
+    format!("{host}-{}", std::process::id())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     tern_config::validate::parse_duration(s)
 }
@@ -71,8 +101,29 @@ fn main() -> ExitCode {
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let source = match args.config_dir {
+        Some(dir) => tern_proxy::ConfigSource::Dir(dir),
+        None => tern_proxy::ConfigSource::ControlPlane(tern_proxy::control::ControlSettings {
+            addresses: args
+                .control_plane
+                .iter()
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect(),
+            state_dir: args.state_dir,
+            workload: args.workload.unwrap_or_else(default_workload),
+            service: args.service.unwrap_or_default(),
+            calls: args
+                .calls
+                .iter()
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect(),
+            service_account: args.service_account,
+        }),
+    };
     let settings = tern_proxy::Settings {
-        config_dir: args.config_dir,
+        source,
         outbound: args.outbound,
         inbound: args.inbound,
         app: args.app,

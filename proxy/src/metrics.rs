@@ -297,6 +297,9 @@ pub struct Metrics {
     concurrency_limit: Family<ScopeLabels, Gauge>,
     shed: Family<ShedLabels, Counter>,
     rate_limits: Family<RateLimitLabels, Counter>,
+    control_pushes: Family<ResultLabels, Counter>,
+    control_connected: Gauge,
+    control_reconnects: Counter,
 }
 
 /// Latency buckets in seconds: fine below 10 ms where a sidecar hop lives.
@@ -429,6 +432,27 @@ impl Metrics {
              (connections, pending, requests)",
             overflows.clone(),
         );
+        let control_pushes = Family::<ResultLabels, Counter>::default();
+        let control_connected = Gauge::default();
+        let control_reconnects = Counter::default();
+        registry.register(
+            "tern_control_pushes",
+            "Config pushes from the control plane, applied (ACK) or refused (NACK)",
+            control_pushes.clone(),
+        );
+        registry.register(
+            "tern_control_connected",
+            "1 while a stream to a control-plane replica is open",
+            control_connected.clone(),
+        );
+        registry.register(
+            "tern_control_reconnects",
+            "Reconnections to the control plane after a stream ended or failed",
+            control_reconnects.clone(),
+        );
+        for result in ["applied", "refused"] {
+            let _ = control_pushes.get_or_create(&ResultLabels { result });
+        }
         // Make the reload counters visible at zero.
         for result in ["applied", "refused"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
@@ -453,7 +477,26 @@ impl Metrics {
             concurrency_limit,
             shed,
             rate_limits,
+            control_pushes,
+            control_connected,
+            control_reconnects,
         }
+    }
+
+    /// Counts one control-plane push, applied (ACK) or refused (NACK).
+    pub fn control_push(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.control_pushes
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn control_connected(&self, connected: bool) {
+        self.control_connected.set(i64::from(connected));
+    }
+
+    pub fn control_reconnect(&self) {
+        self.control_reconnects.inc();
     }
 
     /// Counts one rate-limit decision (inbound, only where a policy applies).

@@ -1,7 +1,9 @@
 //! Hot reload from the config directory. A valid change swaps the snapshot atomically; an
 //! invalid one is refused with its exact errors logged and counted, and the last good
-//! snapshot keeps serving. The future control-plane client ends in the same `apply`.
+//! snapshot keeps serving. The control-plane client ([`crate::control`]) ends in the same
+//! `Shared::apply`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,9 +55,8 @@ fn is_config_change(event: &notify::Event) -> bool {
     })
 }
 
-/// Watches the config directory until the process ends.
-pub async fn watch(shared: Arc<Shared>) -> Result<(), notify::Error> {
-    let dir = shared.settings.config_dir.clone();
+/// Watches the config directory `dir` until the process ends.
+pub async fn watch(shared: Arc<Shared>, dir: PathBuf) -> Result<(), notify::Error> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res

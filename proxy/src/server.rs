@@ -418,7 +418,7 @@ mod size_tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let settings = crate::Settings {
-            config_dir: ".".into(),
+            source: crate::state::ConfigSource::Dir(".".into()),
             outbound: addr,
             inbound: addr,
             app: addr,

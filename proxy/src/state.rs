@@ -19,10 +19,19 @@ use crate::metrics::Metrics;
 use crate::policy::breaker::Clock;
 use crate::policy::rate_limit::RateLimiters;
 
+/// Where the config comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A directory of YAML files, watched.
+    Dir(PathBuf),
+    /// tern-control replicas, over the streaming API.
+    ControlPlane(crate::control::ControlSettings),
+}
+
 /// The sidecar's settings, from flags and environment.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub config_dir: PathBuf,
+    pub source: ConfigSource,
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub app: SocketAddr,
@@ -107,6 +116,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The clock circuits and budgets count time on.
     pub clock: Clock,
+    /// The control-plane client's state (unused with a config dir).
+    pub control: crate::control::Status,
     /// Serialises snapshot installs, so that each new version takes over from the last.
     installing: std::sync::Mutex<()>,
     draining: AtomicBool,
@@ -119,6 +130,7 @@ impl Shared {
             active: ArcSwapOption::empty(),
             metrics: Metrics::new(),
             clock: Clock::new(),
+            control: crate::control::Status::default(),
             installing: std::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
         })
