@@ -136,6 +136,45 @@ def route_gen(proxy: Proxy) -> str | None:
     return yaml.safe_load(r.body)["headers"].get("x-route")
 
 
+def try_gen(proxy: Proxy) -> str | None:
+    """Like route_gen, None instead of failing (for waiting)."""
+    r = request(proxy.outbound, "GET", "/legacy/x", host="checkout.shop", timeout=10)
+    return yaml.safe_load(r.body)["headers"].get("x-route") if r.status == 200 else None
+
+
+class Load:
+    """Requests in a loop on a few threads, recording every failure."""
+
+    def __init__(self, proxy: Proxy, threads: int = 4):
+        self.proxy, self.failures, self.ok = proxy, [], 0
+        self.gens: set = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                r = request(self.proxy.outbound, "GET", "/legacy/x", host="checkout.shop", timeout=10)
+                with self._lock:
+                    if r.status != 200:
+                        self.failures.append((r.status, r.header("tern-error")))
+                    else:
+                        self.ok += 1
+                        self.gens.add(yaml.safe_load(r.body)["headers"].get("x-route"))
+            except Exception as e:  # noqa: BLE001 - any failure counts
+                with self._lock:
+                    self.failures.append(repr(e))
+            time.sleep(0.005)
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
 def synced(control: Control, workload: str, proxy: ManagedProxy) -> dict | None:
     """The control plane's record of `workload` once it has ACKed what it was pushed and
     the sidecar serves that version."""
@@ -173,7 +212,7 @@ def test_change_reaches_sidecar_and_is_acked(stack, shop):
     proxy = ManagedProxy(stack.log_dir, [control.listen], stack.base / "state-a", "web-1")
     stack.things.append(proxy)
 
-    assert route_gen(proxy) == "gen-0"
+    wait_until(lambda: try_gen(proxy) == "gen-0", 15, "the config to be served")
     first = wait_until(lambda: synced(control, "web-1", proxy), 15, "the first push to be ACKed")
     status, body = proxy.ready_text()
     assert status == 200 and f"control plane {control.listen} connected" in body, body
@@ -211,7 +250,7 @@ def test_static_stability(stack, shop):
     state = stack.base / "state-b"
     proxy = ManagedProxy(stack.log_dir, [control.listen], state, "web-2")
     stack.things.append(proxy)
-    assert route_gen(proxy) == "gen-0"
+    wait_until(lambda: try_gen(proxy) == "gen-0", 15, "the config to be served")
     before = wait_until(lambda: synced(control, "web-2", proxy), 15, "the first ACK")
 
     # the control plane dies: the sidecar keeps serving what it has
@@ -241,11 +280,18 @@ def test_static_stability(stack, shop):
         assert route_gen(proxy) == "gen-0"
 
     # the control plane comes back (with a change made while it was down): the sidecar
-    # reconnects and converges
+    # reconnects and converges, and no request fails on the way
     rewrite(stack, v1, v2, "gen-2")
-    control.start()
-    wait_until(lambda: route_gen(proxy) == "gen-2", 30, "the sidecar to converge")
-    after = wait_until(lambda: synced(control, "web-2", proxy), 15, "the ACK after reconnecting")
+    load = Load(proxy)
+    try:
+        control.start()
+        wait_until(lambda: try_gen(proxy) == "gen-2", 30, "the sidecar to converge")
+        after = wait_until(lambda: synced(control, "web-2", proxy), 15, "the ACK after reconnecting")
+        time.sleep(0.3)
+    finally:
+        load.stop()
+    assert not load.failures, load.failures[:5]
+    assert load.gens <= {"gen-0", "gen-2"}, load.gens
     assert after["applied_version"] != before["applied_version"]
     c = proxy.control()
     assert c["connected"] == control.listen and c["source"] == "control-plane"
@@ -260,30 +306,13 @@ def test_two_replicas_failover_without_failed_requests(stack, shop):
     by_addr = {r1.listen: r1, r2.listen: r2}
     proxy = ManagedProxy(stack.log_dir, [r1.listen, r2.listen], stack.base / "state-c", "web-3")
     stack.things.append(proxy)
-    assert route_gen(proxy) == "gen-0"
+    wait_until(lambda: try_gen(proxy) == "gen-0", 15, "the config to be served")
     connected = wait_until(lambda: proxy.control()["connected"], 15, "a connection")
     used = by_addr[connected]
     other = r2 if used is r1 else r1
     wait_until(lambda: synced(used, "web-3", proxy), 15, "the ACK")
 
-    failures, ok = [], [0]
-    stop = threading.Event()
-
-    def load():
-        while not stop.is_set():
-            try:
-                r = request(proxy.outbound, "GET", "/api/x", host="checkout.shop", timeout=10)
-                if r.status != 200:
-                    failures.append((r.status, r.header("tern-error")))
-                else:
-                    ok[0] += 1
-            except Exception as e:  # noqa: BLE001 - any failure counts
-                failures.append(repr(e))
-            time.sleep(0.005)
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
+    load = Load(proxy)
     try:
         time.sleep(0.5)
         used.stop()
@@ -292,13 +321,11 @@ def test_two_replicas_failover_without_failed_requests(stack, shop):
         wait_until(lambda: synced(other, "web-3", proxy), 15, "the other replica to record the ACK")
         # a change through the remaining replica still arrives
         rewrite(stack, v1, v2, "gen-3")
-        wait_until(lambda: route_gen(proxy) == "gen-3", 15, "the change through the other replica")
+        wait_until(lambda: try_gen(proxy) == "gen-3", 15, "the change through the other replica")
         time.sleep(0.5)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert not failures, failures[:5]
-    assert ok[0] > 50
+        load.stop()
+    assert not load.failures, load.failures[:5]
+    assert load.ok > 50
     status, body = proxy.ready_text()
     assert status == 200 and f"control plane {other.listen} connected" in body, body
