@@ -1,0 +1,75 @@
+//! tern-control: Tern's control plane.
+//!
+//! Sources ([`file`]) write config documents into an [`index::Index`], which validates
+//! and publishes snapshots. The [`server`] debounces them, computes each distinct
+//! sidecar [`scope`] once per change and streams the scoped config to every sidecar over
+//! gRPC, recording their ACKs and NACKs; [`admin`] serves `/metrics` and `/sidecars`.
+
+pub mod admin;
+pub mod debounce;
+pub mod file;
+pub mod index;
+pub mod metrics;
+pub mod scope;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::file::{FileSource, Source as _};
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::server::{ControlPlane, Service, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Source(#[from] file::SourceError),
+}
+
+/// A control plane on bound listeners, until `shutdown` is cancelled: the file source on
+/// `config_dir`, the gRPC server on `grpc`, the admin endpoint on `admin`.
+pub async fn run(
+    settings: Settings,
+    config_dir: PathBuf,
+    grpc: TcpListener,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let cp = ControlPlane::new(settings, metrics.clone(), shutdown.clone());
+    let index = Index::new();
+    let published = index.subscribe();
+    let source = FileSource::new(config_dir, metrics);
+    let mut source_task = tokio::spawn(source.run(index));
+    tokio::spawn(cp.clone().run_distributor(published));
+    tokio::spawn(admin::serve(cp.clone(), admin, shutdown.clone()));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(Service(cp).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    tokio::select! {
+        served = grpc => served?,
+        ended = &mut source_task => {
+            shutdown.cancel();
+            match ended {
+                Ok(result) => result?,
+                Err(e) => return Err(file::SourceError::Task(e).into()),
+            }
+        }
+    }
+    source_task.abort();
+    Ok(())
+}
+
+/// Binds both listeners (for the binary; tests bind port 0 themselves).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,91 @@
+//! The control plane's Prometheus metrics.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub sidecars_connected: Gauge,
+    pub pushes: Counter,
+    pub acks: Counter,
+    pub nacks: Counter,
+    pub change_to_ack: Histogram,
+    reloads: Family<Labels, Counter>,
+    pub rejected_streams: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tern_control");
+        let sidecars_connected = Gauge::default();
+        let pushes = Counter::default();
+        let acks = Counter::default();
+        let nacks = Counter::default();
+        let change_to_ack = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0,
+        ]);
+        let reloads = Family::<Labels, Counter>::default();
+        let rejected_streams = Counter::default();
+        registry.register(
+            "sidecars_connected",
+            "Sidecars with an open stream",
+            sidecars_connected.clone(),
+        );
+        registry.register("pushes", "Config pushes sent", pushes.clone());
+        registry.register("acks", "ACKs received", acks.clone());
+        registry.register("nacks", "NACKs received", nacks.clone());
+        registry.register(
+            "change_to_ack_seconds",
+            "From a config change being seen to a sidecar's ACK of a version containing it",
+            change_to_ack.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result (ok, error)",
+            reloads.clone(),
+        );
+        registry.register(
+            "streams_rejected",
+            "New streams refused by the admission rate limit",
+            rejected_streams.clone(),
+        );
+        Metrics {
+            registry,
+            sidecars_connected,
+            pushes,
+            acks,
+            nacks,
+            change_to_ack,
+            reloads,
+            rejected_streams,
+        }
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads
+            .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
