@@ -1,0 +1,273 @@
+//! tern-control end to end in process: a real tonic client over 127.0.0.1 against the
+//! gRPC server, a real config directory watched with notify, and the admin `/sidecars`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tern_api::v1::control_plane_client::ControlPlaneClient;
+use tern_api::v1::sidecar_message::Kind;
+use tern_api::v1::{Ack, ConfigPush, Hello, Nack, SidecarMessage};
+use tern_control::server::{Settings, SidecarStatus};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+
+const MESH: &str = include_str!("data/mesh.yaml");
+const WAIT: Duration = Duration::from_secs(10);
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tern-control-{tag}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+async fn sidecars(admin: std::net::SocketAddr) -> Vec<SidecarStatus> {
+    let (status, body) = http_get(admin, "/sidecars").await;
+    assert_eq!(status, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Polls `/sidecars` until `f` holds.
+async fn wait_for(
+    admin: std::net::SocketAddr,
+    f: impl Fn(&[SidecarStatus]) -> bool,
+) -> Vec<SidecarStatus> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = sidecars(admin).await;
+        if f(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out; /sidecars: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Sidecar {
+    tx: mpsc::Sender<SidecarMessage>,
+    pushes: Streaming<ConfigPush>,
+}
+
+impl Sidecar {
+    async fn connect(addr: std::net::SocketAddr, hello: Hello) -> Result<Sidecar, tonic::Status> {
+        let mut client = ControlPlaneClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(SidecarMessage {
+            kind: Some(Kind::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let pushes = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Sidecar { tx, pushes })
+    }
+
+    async fn next(&mut self) -> ConfigPush {
+        tokio::time::timeout(WAIT, self.pushes.message())
+            .await
+            .expect("no push in time")
+            .unwrap()
+            .expect("stream ended")
+    }
+
+    async fn send(&self, kind: Kind) {
+        self.tx
+            .send(SidecarMessage { kind: Some(kind) })
+            .await
+            .unwrap();
+    }
+}
+
+fn hello(workload: &str, calls: &[&str], applied: &str) -> Hello {
+    Hello {
+        workload: workload.into(),
+        namespace: "shop".into(),
+        service_account: "web".into(),
+        zone: "z1".into(),
+        region: "r1".into(),
+        service: "shop/web".into(),
+        calls: calls.iter().map(|c| c.to_string()).collect(),
+        applied_version: applied.into(),
+        token: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_push_edit_ack_nack() {
+    let dir = temp_dir("stream");
+    let file = dir.join("mesh.yaml");
+    std::fs::write(&file, MESH).unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let settings = Settings {
+        debounce: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+        admit_rate: 1000,
+    };
+    let server = tokio::spawn(tern_control::run(
+        settings,
+        dir.clone(),
+        grpc,
+        admin,
+        shutdown.clone(),
+    ));
+
+    // Ready once the directory is loaded.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(admin_addr, "/ready").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(http_get(admin_addr, "/live").await.0, 200);
+
+    // The first message must be a Hello.
+    {
+        let mut client = ControlPlaneClient::connect(format!("http://{grpc_addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(SidecarMessage {
+            kind: Some(Kind::Ack(Ack {
+                version: "x".into(),
+            })),
+        })
+        .await
+        .unwrap();
+        let err = client.stream(ReceiverStream::new(rx)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    }
+
+    // Hello -> the scoped push.
+    let mut web = Sidecar::connect(grpc_addr, hello("web-1", &["shop/checkout"], ""))
+        .await
+        .unwrap();
+    let v1 = web.next().await;
+    let names: Vec<&str> = v1.documents.iter().map(|d| d.name.as_str()).collect();
+    assert!(names.contains(&"mesh.yaml#2"), "{names:?}"); // Service checkout
+    assert!(!names.contains(&"mesh.yaml#5"), "{names:?}"); // Service catalog
+    assert_eq!(v1.version.len(), 16);
+    web.send(Kind::Ack(Ack {
+        version: v1.version.clone(),
+    }))
+    .await;
+    let s = wait_for(admin_addr, |s| s.len() == 1 && s[0].state == "synced").await;
+    assert_eq!(s[0].workload, "web-1");
+    assert_eq!(s[0].applied_version, v1.version);
+    assert_eq!(s[0].calls, vec!["shop/checkout".to_string()]);
+    assert!(s[0].last_ack_unix_ms.is_some());
+    assert_eq!(s[0].zone, "z1");
+
+    // A sidecar that only calls catalog, already serving its version: no push.
+    let mut catalog = Sidecar::connect(grpc_addr, hello("cat-1", &["shop/catalog"], ""))
+        .await
+        .unwrap();
+    let c1 = catalog.next().await;
+    drop(catalog);
+    let mut catalog = Sidecar::connect(grpc_addr, hello("cat-2", &["shop/catalog"], &c1.version))
+        .await
+        .unwrap();
+
+    // Edit checkout's split: web gets a new push, catalog nothing.
+    std::fs::write(&file, MESH.replace("weight: 90", "weight: 70")).unwrap();
+    let v2 = web.next().await;
+    assert_ne!(v2.version, v1.version);
+    assert!(v2.documents.iter().any(|d| d.yaml.contains("weight: 70")));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), catalog.pushes.message())
+            .await
+            .is_err(),
+        "catalog's scope did not change"
+    );
+    web.send(Kind::Nack(Nack {
+        version: v2.version.clone(),
+        reason: "spec.rules[0]: no thanks\nsecond line".into(),
+    }))
+    .await;
+    let s = wait_for(admin_addr, |s| {
+        s.iter()
+            .any(|s| s.workload == "web-1" && s.state == "nacked")
+    })
+    .await;
+    let w = s.iter().find(|s| s.workload == "web-1").unwrap();
+    assert_eq!(w.applied_version, v1.version);
+    assert_eq!(w.pushed_version, v2.version);
+    let nack = w.last_nack.as_ref().unwrap();
+    assert_eq!(nack.version, v2.version);
+    assert!(nack.reason.starts_with("spec.rules[0]: no thanks"));
+    let c = s.iter().find(|s| s.workload == "cat-2").unwrap();
+    assert_eq!(c.state, "synced");
+
+    // An invalid edit is refused: nothing is pushed; the next valid one is.
+    std::fs::write(
+        &file,
+        MESH.replace("name: checkout-v1, port", "name: nope, port"),
+    )
+    .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), web.pushes.message())
+            .await
+            .is_err()
+    );
+    std::fs::write(&file, MESH.replace("weight: 90", "weight: 60")).unwrap();
+    let v3 = web.next().await;
+    assert!(v3.documents.iter().any(|d| d.yaml.contains("weight: 60")));
+    web.send(Kind::Ack(Ack {
+        version: v3.version.clone(),
+    }))
+    .await;
+    wait_for(admin_addr, |s| {
+        s.iter().any(|s| {
+            s.workload == "web-1" && s.state == "synced" && s.applied_version == v3.version
+        })
+    })
+    .await;
+
+    let (_, metrics) = http_get(admin_addr, "/metrics").await;
+    for want in [
+        "tern_control_sidecars_connected 2",
+        "tern_control_acks_total 2",
+        "tern_control_nacks_total 1",
+        "tern_control_change_to_ack_seconds_count 1",
+        "tern_control_config_reloads_total{result=\"error\"}",
+    ] {
+        assert!(metrics.contains(want), "{want} not in:\n{metrics}");
+    }
+
+    // Disconnected sidecars leave /sidecars.
+    drop(web);
+    wait_for(admin_addr, |s| s.len() == 1).await;
+
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
