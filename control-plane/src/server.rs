@@ -57,7 +57,8 @@ pub struct Push {
 }
 
 /// `last_nack` of a sidecar in `/sidecars`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NackStatus {
     pub version: String,
     pub reason: String,
@@ -65,7 +66,8 @@ pub struct NackStatus {
 }
 
 /// One connected sidecar as `/sidecars` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SidecarStatus {
     pub workload: String,
     pub namespace: String,

@@ -3,10 +3,12 @@
 //! - `ternctl validate DIR`: check a config directory, print every error and warning.
 //! - `ternctl demo`: run a small local mesh (demo apps, one tern-proxy each, traffic).
 //! - `ternctl circuits`: a sidecar's per-endpoint circuit breakers (its admin `/circuits`).
+//! - `ternctl status`: every sidecar of a tern-control, its config version and ACK state.
 
 mod circuits;
 mod client;
 mod demo;
+mod status;
 mod validate;
 
 use std::process::ExitCode;
@@ -29,6 +31,9 @@ enum Command {
     /// Show a sidecar's circuit breakers: per backend endpoint, its state (closed, open,
     /// half_open), why, since when, the next probe and recent successes/failures.
     Circuits(circuits::Args),
+    /// Show every sidecar connected to a tern-control: applied and pushed config
+    /// versions, ACK state, last ACK and NACK reason; NACKed and stale ones stand out.
+    Status(status::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +42,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => validate::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Circuits(args) => circuits::run(args),
+        Command::Status(args) => status::run(args),
     };
     match result {
         Ok(code) => code,
