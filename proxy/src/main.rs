@@ -20,7 +20,7 @@ struct Args {
     control_plane: Vec<String>,
     /// Where the last config applied from the control plane is kept, so that the sidecar
     /// boots and serves from it when no control plane answers.
-    #[arg(long, env = "TERN_STATE_DIR", requires = "control_plane")]
+    #[arg(long, env = "TERN_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// This sidecar's instance name for the control plane (default: hostname-pid).
     #[arg(long, env = "TERN_WORKLOAD")]
@@ -102,7 +102,12 @@ fn main() -> ExitCode {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let source = match args.config_dir {
-        Some(dir) => tern_proxy::ConfigSource::Dir(dir),
+        Some(dir) => {
+            if args.state_dir.is_some() {
+                tracing::warn!("--state-dir is only used with --control-plane; ignored");
+            }
+            tern_proxy::ConfigSource::Dir(dir)
+        }
         None => tern_proxy::ConfigSource::ControlPlane(tern_proxy::control::ControlSettings {
             addresses: args
                 .control_plane
@@ -145,5 +150,34 @@ fn main() -> ExitCode {
             eprintln!("tern-proxy: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("tern-proxy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn exactly_one_config_source() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--config-dir", "c", "--control-plane", "a:1"]).is_err());
+        assert!(parse(&["--config-dir", "c"]).is_ok());
+        let a = parse(&[
+            "--control-plane",
+            "a:1,b:2",
+            "--state-dir",
+            "s",
+            "--calls",
+            "shop/a,shop/b",
+        ])
+        .unwrap();
+        assert_eq!(a.control_plane, ["a:1", "b:2"]);
+        assert_eq!(a.calls, ["shop/a", "shop/b"]);
+        assert_eq!(a.service_account, "default");
+        assert!(default_workload().ends_with(&format!("-{}", std::process::id())));
     }
 }
