@@ -10,12 +10,16 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use tern_config::{ConfigError, Diagnostic};
 
 use crate::index::{Index, IndexError, Published};
 use crate::metrics::Metrics;
+
+/// How long the directory must be quiet before it is read after a change.
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// A source of config: it applies and deletes documents in an [`Index`] and publishes,
 /// for as long as it runs. The file source is one; a Kubernetes watcher will be another.
@@ -123,6 +127,10 @@ impl Source for FileSource {
         self.log(&first, before);
         while rx.recv().await.is_some() {
             index.mark_changed();
+            // Writes come in bursts (truncate, write, rename): a half-written file must
+            // not be published as a valid, emptier config.
+            tokio::time::sleep(SETTLE).await;
+            while rx.try_recv().is_ok() {}
             let before = index.current().generation;
             let result = self.load(&mut index).await;
             self.log(&result, before);

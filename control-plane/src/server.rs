@@ -445,6 +445,12 @@ impl control_plane_server::ControlPlane for Service {
         request: Request<Streaming<SidecarMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let cp = &self.0;
+        if !cp.ready() {
+            // Never push an empty config to a sidecar that may hold a good one.
+            return Err(Status::unavailable(
+                "tern-control has no valid config yet: retry after a backoff",
+            ));
+        }
         if !cp.admit() {
             cp.metrics.rejected_streams.inc();
             return Err(Status::resource_exhausted(

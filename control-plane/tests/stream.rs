@@ -102,6 +102,13 @@ impl Sidecar {
     }
 }
 
+/// Writes a file as editors and ConfigMap updates do: a temporary file renamed in place.
+fn write_atomic(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 fn hello(workload: &str, calls: &[&str], applied: &str) -> Hello {
     Hello {
         workload: workload.into(),
@@ -194,7 +201,7 @@ async fn hello_push_edit_ack_nack() {
         .unwrap();
 
     // Edit checkout's split: web gets a new push, catalog nothing.
-    std::fs::write(&file, MESH.replace("weight: 90", "weight: 70")).unwrap();
+    write_atomic(&file, &MESH.replace("weight: 90", "weight: 70"));
     let v2 = web.next().await;
     assert_ne!(v2.version, v1.version);
     assert!(v2.documents.iter().any(|d| d.yaml.contains("weight: 70")));
@@ -224,17 +231,16 @@ async fn hello_push_edit_ack_nack() {
     assert_eq!(c.state, "synced");
 
     // An invalid edit is refused: nothing is pushed; the next valid one is.
-    std::fs::write(
+    write_atomic(
         &file,
-        MESH.replace("name: checkout-v1, port", "name: nope, port"),
-    )
-    .unwrap();
+        &MESH.replace("name: checkout-v1, port", "name: nope, port"),
+    );
     assert!(
         tokio::time::timeout(Duration::from_millis(400), web.pushes.message())
             .await
             .is_err()
     );
-    std::fs::write(&file, MESH.replace("weight: 90", "weight: 60")).unwrap();
+    write_atomic(&file, &MESH.replace("weight: 90", "weight: 60"));
     let v3 = web.next().await;
     assert!(v3.documents.iter().any(|d| d.yaml.contains("weight: 60")));
     web.send(Kind::Ack(Ack {
