@@ -489,6 +489,61 @@ mod tests {
         assert_eq!(admitted, 5);
     }
 
+    fn snapshot_of(text: &str) -> Arc<Snapshot> {
+        let mut index = crate::index::Index::new();
+        crate::file::sync_index(&mut index, &[("mesh.yaml".into(), text.into())]).unwrap();
+        index.current()
+    }
+
+    #[tokio::test]
+    async fn only_changed_scopes_are_updated_and_slow_readers_see_the_latest() {
+        let mesh = include_str!("../tests/data/mesh.yaml");
+        let cp = ControlPlane::new(
+            Settings::default(),
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+        );
+        assert!(!cp.ready());
+        cp.distribute(snapshot_of(mesh));
+        assert!(cp.ready());
+        let checkout = Scope::new(["shop/checkout".to_string()], "");
+        let catalog = Scope::new(["shop/catalog".to_string()], "");
+        let mut a = cp.subscribe(checkout.clone());
+        let mut a2 = cp.subscribe(checkout);
+        let mut b = cp.subscribe(catalog);
+        assert_eq!(cp.scope_count(), 2);
+        let v0 = a.borrow_and_update().push.version.clone();
+        b.borrow_and_update();
+        a2.borrow_and_update();
+
+        for w in [80, 70, 60] {
+            cp.distribute(snapshot_of(
+                &mesh.replace("weight: 90", &format!("weight: {w}")),
+            ));
+        }
+        // A reader that fell behind sees one change: the latest push.
+        assert!(a.has_changed().unwrap());
+        let latest = a.borrow_and_update().clone();
+        assert_ne!(latest.push.version, v0);
+        assert!(
+            latest
+                .push
+                .documents
+                .iter()
+                .any(|d| d.yaml.contains("weight: 60"))
+        );
+        assert!(latest.changed_at.is_some());
+        assert!(!a.has_changed().unwrap());
+        assert_eq!(a2.borrow_and_update().push.version, latest.push.version);
+        // The catalog scope did not change.
+        assert!(!b.has_changed().unwrap());
+
+        // Scopes nobody listens to are dropped at the next distribution.
+        drop((a, a2));
+        cp.distribute(snapshot_of(mesh));
+        assert_eq!(cp.scope_count(), 1);
+    }
+
     #[test]
     fn states() {
         let mut s = SidecarStatus {

@@ -277,3 +277,64 @@ async fn hello_push_edit_ack_nack() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_streams_are_admitted_at_a_bounded_rate() {
+    let dir = temp_dir("admit");
+    std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let settings = Settings {
+        debounce: Duration::from_millis(10),
+        max_delay: Duration::from_millis(100),
+        admit_rate: 2,
+    };
+    let server = tokio::spawn(tern_control::run(
+        settings,
+        dir.clone(),
+        grpc,
+        admin,
+        shutdown.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(admin_addr, "/ready").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut admitted = Vec::new();
+    let mut refused = 0;
+    for i in 0..5 {
+        match Sidecar::connect(grpc_addr, hello(&format!("s-{i}"), &[], "")).await {
+            Ok(s) => admitted.push(s),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((admitted.len(), refused), (2, 3));
+    // Everything in the mesh: calls is empty.
+    let push = admitted[0].next().await;
+    assert_eq!(push.documents.len(), MESH.matches("\n---").count() + 1);
+    let (_, metrics) = http_get(admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("tern_control_streams_rejected_total 3"),
+        "{metrics}"
+    );
+    // The bucket refills: a later attempt is admitted.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        Sidecar::connect(grpc_addr, hello("late", &[], ""))
+            .await
+            .is_ok()
+    );
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
