@@ -382,6 +382,12 @@ fn rewrite_change_file(path: &Path) -> anyhow::Result<Instant> {
     Ok(at)
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn own_rss_mb() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -531,6 +537,7 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
     let pushes_before = state.push_count.load(Ordering::Relaxed);
     let t_steady = Instant::now();
     let mut changes: Vec<Instant> = Vec::new();
+    let mut changes_wall: Vec<f64> = Vec::new();
     if let Some(file) = &args.change_file {
         let every = Duration::from_secs_f64(args.change_every.max(0.1));
         loop {
@@ -540,6 +547,7 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
             }
             tokio::time::sleep_until(at.into()).await;
             let written = rewrite_change_file(file)?;
+            changes_wall.push(unix_now() - written.elapsed().as_secs_f64());
             changes.push(written);
         }
         // Let the last change arrive.
@@ -591,6 +599,7 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
                 }
             }
             per_change.push(json!({
+                "written_unix_s": changes_wall[k],
                 "converged": this.len(),
                 "max_ms": this.iter().cloned().fold(0.0, f64::max),
             }));
