@@ -8,15 +8,17 @@ processes.
 - two replicas: stop the one the sidecar uses, it moves to the other without a failed
   request.
 
-The NACK path (a push the sidecar refuses keeps the old snapshot and answers with the
-diagnostics) is covered by proxy/src/control.rs's tests: tern-control validates the whole
-set and builds scoped sets that validate on their own, so it never pushes a set that does
-not compile.
+tern-control validates the whole set and builds scoped sets that validate on their own,
+so it never pushes a set that does not compile: the NACK path (a refused push keeps the
+old snapshot and is answered with its diagnostics) runs against a small fake control
+plane written here with grpcio (protobuf encoded by hand), and in proxy/src/control.rs's
+tests.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import threading
 import time
@@ -24,6 +26,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from concurrent import futures
+
+import grpc
 
 from conftest import (
     BIN_DIR,
@@ -329,3 +335,155 @@ def test_two_replicas_failover_without_failed_requests(stack, shop):
     assert load.ok > 50
     status, body = proxy.ready_text()
     assert status == 200 and f"control plane {other.listen} connected" in body, body
+
+
+# --------------------------------------------------------------------------------------
+# a fake control plane (for the NACK path), protobuf by hand
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(num: int, data: bytes) -> bytes:
+    return _varint(num << 3 | 2) + _varint(len(data)) + data
+
+
+def encode_push(version: str, docs: list[tuple[str, str]]) -> bytes:
+    out = _field(1, version.encode())
+    for name, text in docs:
+        out += _field(2, _field(1, name.encode()) + _field(2, text.encode()))
+    return out
+
+
+def _fields(data: bytes):
+    i = 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        assert key & 7 == 2, f"unexpected wire type in {data!r}"
+        n, i = _read_varint(data, i)
+        yield key >> 3, data[i:i + n]
+        i += n
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+HELLO_FIELDS = {1: "workload", 2: "namespace", 3: "service_account", 4: "zone", 5: "region",
+                6: "service", 7: "calls", 8: "applied_version", 9: "token"}
+
+
+def decode_sidecar_message(data: bytes) -> tuple[str, dict]:
+    for num, body in _fields(data):
+        kind = {1: "hello", 2: "ack", 3: "nack"}[num]
+        msg: dict = {"calls": []} if kind == "hello" else {}
+        names = HELLO_FIELDS if kind == "hello" else {1: "version", 2: "reason"}
+        for f, v in _fields(body):
+            if kind == "hello" and f == 7:
+                msg["calls"].append(v.decode())
+            else:
+                msg[names[f]] = v.decode()
+        return kind, msg
+    raise AssertionError("empty SidecarMessage")
+
+
+class FakeControl:
+    """Sends each push of `pushes` after the previous one was answered; records what the
+    sidecar says."""
+
+    def __init__(self, pushes: list[bytes]):
+        self.pushes = pushes
+        self.seen: queue.Queue = queue.Queue()
+        self.addr = free_addr()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        handler = grpc.method_handlers_generic_handler("tern.control.v1.ControlPlane", {
+            "Stream": grpc.stream_stream_rpc_method_handler(
+                self._stream, request_deserializer=decode_sidecar_message,
+                response_serializer=lambda b: b),
+        })
+        self.server.add_generic_rpc_handlers((handler,))
+        self.server.add_insecure_port(self.addr)
+        self.server.start()
+
+    def _stream(self, requests, context):
+        it = iter(requests)
+        self.seen.put(next(it))
+        for push in self.pushes:
+            yield push
+            self.seen.put(next(it))
+        for msg in it:  # keep the stream open while the sidecar is there
+            self.seen.put(msg)
+
+    def next(self, timeout: float = 15) -> tuple[str, dict]:
+        return self.seen.get(timeout=timeout)
+
+    def stop(self):
+        self.server.stop(0)
+
+
+def test_refused_push_is_nacked_and_the_old_config_keeps_serving(stack, shop):
+    v1, v2 = shop
+    good = yaml.safe_dump_all(checkout_docs(v1.addr, v2.addr, legacy_value="gen-0"), sort_keys=False)
+    docs = [(f"checkout.yaml#{i + 1}", d) for i, d in enumerate(good.split("---\n"))]
+    bad = docs[:-1] + [("checkout.yaml#9", "apiVersion: gateway.networking.k8s.io/v1\n"
+                        "kind: HTTPRoute\nmetadata:\n  name: broken\n  namespace: shop\n"
+                        "spec:\n  rules:\n  - backendRefs:\n    - name: checkout-v1\n"
+                        "      port: eighty\n")]
+    fake = FakeControl([encode_push("fake-1", docs), encode_push("fake-2", bad)])
+    stack.things.append(fake)
+    state = stack.base / "state-d"
+    proxy = ManagedProxy(stack.log_dir, [fake.addr], state, "web-4",
+                         extra=["--service", "shop/web", "--calls", "shop/checkout",
+                                "--zone", "z1", "--region", "r1", "--service-account", "web-sa"])
+    stack.things.append(proxy)
+
+    kind, hello = fake.next()
+    assert kind == "hello", (kind, hello)
+    assert hello["workload"] == "web-4" and hello["namespace"] == "shop"
+    assert hello["service"] == "shop/web" and hello["calls"] == ["shop/checkout"]
+    assert hello["zone"] == "z1" and hello["region"] == "r1"
+    assert hello["service_account"] == "web-sa"
+    assert hello.get("applied_version", "") == ""
+    assert fake.next() == ("ack", {"version": "fake-1"})
+    kind, nack = fake.next()
+    assert kind == "nack" and nack["version"] == "fake-2", (kind, nack)
+    assert "checkout.yaml#9" in nack["reason"], nack["reason"]
+
+    # the last good config keeps serving
+    for _ in range(10):
+        assert route_gen(proxy) == "gen-0"
+    c = proxy.control()
+    assert c["applied_version"] == "fake-1" and c["connected"] == fake.addr
+    assert (state / "current" / "version").read_text().strip() == "fake-1"
+    m = proxy.metrics()
+    assert m.sum("tern_control_pushes_total", result="applied") == 1
+    assert m.sum("tern_control_pushes_total", result="refused") == 1
+    status, body = proxy.ready_text()
+    assert status == 200 and "version fake-1" in body, body
+
+    # restarted against a fake that is gone, it boots from fake-1 and says so in Hello
+    proxy.stop()
+    fake.stop()
+    fake2 = FakeControl([])
+    stack.things.append(fake2)
+    proxy = ManagedProxy(stack.log_dir, [fake2.addr], state, "web-4")
+    stack.things.append(proxy)
+    kind, hello = fake2.next()
+    assert kind == "hello" and hello["applied_version"] == "fake-1", hello
+    assert route_gen(proxy) == "gen-0"
