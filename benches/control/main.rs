@@ -17,7 +17,9 @@
 //!    sidecar whose `calls` include that service, the time from the write to the receipt
 //!    of the next push (the Ack leaves right after the receipt);
 //! 3. with `--storm`: every stream and connection is dropped at once and every sidecar
-//!    reconnects immediately (no ramp); measured until every one has its config again.
+//!    reconnects immediately (no ramp); measured until every one has its config again
+//!    (`--storm-resume`: the Hellos carry the version last received, and an accepted
+//!    stream counts, since the control plane skips a push the sidecar already has).
 //!
 //! Rejected or failed streams (RESOURCE_EXHAUSTED, UNAVAILABLE, ...) are counted by code
 //! and retried with jittered exponential backoff from 100 ms to 5 s; a sidecar whose
@@ -80,6 +82,10 @@ struct Args {
     /// After the change phase: drop every stream at once and reconnect all immediately.
     #[arg(long)]
     storm: bool,
+    /// In the storm, sidecars resume: each Hello carries the version it last received
+    /// (as after a control-plane restart), and an accepted stream counts as converged.
+    #[arg(long)]
+    storm_resume: bool,
     /// Sidecars (HTTP/2 streams) per connection.
     #[arg(long, default_value_t = 200)]
     streams_per_conn: usize,
@@ -207,6 +213,17 @@ async fn run_sidecar(
         let status = match client.stream(ReceiverStream::new(rx)).await {
             Err(status) => status,
             Ok(response) => {
+                if !hello.applied_version.is_empty() && first {
+                    // Resuming with a version: the control plane may skip the first push,
+                    // so an accepted stream counts as having the config.
+                    first = false;
+                    state.connected[generation as usize].fetch_add(1, Ordering::Relaxed);
+                    state.pushes[id].lock().unwrap().push(PushRec {
+                        at: Instant::now(),
+                        generation,
+                        version: hello.applied_version.clone(),
+                    });
+                }
                 let mut stream = response.into_inner();
                 loop {
                     match stream.message().await {
@@ -288,17 +305,22 @@ fn make_channels(args: &Args) -> anyhow::Result<Vec<Arc<Vec<Channel>>>> {
 fn spawn_one(
     i: usize,
     generation: u8,
+    applied_version: String,
     args: &Args,
     state: &Arc<SimState>,
     groups: &[Arc<Vec<Channel>>],
 ) -> JoinHandle<()> {
     let g = i / args.streams_per_conn.max(1);
+    let hello = Hello {
+        applied_version,
+        ..hello_of(i, args)
+    };
     tokio::spawn(run_sidecar(
         i,
         generation,
         state.clone(),
         groups[g].clone(),
-        hello_of(i, args),
+        hello,
     ))
 }
 
@@ -500,7 +522,14 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
     while tasks.len() < n {
         let due = ((t_connect.elapsed().as_secs_f64() * rate) as usize + 1).min(n);
         while tasks.len() < due {
-            tasks.push(spawn_one(tasks.len(), 0, &args, &state, &groups));
+            tasks.push(spawn_one(
+                tasks.len(),
+                0,
+                String::new(),
+                &args,
+                &state,
+                &groups,
+            ));
         }
         if tasks.len() < n {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -643,7 +672,13 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
         let groups = make_channels(&args)?;
         let t_storm = Instant::now();
         for i in 0..n {
-            tasks.push(spawn_one(i, 1, &args, &state, &groups));
+            let applied = if args.storm_resume {
+                let p = state.pushes[i].lock().unwrap();
+                p.last().map(|r| r.version.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            tasks.push(spawn_one(i, 1, applied, &args, &state, &groups));
         }
         wait_connected(
             &state,
@@ -660,6 +695,7 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
             "storm".into(),
             json!({
                 "reconnected": reconnected,
+                "resume": args.storm_resume,
                 "converged_s": if reconnected == n { conv } else { f64::NAN },
                 "last_first_push_s": conv,
                 "per_sidecar": dist_json(times),

@@ -23,6 +23,7 @@ connect_rate=2000
 duration=20
 change_every=2
 storm=1
+storm_resume=0
 build=1
 listen=127.0.0.1:18180
 admin=127.0.0.1:18181
@@ -39,6 +40,7 @@ while [ $# -gt 0 ]; do
     --duration) duration=$2; shift 2 ;;
     --change-every) change_every=$2; shift 2 ;;
     --no-storm) storm=0; shift ;;
+    --storm-resume) storm_resume=1; shift ;;
     --no-build) build=0; shift ;;
     --listen) listen=$2; shift 2 ;;
     --admin) admin=$2; shift 2 ;;
@@ -148,6 +150,7 @@ sim_args=(--control-plane "$listen" --sidecars "$sidecars" --services "$services
   --services-per-sidecar "$per_sidecar" --connect-rate "$connect_rate" --duration "$duration"
   --change-file "$cfg/svc-0.yaml" --change-every "$change_every" --json)
 [ "$storm" = 1 ] && sim_args+=(--storm)
+[ "$storm_resume" = 1 ] && sim_args+=(--storm-resume)
 echo "run.sh: tern-sidecar-sim ${sim_args[*]} (CPU $sim_cpu)" >&2
 sim_start=$(date +%s.%N)
 set +e
@@ -234,7 +237,8 @@ print(f"| control plane peak RSS (VmHWM) / at end | {f(hwm, ' MB', 1)} / {f(rss_
 print(f"| control plane CPU, average over the run / busiest second | {f(cpu_avg, ' %')} / {f(cpu_peak, ' %')} of one core | within one core |")
 if st:
     conv = st.get("converged_s")
-    print(f"| storm: {n:,} reconnect at once, all have config again | {st.get('reconnected', 0):,} in "
+    what = "resume with their version, all streams accepted" if st.get("resume") else "all have config again"
+    print(f"| storm: {n:,} reconnect at once, {what} | {st.get('reconnected', 0):,} in "
           f"{f(st.get('last_first_push_s'), ' s', 2)} (p50 {f(st.get('per_sidecar', {}).get('p50_ms'), ' ms')}) "
           f"| <= 30 s: {met(conv is not None and conv == conv and conv <= 30)} |")
     errs = st.get("errors", {})
