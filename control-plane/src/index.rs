@@ -126,6 +126,11 @@ impl Index {
     ///
     /// [`publish`]: Index::publish
     pub fn apply(&mut self, name: &str, yaml: &str) -> Result<Key, IndexError> {
+        if let Some(doc) = self.pending.get(name)
+            && doc.yaml == yaml
+        {
+            return Ok(doc.key());
+        }
         let mut diagnostics = Vec::new();
         let mut objects = tern_config::decode::decode_file(name, yaml, &mut diagnostics);
         if objects.len() != 1 || diagnostics.iter().any(Diagnostic::is_error) {
@@ -182,16 +187,9 @@ impl Index {
                 warnings: Vec::new(),
             });
         }
-        let sources: Vec<(String, String)> = self
-            .pending
-            .values()
-            .map(|d| (d.name.clone(), d.yaml.clone()))
-            .collect();
-        let checked = tern_config::check_sources(&sources);
-        if checked.diagnostics.iter().any(Diagnostic::is_error) {
-            return Err(IndexError::Invalid {
-                diagnostics: checked.diagnostics,
-            });
+        let diagnostics = self.validate();
+        if diagnostics.iter().any(Diagnostic::is_error) {
+            return Err(IndexError::Invalid { diagnostics });
         }
         let generation = current.generation + 1;
         let snapshot = Snapshot {
@@ -204,8 +202,26 @@ impl Index {
         Ok(Published {
             generation,
             documents,
-            warnings: checked.diagnostics,
+            warnings: diagnostics,
         })
+    }
+
+    /// Validates the documents held, reusing their decoded objects (no re-parsing). A
+    /// duplicate object is rare: then everything is re-checked from the text, which
+    /// reports it with both places.
+    fn validate(&self) -> Vec<Diagnostic> {
+        let mut resources = tern_config::Resources::new();
+        for doc in self.pending.values() {
+            if resources.apply(doc.object.clone()).is_some() {
+                let sources: Vec<(String, String)> = self
+                    .pending
+                    .values()
+                    .map(|d| (d.name.clone(), d.yaml.clone()))
+                    .collect();
+                return tern_config::check_sources(&sources).diagnostics;
+            }
+        }
+        tern_config::validate::validate(&resources)
     }
 }
 
@@ -237,5 +253,11 @@ mod tests {
         assert!(index.delete("r.yaml#1"));
         assert_eq!(index.publish().unwrap().generation, 1);
         assert!(index.apply("bad.yaml#1", "kind: [").is_err());
+
+        // The same object twice is refused, naming the first one.
+        index.apply("b.yaml#1", SVC).unwrap();
+        let err = index.publish().unwrap_err().to_string();
+        assert!(err.contains("duplicate Service shop/a"), "{err}");
+        assert_eq!(rx.borrow().generation, 1);
     }
 }

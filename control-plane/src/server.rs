@@ -544,6 +544,44 @@ mod tests {
         assert_eq!(cp.scope_count(), 1);
     }
 
+    /// A mesh of `n` Services, each with an EndpointSlice and a route to itself.
+    fn big_mesh(n: usize) -> String {
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: shop}}\nspec:\n  ports: [{{name: http, port: 8080}}]\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}\n  namespace: shop\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{name: http, port: 9000}}]\nendpoints:\n- addresses: [\"127.0.0.1\"]\n---\n\
+                 apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: s{i}, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: s{i}, port: 8080}}]\n  rules:\n  - backendRefs: [{{name: s{i}, port: 8080}}]\n---\n"
+            ));
+        }
+        text
+    }
+
+    /// Distribution cost at the issue's scale: 1,000 Services, 1,000 distinct scopes of
+    /// 10 Services each. `cargo test -p tern-control --release -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn distribution_at_scale() {
+        let t = std::time::Instant::now();
+        let snap = snapshot_of(&big_mesh(1000));
+        println!("index + validation of 3000 documents: {:?}", t.elapsed());
+        let cp = ControlPlane::new(
+            Settings::default(),
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+        );
+        cp.distribute(snap.clone());
+        let rxs: Vec<_> = (0..1000)
+            .map(|i| {
+                let calls = (0..10).map(|k| format!("shop/s{}", (i + k * 97) % 1000));
+                cp.subscribe(Scope::new(calls, &format!("shop/s{i}")))
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        cp.distribute(snap);
+        println!("distribute to {} scopes: {:?}", rxs.len(), t.elapsed());
+    }
+
     #[test]
     fn states() {
         let mut s = SidecarStatus {
