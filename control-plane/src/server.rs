@@ -406,9 +406,14 @@ impl ControlPlane {
             }
             Some(MessageKind::Nack(nack)) => {
                 self.metrics.nacks.inc();
-                tracing::warn!(id, version = %nack.version, reason = %nack.reason, "sidecar refused a push");
                 self.update(id, |s| {
-                    tracing::warn!(workload = %s.workload, namespace = %s.namespace, "NACK from");
+                    tracing::warn!(
+                        workload = %s.workload,
+                        namespace = %s.namespace,
+                        version = %nack.version,
+                        reason = %nack.reason,
+                        "sidecar refused a push (NACK)"
+                    );
                     s.last_nack = Some(NackStatus {
                         version: nack.version,
                         reason: nack.reason,
