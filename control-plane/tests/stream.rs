@@ -338,3 +338,114 @@ async fn new_streams_are_admitted_at_a_bounded_rate() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Many sidecars at once: every one gets its push, and a change reaches every sidecar
+/// that calls the changed Service. Run with
+/// `cargo test -p tern-control --release --test stream -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn many_sidecars() {
+    const SIDECARS: usize = 2000;
+    let dir = temp_dir("many");
+    let file = dir.join("mesh.yaml");
+    std::fs::write(&file, MESH).unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let settings = Settings {
+        admit_rate: 100_000,
+        ..Settings::default()
+    };
+    let server = tokio::spawn(tern_control::run(
+        settings,
+        dir.clone(),
+        grpc,
+        admin,
+        shutdown.clone(),
+    ));
+    while http_get(admin_addr, "/ready").await.0 != 200 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 20 connections, 100 streams each.
+    let mut channels = Vec::new();
+    for _ in 0..20 {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let start = std::time::Instant::now();
+    for i in 0..SIDECARS {
+        let mut client = ControlPlaneClient::new(channels[i % channels.len()].clone());
+        let calls = if i % 2 == 0 {
+            "shop/checkout"
+        } else {
+            "shop/catalog"
+        };
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(SidecarMessage {
+                kind: Some(Kind::Hello(hello(&format!("s-{i}"), &[calls], ""))),
+            })
+            .await
+            .unwrap();
+            let mut pushes = client
+                .stream(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            while let Ok(Some(push)) = pushes.message().await {
+                tx.send(SidecarMessage {
+                    kind: Some(Kind::Ack(Ack {
+                        version: push.version.clone(),
+                    })),
+                })
+                .await
+                .unwrap();
+                let _ = done.send((i, std::time::Instant::now()));
+            }
+        });
+    }
+    for _ in 0..SIDECARS {
+        done_rx.recv().await.unwrap();
+    }
+    println!(
+        "{SIDECARS} sidecars connected and pushed in {:?}",
+        start.elapsed()
+    );
+    wait_for(admin_addr, |s| {
+        s.len() == SIDECARS && s.iter().all(|s| s.state == "synced")
+    })
+    .await;
+    let written = std::time::Instant::now();
+    write_atomic(&file, &MESH.replace("weight: 90", "weight: 50"));
+    let mut last = written;
+    for _ in 0..SIDECARS / 2 {
+        let (i, at) = done_rx.recv().await.unwrap();
+        assert_eq!(i % 2, 0, "only checkout callers get the change");
+        last = last.max(at);
+    }
+    println!(
+        "the change reached all {} checkout callers {:?} after the write",
+        SIDECARS / 2,
+        last - written
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(done_rx.try_recv().is_err(), "catalog callers got nothing");
+    let (_, metrics) = http_get(admin_addr, "/metrics").await;
+    for l in metrics
+        .lines()
+        .filter(|l| l.contains("change_to_ack_seconds") && !l.starts_with('#'))
+    {
+        println!("{l}");
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(WAIT, server).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
