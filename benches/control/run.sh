@@ -95,18 +95,28 @@ cp_pid=$!
 pids+=("$cp_pid")
 echo "$cp_pid" >"$out/pids"
 
-# Wait (bounded) for the gRPC port.
-python3 - "$listen" <<'EOF'
-import socket, sys, time
+# Wait (bounded) for the gRPC port, then for /ready (its config loaded: before that it
+# answers UNAVAILABLE).
+python3 - "$listen" "$admin" <<'EOF'
+import socket, sys, time, urllib.request
 host, port = sys.argv[1].rsplit(":", 1)
 deadline = time.time() + 30
 while time.time() < deadline:
     try:
         socket.create_connection((host, int(port)), timeout=0.5).close()
-        sys.exit(0)
+        break
     except OSError:
         time.sleep(0.1)
-sys.exit("run.sh: tern-control did not listen within 30 s")
+else:
+    sys.exit("run.sh: tern-control did not listen within 30 s")
+while time.time() < deadline:
+    try:
+        if urllib.request.urlopen(f"http://{sys.argv[2]}/ready", timeout=0.5).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.1)
+print("run.sh: tern-control not ready after 30 s; starting anyway", file=sys.stderr)
 EOF
 kill -0 "$cp_pid" || { echo "run.sh: tern-control exited; see $out/tern-control.log" >&2; exit 1; }
 
