@@ -3,8 +3,10 @@
 //! Starts a `tern-demo-app` per app (checkout-v1, checkout-v2, catalog, and inventory-a, -b
 //! and -c, the three endpoints of `inventory`, of which inventory-c is broken), each behind
 //! its own `tern-proxy` sidecar, plus a sidecar for `web`, whose application is an
-//! in-process traffic generator. Every sidecar watches the same config directory
-//! (`examples/demo` by default), so editing it changes routing live. A table redrawn every
+//! in-process traffic generator. `tern-control` watches the config directory
+//! (`examples/demo` by default) and pushes each sidecar its scoped config (managed mode;
+//! `--file-mode` has every sidecar watch the directory itself instead), so editing it
+//! changes routing live. A table redrawn every
 //! second shows what web's sidecar sees, from its `/metrics` and `/circuits`. Everything
 //! started stops with the demo.
 //!
@@ -53,6 +55,10 @@ pub struct Args {
     /// inventory-b and inventory-c.
     #[arg(long, value_name = "PORT", default_value_t = DEFAULT_BASE_PORT)]
     base_port: u16,
+    /// Sidecars watch the config directory themselves instead of getting their config
+    /// from tern-control.
+    #[arg(long)]
+    file_mode: bool,
     /// Requests per second the traffic generator sends through web's sidecar (0: none).
     #[arg(long, value_name = "N", default_value_t = 60)]
     rps: u32,
@@ -93,6 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 struct Binaries {
     proxy: PathBuf,
     app: PathBuf,
+    control: PathBuf,
 }
 
 impl Binaries {
@@ -113,6 +120,7 @@ impl Binaries {
         Ok(Self {
             proxy: find("tern-proxy")?,
             app: find("tern-demo-app")?,
+            control: find("tern-control")?,
         })
     }
 }
@@ -218,34 +226,66 @@ async fn mesh(
         }
         procs.spawn(slot.name, &bins.app, &app_args, work)?;
     }
-    for slot in &plan.slots {
+    if !args.file_mode {
         procs.spawn(
-            &format!("{}-sidecar", slot.name),
-            &bins.proxy,
+            "tern-control",
+            &bins.control,
             &[
                 "--config-dir".into(),
                 config_dir.clone(),
-                "--outbound".into(),
-                slot.outbound.to_string(),
-                "--inbound".into(),
-                slot.inbound.to_string(),
-                "--app".into(),
-                slot.app.to_string(),
+                "--listen".into(),
+                plan.control.to_string(),
                 "--admin".into(),
-                slot.admin.to_string(),
-                "--namespace".into(),
-                NAMESPACE.into(),
-                "--workers".into(),
-                "1".into(),
-                // Stop within the demo's grace period rather than tern-proxy's default 30s.
-                "--drain-timeout".into(),
-                "1s".into(),
+                plan.control_admin.to_string(),
             ],
             work,
         )?;
     }
-    wait_ready(plan, procs).await?;
-    print_banner(plan, config, work, args.rps);
+    for slot in &plan.slots {
+        // Managed mode: config from tern-control, kept in a state dir per sidecar.
+        let source: Vec<String> = if args.file_mode {
+            vec!["--config-dir".into(), config_dir.clone()]
+        } else {
+            vec![
+                "--control-plane".into(),
+                plan.control.to_string(),
+                "--state-dir".into(),
+                work.join(format!("{}-state", slot.name))
+                    .to_string_lossy()
+                    .into_owned(),
+                "--workload".into(),
+                slot.name.into(),
+            ]
+        };
+        procs.spawn(
+            &format!("{}-sidecar", slot.name),
+            &bins.proxy,
+            &[
+                source,
+                vec![
+                    "--outbound".into(),
+                    slot.outbound.to_string(),
+                    "--inbound".into(),
+                    slot.inbound.to_string(),
+                    "--app".into(),
+                    slot.app.to_string(),
+                    "--admin".into(),
+                    slot.admin.to_string(),
+                    "--namespace".into(),
+                    NAMESPACE.into(),
+                    "--workers".into(),
+                    "1".into(),
+                    // Stop within the demo's grace period rather than tern-proxy's default 30s.
+                    "--drain-timeout".into(),
+                    "1s".into(),
+                ],
+            ]
+            .concat(),
+            work,
+        )?;
+    }
+    wait_ready(plan, procs, !args.file_mode).await?;
+    print_banner(plan, config, work, args.rps, !args.file_mode);
 
     if args.rps > 0 {
         let g = traffic::Generator {
@@ -269,9 +309,12 @@ fn died(procs: &mut Procs) -> Option<anyhow::Error> {
 }
 
 /// Waits until every app answers and every sidecar's /ready is 200.
-async fn wait_ready(plan: &PortPlan, procs: &mut Procs) -> anyhow::Result<()> {
+async fn wait_ready(plan: &PortPlan, procs: &mut Procs, managed: bool) -> anyhow::Result<()> {
     // (what, address, path): sidecars are ready once they have loaded a config.
     let mut pending: Vec<(String, SocketAddr, &str)> = Vec::new();
+    if managed {
+        pending.push(("tern-control".into(), plan.control_admin, "/ready"));
+    }
     for s in &plan.slots {
         if s.has_app {
             pending.push((format!("{} app", s.name), s.app, "/control"));
@@ -351,7 +394,7 @@ async fn futures_join_all<F: std::future::Future>(
     done.into_iter().map(|o| o.expect("all done")).collect()
 }
 
-fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
+fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32, managed: bool) {
     let web = plan.slot("web");
     let v1 = plan.slot("checkout-v1");
     let catalog = plan.slot("catalog");
@@ -385,11 +428,18 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32) {
     out.push_str(
         "\n(the inventory Service has three endpoints: inventory-a, -b and -c, one per zone)\n",
     );
+    if managed {
+        out.push_str(&format!(
+            "\ntern-control: gRPC {}, admin {} (it watches the config and pushes each sidecar \
+             its part;\n  `ternctl status --control-plane {}` shows every sidecar's version and ACK)\n",
+            plan.control, plan.control_admin, plan.control_admin
+        ));
+    }
     let routes = config.dir().join("routes.yaml");
     out.push('\n');
     match config {
         ConfigSource::InPlace(dir) => out.push_str(&format!(
-            "Config: {} (every sidecar watches it: edits apply live)\n",
+            "Config: {} (watched: edits apply live)\n",
             dir.display()
         )),
         ConfigSource::Rewritten { from, to } => out.push_str(&format!(

@@ -54,6 +54,9 @@ pub struct Slot {
 pub struct PortPlan {
     pub base: u16,
     pub slots: Vec<Slot>,
+    /// tern-control's gRPC listener and admin endpoint (after the last slot).
+    pub control: SocketAddr,
+    pub control_admin: SocketAddr,
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -62,7 +65,8 @@ fn local(port: u16) -> SocketAddr {
 
 impl PortPlan {
     pub fn new(base: u16) -> anyhow::Result<Self> {
-        let span = STRIDE * APPS.len() as u16;
+        // The slots, then tern-control's two ports.
+        let span = STRIDE * APPS.len() as u16 + 1;
         if base < 1024 || base.checked_add(span).is_none() {
             anyhow::bail!(
                 "--base-port {base} is out of range: the demo uses ports {base}..{base}+{span}, \
@@ -84,7 +88,13 @@ impl PortPlan {
                 }
             })
             .collect();
-        Ok(Self { base, slots })
+        let after = base + STRIDE * APPS.len() as u16;
+        Ok(Self {
+            base,
+            slots,
+            control: local(after),
+            control_admin: local(after + 1),
+        })
     }
 
     pub fn slot(&self, name: &str) -> &Slot {
@@ -96,7 +106,10 @@ impl PortPlan {
 
     /// Every port the demo listens on, with a description for error messages.
     pub fn listening_ports(&self) -> Vec<(u16, String)> {
-        let mut out = Vec::new();
+        let mut out = vec![
+            (self.control.port(), "tern-control gRPC".to_string()),
+            (self.control_admin.port(), "tern-control admin".to_string()),
+        ];
         for s in &self.slots {
             out.push((s.outbound.port(), format!("{} sidecar outbound", s.name)));
             out.push((s.inbound.port(), format!("{} sidecar inbound", s.name)));
@@ -134,7 +147,7 @@ pub fn check_ports_free(plan: &PortPlan) -> anyhow::Result<()> {
                 "port {port} ({what}) is busy: {e}. Stop whatever listens on it \
                  (`ss -ltnp 'sport = :{port}'` shows who), or pick other ports with \
                  `ternctl demo --base-port PORT` (the demo uses PORT..PORT+{})",
-                STRIDE * APPS.len() as u16
+                STRIDE * APPS.len() as u16 + 1
             );
         }
     }
@@ -303,21 +316,23 @@ mod tests {
         assert!(!plan.slot("web").has_app);
         assert_eq!(plan.slot(BROKEN).app.port(), 15065);
         assert_eq!(plan.slot("inventory-a").inbound.port(), 15041);
-        // web has no app, so 7*3 + 6 ports, all distinct.
+        assert_eq!(plan.control.port(), 15070);
+        assert_eq!(plan.control_admin.port(), 15071);
+        // web has no app, so 7*3 + 6 ports, plus tern-control's two, all distinct.
         let ports = plan.listening_ports();
-        assert_eq!(ports.len(), 27);
+        assert_eq!(ports.len(), 29);
         let mut uniq: Vec<u16> = ports.iter().map(|(p, _)| *p).collect();
         uniq.sort();
         uniq.dedup();
-        assert_eq!(uniq.len(), 27);
+        assert_eq!(uniq.len(), 29);
     }
 
     #[test]
     fn plan_range_is_checked() {
         assert!(PortPlan::new(80).is_err());
         assert!(PortPlan::new(65530).is_err());
-        assert!(PortPlan::new(65535 - 70).is_ok());
-        assert!(PortPlan::new(65535 - 69).is_err());
+        assert!(PortPlan::new(65535 - 71).is_ok());
+        assert!(PortPlan::new(65535 - 70).is_err());
     }
 
     #[test]
