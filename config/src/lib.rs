@@ -165,6 +165,17 @@ fn is_blank_document(doc: &str) -> bool {
     })
 }
 
+/// Whether a change to `path` can change the config of a watched directory: a YAML file,
+/// or the `..data` symlink Kubernetes swaps when a mounted ConfigMap changes. Other files
+/// (a log written into the directory, an editor's swap file) are not.
+pub fn is_config_path(path: &Path) -> bool {
+    let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+    let configmap = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(".."));
+    yaml || configmap
+}
+
 pub fn read_dir_sources(dir: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();

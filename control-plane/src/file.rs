@@ -162,13 +162,7 @@ pub fn is_config_change(event: &notify::Event) -> bool {
         event.kind,
         EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
     );
-    kind && event.paths.iter().any(|p| {
-        let yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        let configmap = p
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with(".."));
-        yaml || configmap
-    })
+    kind && event.paths.iter().any(|p| tern_config::is_config_path(p))
 }
 
 #[cfg(test)]
