@@ -465,20 +465,7 @@ mod tests {
 
     fn shared() -> Arc<Shared> {
         let addr = "127.0.0.1:1".parse().unwrap();
-        Shared::new(crate::Settings {
-            source: crate::state::ConfigSource::Dir(".".into()),
-            outbound: addr,
-            inbound: addr,
-            app: addr,
-            admin: addr,
-            namespace: "default".into(),
-            workers: 1,
-            drain_timeout: Duration::from_secs(1),
-            limits: crate::Limits::default(),
-            retry_buffer: 64 * 1024,
-            access_log: false,
-            place: Default::default(),
-        })
+        Shared::new(crate::Settings::for_tests(addr))
     }
 
     fn service(name: &str, port: u16) -> String {

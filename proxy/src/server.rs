@@ -417,20 +417,7 @@ mod size_tests {
     async fn connection_futures_stay_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let settings = crate::Settings {
-            source: crate::state::ConfigSource::Dir(".".into()),
-            outbound: addr,
-            inbound: addr,
-            app: addr,
-            admin: addr,
-            namespace: "default".into(),
-            workers: 1,
-            drain_timeout: Duration::from_secs(1),
-            limits: Limits::default(),
-            retry_buffer: 64 * 1024,
-            access_log: false,
-            place: Default::default(),
-        };
+        let settings = crate::Settings::for_tests(addr);
         let worker = Worker::new(crate::Shared::new(settings));
         let (_tx, rx) = watch::channel(false);
         let (limits, out) = (Limits::default(), Direction::Outbound);

@@ -49,6 +49,27 @@ pub struct Settings {
     pub place: Place,
 }
 
+#[cfg(test)]
+impl Settings {
+    /// Settings for unit tests: every listener on `addr`, one worker, file mode.
+    pub fn for_tests(addr: SocketAddr) -> Settings {
+        Settings {
+            source: ConfigSource::Dir(".".into()),
+            outbound: addr,
+            inbound: addr,
+            app: addr,
+            admin: addr,
+            namespace: "default".into(),
+            workers: 1,
+            drain_timeout: Duration::from_secs(1),
+            limits: crate::server::Limits::default(),
+            retry_buffer: 64 * 1024,
+            access_log: false,
+            place: Default::default(),
+        }
+    }
+}
+
 /// A compiled snapshot plus the per-version lookup tables built from it.
 pub struct Active {
     pub snapshot: Arc<Snapshot>,
