@@ -230,7 +230,7 @@ pub struct SidecarView {
     /// Outbound and inbound counts over the window, if metrics could be scraped.
     pub outbound: Option<Counts>,
     pub inbound: Option<Counts>,
-    /// Config reloads since the sidecar started.
+    /// Config updates since the sidecar started: file reloads, or pushes from tern-control.
     pub reloads: Option<Reloads>,
     pub metrics_error: Option<String>,
 }
@@ -242,11 +242,17 @@ pub struct Reloads {
 }
 
 pub const RELOADS: &str = "tern_config_reloads_total";
+/// What a sidecar in managed mode counts instead of reloads.
+pub const PUSHES: &str = "tern_control_pushes_total";
 
-/// Sums `tern_config_reloads_total` by its `result` label (`applied`, `refused`).
+/// Sums `tern_config_reloads_total` and `tern_control_pushes_total` by their `result`
+/// label (`applied`, `refused`): the sidecar's config updates in either mode.
 pub fn reloads(samples: &[Sample]) -> Reloads {
     let mut r = Reloads::default();
-    for s in samples.iter().filter(|s| s.name == RELOADS) {
+    for s in samples
+        .iter()
+        .filter(|s| s.name == RELOADS || s.name == PUSHES)
+    {
         match s.labels.get("result").map(String::as_str) {
             Some("applied") => r.applied += s.value,
             Some("refused") => r.refused += s.value,
@@ -489,7 +495,7 @@ pub fn render(page: &Page) -> Vec<String> {
     out.push(String::new());
     out.push(format!(
         "{:<14} {:<15} {:<19} {:>9} {:>9} {:>8}",
-        "SIDECAR", "CONFIG VERSION", "RELOADS", "OUT REQ/S", "IN REQ/S", "IN OK"
+        "SIDECAR", "CONFIG VERSION", "CONFIG UPDATES", "OUT REQ/S", "IN REQ/S", "IN OK"
     ));
     for s in page.sidecars {
         let version = match &s.version {
