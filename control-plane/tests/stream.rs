@@ -123,34 +123,55 @@ fn hello(workload: &str, calls: &[&str], applied: &str) -> Hello {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hello_push_edit_ack_nack() {
-    let dir = temp_dir("stream");
-    let file = dir.join("mesh.yaml");
-    std::fs::write(&file, MESH).unwrap();
+/// A tern-control serving `dir` on ephemeral ports, ready (its directory loaded).
+struct Running {
+    grpc: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), tern_control::RunError>>,
+}
+
+async fn start(dir: &std::path::Path, settings: Settings) -> Running {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let settings = Settings {
-        debounce: Duration::from_millis(50),
-        max_delay: Duration::from_millis(500),
-        admit_rate: 1000,
-    };
     let server = tokio::spawn(tern_control::run(
         settings,
-        dir.clone(),
+        dir.to_path_buf(),
         grpc,
         admin,
         shutdown.clone(),
     ));
-
-    // Ready once the directory is loaded.
     let deadline = tokio::time::Instant::now() + WAIT;
     while http_get(admin_addr, "/ready").await.0 != 200 {
         assert!(tokio::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Running {
+        grpc: grpc_addr,
+        admin: admin_addr,
+        shutdown,
+        server,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_push_edit_ack_nack() {
+    let dir = temp_dir("stream");
+    let file = dir.join("mesh.yaml");
+    std::fs::write(&file, MESH).unwrap();
+    let settings = Settings {
+        debounce: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+        admit_rate: 1000,
+    };
+    let Running {
+        grpc: grpc_addr,
+        admin: admin_addr,
+        shutdown,
+        server,
+    } = start(&dir, settings).await;
     assert_eq!(http_get(admin_addr, "/live").await.0, 200);
 
     // The first message must be a Hello.
@@ -282,27 +303,17 @@ async fn hello_push_edit_ack_nack() {
 async fn new_streams_are_admitted_at_a_bounded_rate() {
     let dir = temp_dir("admit");
     std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
     let settings = Settings {
         debounce: Duration::from_millis(10),
         max_delay: Duration::from_millis(100),
         admit_rate: 2,
     };
-    let server = tokio::spawn(tern_control::run(
-        settings,
-        dir.clone(),
-        grpc,
-        admin,
-        shutdown.clone(),
-    ));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while http_get(admin_addr, "/ready").await.0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let Running {
+        grpc: grpc_addr,
+        admin: admin_addr,
+        shutdown,
+        server,
+    } = start(&dir, settings).await;
     let mut admitted = Vec::new();
     let mut refused = 0;
     for i in 0..5 {
@@ -349,24 +360,16 @@ async fn many_sidecars() {
     let dir = temp_dir("many");
     let file = dir.join("mesh.yaml");
     std::fs::write(&file, MESH).unwrap();
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
     let settings = Settings {
         admit_rate: 100_000,
         ..Settings::default()
     };
-    let server = tokio::spawn(tern_control::run(
-        settings,
-        dir.clone(),
-        grpc,
-        admin,
-        shutdown.clone(),
-    ));
-    while http_get(admin_addr, "/ready").await.0 != 200 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let Running {
+        grpc: grpc_addr,
+        admin: admin_addr,
+        shutdown,
+        server,
+    } = start(&dir, settings).await;
     // 20 connections, 100 streams each.
     let mut channels = Vec::new();
     for _ in 0..20 {
