@@ -279,12 +279,7 @@ mod tests {
     }
 
     fn validates(push: &ConfigPush) {
-        let sources: Vec<(String, String)> = push
-            .documents
-            .iter()
-            .map(|d| (d.name.clone(), d.yaml.clone()))
-            .collect();
-        if let Err(e) = tern_config::load_sources(&sources) {
+        if let Err(e) = tern_config::load_sources(&push.sources()) {
             panic!("scoped set does not validate: {e}");
         }
     }

@@ -11,12 +11,7 @@ use tern_control::index::Index;
 use tern_control::scope::{Lookup, Scope, scoped_push};
 
 fn validates(what: &str, push: &ConfigPush) {
-    let sources: Vec<(String, String)> = push
-        .documents
-        .iter()
-        .map(|d| (d.name.clone(), d.yaml.clone()))
-        .collect();
-    if let Err(e) = tern_config::load_sources(&sources) {
+    if let Err(e) = tern_config::load_sources(&push.sources()) {
         panic!("scope {what}: does not validate: {e}");
     }
 }

@@ -232,12 +232,7 @@ impl Backoff {
 /// Compiles a push and, if it compiles, installs it. On refusal the reason is the
 /// diagnostics, one per line, and nothing changes.
 pub fn apply_push(shared: &Shared, push: &ConfigPush) -> Result<(), String> {
-    let sources: Vec<(String, String)> = push
-        .documents
-        .iter()
-        .map(|d| (d.name.clone(), d.yaml.clone()))
-        .collect();
-    match tern_config::load_sources(&sources) {
+    match tern_config::load_sources(&push.sources()) {
         Ok(compiled) => {
             for warning in &compiled.warnings {
                 tracing::warn!("config: {warning}");
