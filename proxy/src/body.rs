@@ -102,12 +102,6 @@ pub enum RequestBody {
     },
 }
 
-impl From<Incoming> for RequestBody {
-    fn from(body: Incoming) -> Self {
-        RequestBody::Stream(body)
-    }
-}
-
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = hyper::Error;

@@ -87,10 +87,6 @@ impl Drop for Picked<'_> {
 const HASH_TRIES: usize = 16;
 
 impl BackendState {
-    pub fn name(&self) -> &Arc<str> {
-        &self.circuits.name
-    }
-
     /// Picks the endpoint for the next attempt.
     ///
     /// 1. The algorithm's choice within the active locality tier (P2C over peak EWMA or
@@ -431,18 +427,8 @@ impl Balancer {
         self.routes.get(&(rule as *const Rule as usize))
     }
 
-    /// Every backend with its runtime state (for the admin endpoints and gauges).
-    pub fn backends(&self) -> &[BackendState] {
-        &self.backends
-    }
-
     pub fn backend(&self, index: usize) -> Option<&BackendState> {
         self.backends.get(index)
-    }
-
-    pub fn ready_count(&self, index: usize) -> usize {
-        self.backend(index)
-            .map_or(0, |b| b.circuits.endpoints.len())
     }
 
     /// Appends the `tern_balancer_endpoints` gauges (computed at scrape time from the
@@ -548,7 +534,7 @@ mod tests {
         );
         let bal = Balancer::new(&s, None, &m, Clock::new(), &Place::default());
         let b = bal.backend(0).unwrap();
-        assert_eq!(bal.ready_count(0), 2);
+        assert_eq!(b.circuits.endpoints.len(), 2);
         trip(b, "127.0.0.1:1", &m);
         for _ in 0..4 {
             assert_eq!(b.pick(None, 0, None).unwrap().addr().port(), 2);
