@@ -184,6 +184,7 @@ fn hello_of(i: usize, args: &Args) -> Hello {
         calls: calls_of(i, args),
         applied_version: String::new(),
         token: args.token.clone(),
+        identity: None,
     }
 }
 

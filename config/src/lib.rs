@@ -11,6 +11,7 @@
 pub mod compile;
 pub mod decode;
 pub mod diag;
+pub mod identity;
 pub mod model;
 pub mod resources;
 pub mod snapshot;

@@ -125,6 +125,7 @@ pub fn scoped_push(snapshot: &Snapshot, lookup: &Lookup, scope: &Scope) -> Confi
     ConfigPush {
         version: version_of(&documents),
         documents,
+        trust: None,
     }
 }
 

@@ -421,6 +421,9 @@ impl ControlPlane {
                     });
                 });
             }
+            Some(MessageKind::Identity(_)) => {
+                tracing::debug!(id, "identity status (not tracked yet)");
+            }
             Some(MessageKind::Hello(_)) | None => {
                 tracing::debug!(id, "ignoring a second Hello or an empty message");
             }
@@ -444,6 +447,13 @@ type PushStream =
 #[tonic::async_trait]
 impl control_plane_server::ControlPlane for Service {
     type StreamStream = PushStream;
+
+    async fn certify(
+        &self,
+        _request: Request<tern_api::v1::CertifyRequest>,
+    ) -> Result<Response<tern_api::v1::CertifyResponse>, Status> {
+        Err(Status::unimplemented("tern-control runs without a CA"))
+    }
 
     async fn stream(
         &self,

@@ -120,6 +120,7 @@ fn hello(workload: &str, calls: &[&str], applied: &str) -> Hello {
         calls: calls.iter().map(|c| c.to_string()).collect(),
         applied_version: applied.into(),
         token: String::new(),
+        identity: None,
     }
 }
 

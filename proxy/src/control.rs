@@ -334,6 +334,7 @@ fn hello(shared: &Shared, cfg: &ControlSettings) -> SidecarMessage {
             calls: cfg.calls.clone(),
             applied_version: shared.control.applied_version().unwrap_or_default(),
             token: String::new(),
+            identity: None,
         })),
     }
 }
@@ -481,6 +482,7 @@ mod tests {
                     yaml: y.clone(),
                 })
                 .collect(),
+            trust: None,
         }
     }
 
@@ -588,6 +590,13 @@ mod tests {
     #[tonic::async_trait]
     impl tern_api::v1::control_plane_server::ControlPlane for Fake {
         type StreamStream = ReceiverStream<Result<ConfigPush, tonic::Status>>;
+
+        async fn certify(
+            &self,
+            _request: tonic::Request<tern_api::v1::CertifyRequest>,
+        ) -> Result<tonic::Response<tern_api::v1::CertifyResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("no CA"))
+        }
 
         async fn stream(
             &self,
