@@ -19,6 +19,13 @@ command -v ps >/dev/null 2>&1 || missing+=(procps)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+# network-namespace tests (tern-init, interception): iptables (nft and legacy backends),
+# tcpdump for "is it TLS on the wire", setpriv to run a sidecar as the proxy UID;
+# testssl.sh for TLS audits.
+command -v iptables-nft-restore >/dev/null 2>&1 || missing+=(iptables)
+command -v tcpdump >/dev/null 2>&1 || missing+=(tcpdump)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v testssl >/dev/null 2>&1 || command -v testssl.sh >/dev/null 2>&1 || missing+=(testssl.sh)
 VENV="$ROOT/.venv"
 if [ ! -x "$VENV/bin/python" ] && command -v python3 >/dev/null 2>&1; then
     # Debian's own python3 needs python3-venv for `python3 -m venv` (pyenv builds have it).
