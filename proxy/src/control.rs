@@ -56,6 +56,8 @@ pub struct ControlSettings {
     /// Services it calls (`ns/name`); empty: all.
     pub calls: Vec<String>,
     pub service_account: String,
+    /// File holding the bootstrap token (local mode) or a ServiceAccount token.
+    pub token_file: Option<PathBuf>,
 }
 
 /// Where the config being served came from.
@@ -333,8 +335,8 @@ fn hello(shared: &Shared, cfg: &ControlSettings) -> SidecarMessage {
             service: cfg.service.clone(),
             calls: cfg.calls.clone(),
             applied_version: shared.control.applied_version().unwrap_or_default(),
-            token: String::new(),
-            identity: None,
+            token: crate::tls::certify::token(cfg),
+            identity: shared.tls.status(),
         })),
     }
 }
@@ -368,8 +370,8 @@ pub async fn run(shared: Arc<Shared>, cfg: ControlSettings) {
     }
 }
 
-/// One stream to one replica, until it ends.
-async fn session(shared: &Arc<Shared>, cfg: &ControlSettings, addr: &str) -> Result<(), String> {
+/// A gRPC channel to one replica.
+pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("bad address: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -377,10 +379,36 @@ async fn session(shared: &Arc<Shared>, cfg: &ControlSettings, addr: &str) -> Res
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
-    let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
+    tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
         .await
         .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect: {}", error_chain(&e)))?;
+        .map_err(|e| format!("connect: {}", error_chain(&e)))
+}
+
+/// Installs the trust a push carries (none: the mesh runs without mTLS).
+fn apply_trust(shared: &Shared, trust: Option<&tern_api::v1::Trust>) -> Result<(), String> {
+    let Some(t) = trust else {
+        if shared.tls.enabled() {
+            tracing::warn!("the control plane stopped sending a trust bundle; keeping the last one");
+        }
+        return Ok(());
+    };
+    let trust = crate::tls::Trust::new(&t.trust_domain, &t.anchors_der, &t.issuer_id)
+        .map_err(|e| e.to_string())?;
+    if shared.tls.set_trust(trust).map_err(|e| e.to_string())? {
+        tracing::info!(
+            trust_domain = %t.trust_domain,
+            anchors = t.anchors_der.len(),
+            issuer = %t.issuer_id,
+            "trust bundle installed"
+        );
+    }
+    Ok(())
+}
+
+/// One stream to one replica, until it ends.
+async fn session(shared: &Arc<Shared>, cfg: &ControlSettings, addr: &str) -> Result<(), String> {
+    let channel = connect(addr).await?;
     let mut client = ControlPlaneClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel::<SidecarMessage>(8);
     let _ = tx.send(hello(shared, cfg)).await;
@@ -393,12 +421,30 @@ async fn session(shared: &Arc<Shared>, cfg: &ControlSettings, addr: &str) -> Res
     shared.control.set_connected(Some(addr));
     shared.control.set_error(None);
     shared.metrics.control_connected(true);
-    while let Some(push) = pushes.message().await.map_err(|s| format!("stream: {s}"))? {
+    let mut installed = shared.tls.installed.subscribe();
+    installed.mark_unchanged();
+    loop {
+        let push = tokio::select! {
+            push = pushes.message() => push.map_err(|s| format!("stream: {s}"))?,
+            Ok(()) = installed.changed() => {
+                let status = shared.tls.status();
+                let msg = SidecarMessage { kind: status.map(sidecar_message::Kind::Identity) };
+                if tx.send(msg).await.is_err() {
+                    return Err("the stream closed".into());
+                }
+                continue;
+            }
+        };
+        let Some(push) = push else { break };
         shared.control.pushed();
         let version = push.version.clone();
         let current = shared.control.applied_version();
         if current.as_deref() == Some(version.as_str()) && shared.active.load().is_some() {
-            // Already in force (a replica re-sending after a reconnect): nothing to do.
+            // Already in force (a replica re-sending after a reconnect, or the state dir
+            // at boot): only the trust, which the state dir does not keep, may be new.
+            if let Err(err) = apply_trust(shared, push.trust.as_ref()) {
+                tracing::error!("trust bundle refused: {err}");
+            }
             shared.metrics.control_push(true);
             shared.control.set_applied(&version, Source::ControlPlane);
             let ack = sidecar_message::Kind::Ack(Ack { version });
@@ -410,7 +456,7 @@ async fn session(shared: &Arc<Shared>, cfg: &ControlSettings, addr: &str) -> Res
         let s = shared.clone();
         let state_dir = cfg.state_dir.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = apply_push(&s, &push);
+            let result = apply_trust(&s, push.trust.as_ref()).and_then(|()| apply_push(&s, &push));
             if result.is_ok()
                 && let Some(dir) = state_dir
                 && let Err(err) = persist(&dir, &push)
@@ -668,6 +714,7 @@ mod tests {
             service: "default/a".into(),
             calls: vec!["default/b".into()],
             service_account: "sa".into(),
+            token_file: None,
         };
         tokio::spawn(run(s.clone(), cfg));
         let sidecar_message::Kind::Hello(hello) = next(&mut seen).await else {

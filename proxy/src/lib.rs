@@ -17,6 +17,7 @@ pub mod control;
 pub mod framing;
 pub mod headers;
 pub mod inbound;
+pub mod init;
 pub mod listen;
 pub mod metrics;
 pub mod outbound;
@@ -26,6 +27,7 @@ pub mod rescue;
 pub mod route;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod worker;
 
@@ -121,6 +123,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             ConfigSource::Dir(dir) => tokio::spawn(reload::watch(shared.clone(), dir.clone())),
             ConfigSource::ControlPlane(cp) => {
                 let (shared, cp) = (shared.clone(), cp.clone());
+                tokio::spawn(tls::certify::run(shared.clone(), cp.clone()));
                 tokio::spawn(async move {
                     control::run(shared, cp).await;
                     Ok(())

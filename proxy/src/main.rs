@@ -34,6 +34,10 @@ struct Args {
     /// Its ServiceAccount.
     #[arg(long, env = "TERN_SERVICE_ACCOUNT", default_value = "default")]
     service_account: String,
+    /// File holding the bootstrap token that authenticates this sidecar's certificate
+    /// requests (`ternctl ca token` makes one). Read at each request, so it may be rotated.
+    #[arg(long, env = "TERN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Where the application sends its outbound requests.
     #[arg(long, env = "TERN_OUTBOUND", default_value = "127.0.0.1:4140")]
     outbound: SocketAddr,
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
                 .filter(|c| !c.is_empty())
                 .collect(),
             service_account: args.service_account,
+            token_file: args.token_file,
         }),
     };
     let settings = tern_proxy::Settings {

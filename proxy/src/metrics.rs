@@ -130,6 +130,24 @@ struct FateLabels {
     fate: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    direction: Direction,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthzLabels {
+    policy: Arc<str>,
+    decision: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    tls: &'static str,
+    client_id: Arc<str>,
+}
+
 const STATES: [&str; 3] = ["closed", "open", "half_open"];
 
 /// What finally happened to a request, as far as retries go.
@@ -300,6 +318,11 @@ pub struct Metrics {
     control_pushes: Family<ResultLabels, Counter>,
     control_connected: Gauge,
     control_reconnects: Counter,
+    handshakes: Family<HandshakeLabels, Counter>,
+    renewals: Family<ResultLabels, Counter>,
+    cert_expiry: Gauge,
+    authz: Family<AuthzLabels, Counter>,
+    inbound_clients: Family<ClientLabels, Counter>,
 }
 
 /// Latency buckets in seconds: fine below 10 ms where a sidecar hop lives.
@@ -453,6 +476,38 @@ impl Metrics {
         for result in ["applied", "refused"] {
             let _ = control_pushes.get_or_create(&ResultLabels { result });
         }
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        let renewals = Family::<ResultLabels, Counter>::default();
+        let cert_expiry = Gauge::default();
+        let authz = Family::<AuthzLabels, Counter>::default();
+        let inbound_clients = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "tern_tls_handshakes",
+            "mTLS handshakes between sidecars, by direction and result (ok, or why it \
+             failed: unknown_ca, expired, identity_mismatch, no_certificate, ...)",
+            handshakes.clone(),
+        );
+        registry.register(
+            "tern_identity_renewals",
+            "Certificate requests to the control plane's CA, by result (ok, failed)",
+            renewals.clone(),
+        );
+        registry.register(
+            "tern_identity_certificate_expiry_timestamp_seconds",
+            "Unix time the sidecar's certificate expires (0: none yet)",
+            cert_expiry.clone(),
+        );
+        registry.register(
+            "tern_authz",
+            "Inbound requests and connections checked by AuthorizationPolicies, by the \
+             policy that allowed them (empty when denied) and decision (allow, deny)",
+            authz.clone(),
+        );
+        registry.register(
+            "tern_inbound_clients",
+            "Inbound connections by transport (mtls, plaintext) and client SPIFFE ID",
+            inbound_clients.clone(),
+        );
         // Make the reload counters visible at zero.
         for result in ["applied", "refused"] {
             let _ = reloads.get_or_create(&ResultLabels { result });
@@ -480,7 +535,52 @@ impl Metrics {
             control_pushes,
             control_connected,
             control_reconnects,
+            handshakes,
+            renewals,
+            cert_expiry,
+            authz,
+            inbound_clients,
         }
+    }
+
+    /// Counts one mTLS handshake: `result` is `ok` or a failure reason.
+    pub fn tls_handshake(&self, direction: Direction, result: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels { direction, result })
+            .inc();
+    }
+
+    /// Counts one certificate request; `not_after` is the new certificate's expiry.
+    pub fn identity_renewal(&self, ok: bool, not_after: i64) {
+        let result = if ok { "ok" } else { "failed" };
+        self.renewals.get_or_create(&ResultLabels { result }).inc();
+        if ok {
+            self.cert_expiry.set(not_after);
+        }
+    }
+
+    /// Counts one authorization decision where a policy applies.
+    pub fn authz(&self, policy: Option<&Arc<str>>, allowed: bool) {
+        static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        let policy = policy
+            .cloned()
+            .unwrap_or_else(|| NONE.get_or_init(|| Arc::from("")).clone());
+        let decision = if allowed { "allow" } else { "deny" };
+        self.authz
+            .get_or_create(&AuthzLabels { policy, decision })
+            .inc();
+    }
+
+    /// Counts one inbound connection by transport and client identity.
+    pub fn inbound_client(&self, client: Option<&Arc<str>>) {
+        static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        let (tls, client_id) = match client {
+            Some(id) => ("mtls", id.clone()),
+            None => ("plaintext", NONE.get_or_init(|| Arc::from("")).clone()),
+        };
+        self.inbound_clients
+            .get_or_create(&ClientLabels { tls, client_id })
+            .inc();
     }
 
     /// Counts one control-plane push, applied (ACK) or refused (NACK).

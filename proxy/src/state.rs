@@ -139,6 +139,8 @@ pub struct Shared {
     pub clock: Clock,
     /// The control-plane client's state (unused with a config dir).
     pub control: crate::control::Status,
+    /// The sidecar's identity and the mesh's trust (mTLS).
+    pub tls: crate::tls::Tls,
     /// Serialises snapshot installs, so that each new version takes over from the last.
     installing: std::sync::Mutex<()>,
     draining: AtomicBool,
@@ -152,6 +154,7 @@ impl Shared {
             metrics: Metrics::new(),
             clock: Clock::new(),
             control: crate::control::Status::default(),
+            tls: crate::tls::Tls::default(),
             installing: std::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
         })
