@@ -4,8 +4,12 @@
 //! and publishes snapshots. The [`server`] debounces them, computes each distinct
 //! sidecar [`scope`] once per change and streams the scoped config to every sidecar over
 //! gRPC, recording their ACKs and NACKs; [`admin`] serves `/metrics` and `/sidecars`.
+//! With a [`ca`] and an [`auth`]enticator it also signs the sidecars' certificates and
+//! pushes the trust bundle with every config.
 
 pub mod admin;
+pub mod auth;
+pub mod ca;
 pub mod debounce;
 pub mod file;
 pub mod index;
@@ -19,7 +23,10 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
+use crate::auth::{Authenticator, TokenFile};
+use crate::ca::Ca;
 use crate::file::{FileSource, Source as _};
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -31,6 +38,10 @@ pub enum RunError {
     Grpc(#[from] tonic::transport::Error),
     #[error(transparent)]
     Source(#[from] file::SourceError),
+    #[error("--ca-dir: {0}")]
+    Ca(#[from] ca::CaError),
+    #[error("--tokens: {0}")]
+    Tokens(#[from] auth::TokensError),
 }
 
 /// A control plane on bound listeners, until `shutdown` is cancelled: the file source on
@@ -43,7 +54,52 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let cp = ControlPlane::new(settings, metrics.clone(), shutdown.clone());
+    // The token and CA watchers, stopped when this returns.
+    let mut background = Vec::new();
+    let auth = match &settings.tokens {
+        Some(path) => {
+            let tokens = Arc::new(TokenFile::load(path)?);
+            tracing::info!(path = %path.display(), tokens = tokens.len(), "tokens loaded");
+            background.push(AbortOnDropHandle::new(tokio::spawn(
+                tokens.clone().watch(ca::POLL),
+            )));
+            Some(tokens as Arc<dyn Authenticator>)
+        }
+        None => None,
+    };
+    let ca = match &settings.ca_dir {
+        Some(dir) => {
+            let files = ca::CaFiles::read(dir)?;
+            let loaded = Ca::from_files(
+                &files,
+                &settings.trust_domain,
+                settings.cert_lifetime,
+                std::time::SystemTime::now(),
+            )?;
+            metrics.ca_reload(true);
+            tracing::info!(dir = %dir.display(), issuer_id = loaded.issuer_id(), anchors = loaded.anchors_der().len(), "CA loaded");
+            Some((dir.clone(), files, Arc::new(loaded)))
+        }
+        None => None,
+    };
+    let cp = ControlPlane::with_identity(
+        settings.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        auth,
+        ca.as_ref().map(|(_, _, ca)| ca.clone()),
+    );
+    if let Some((dir, files, _)) = ca {
+        let target = cp.clone();
+        background.push(AbortOnDropHandle::new(tokio::spawn(ca::watch(
+            dir,
+            settings.trust_domain.clone(),
+            settings.cert_lifetime,
+            files,
+            metrics.clone(),
+            Arc::new(move |ca| target.set_ca(ca)),
+        ))));
+    }
     let index = Index::new();
     let published = index.subscribe();
     let source = FileSource::new(config_dir, metrics);
@@ -66,6 +122,7 @@ pub async fn run(
         }
     }
     source_task.abort();
+    drop(background);
     Ok(())
 }
 

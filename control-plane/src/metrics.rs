@@ -19,6 +19,11 @@ pub struct Metrics {
     pub change_to_ack: Histogram,
     reloads: Family<Labels, Counter>,
     pub rejected_streams: Counter,
+    pub certificates_issued: Counter,
+    certify_refusals: Family<Labels, Counter>,
+    ca_reloads: Family<Labels, Counter>,
+    /// The current issuer's not_after, seconds since the Unix epoch (0: no CA).
+    pub issuer_not_after: Gauge,
 }
 
 impl Default for Metrics {
@@ -39,6 +44,10 @@ impl Metrics {
         ]);
         let reloads = Family::<Labels, Counter>::default();
         let rejected_streams = Counter::default();
+        let certificates_issued = Counter::default();
+        let certify_refusals = Family::<Labels, Counter>::default();
+        let ca_reloads = Family::<Labels, Counter>::default();
+        let issuer_not_after = Gauge::default();
         registry.register(
             "sidecars_connected",
             "Sidecars with an open stream",
@@ -62,6 +71,26 @@ impl Metrics {
             "New streams refused by the admission rate limit",
             rejected_streams.clone(),
         );
+        registry.register(
+            "certificates_issued",
+            "Sidecar certificates signed",
+            certificates_issued.clone(),
+        );
+        registry.register(
+            "certify_refusals",
+            "Certify requests refused, by reason (unauthenticated, permission_denied, no_ca, bad_csr, unavailable)",
+            certify_refusals.clone(),
+        );
+        registry.register(
+            "ca_reloads",
+            "CA directory reloads by result (ok, error)",
+            ca_reloads.clone(),
+        );
+        registry.register(
+            "issuer_not_after_seconds",
+            "Expiry of the current issuer certificate, seconds since the Unix epoch (0: no CA)",
+            issuer_not_after.clone(),
+        );
         Metrics {
             registry,
             sidecars_connected,
@@ -71,14 +100,24 @@ impl Metrics {
             change_to_ack,
             reloads,
             rejected_streams,
+            certificates_issued,
+            certify_refusals,
+            ca_reloads,
+            issuer_not_after,
         }
     }
 
     pub fn reload(&self, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        self.reloads
-            .get_or_create(&vec![("result".to_string(), result.to_string())])
-            .inc();
+        inc(&self.reloads, "result", if ok { "ok" } else { "error" });
+    }
+
+    pub fn ca_reload(&self, ok: bool) {
+        inc(&self.ca_reloads, "result", if ok { "ok" } else { "error" });
+    }
+
+    /// A refused Certify, by reason.
+    pub fn certify_refused(&self, reason: &str) {
+        inc(&self.certify_refusals, "reason", reason);
     }
 
     /// The text exposition format.
@@ -88,4 +127,10 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+fn inc(family: &Family<Labels, Counter>, label: &str, value: &str) {
+    family
+        .get_or_create(&vec![(label.to_string(), value.to_string())])
+        .inc();
 }

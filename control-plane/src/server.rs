@@ -6,21 +6,27 @@
 //! it sent last; a slow sidecar only ever has the latest push pending, never a queue.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use tern_api::v1::control_plane_server::{self, ControlPlaneServer};
 use tern_api::v1::sidecar_message::Kind as MessageKind;
-use tern_api::v1::{ConfigPush, Hello, SidecarMessage};
+use tern_api::v1::{
+    CertifyRequest, CertifyResponse, ConfigPush, Hello, IdentityStatus, SidecarMessage,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{AuthError, Authenticator, Subject};
+use crate::ca::Ca;
 use crate::debounce;
 use crate::index::Snapshot;
 use crate::metrics::Metrics;
@@ -37,6 +43,15 @@ pub struct Settings {
     pub max_delay: Duration,
     /// New streams admitted per second (burst: one second's worth).
     pub admit_rate: u32,
+    /// CA directory (`anchors.pem`, `issuer.crt`, `issuer.key`), watched; `None`: no CA,
+    /// Certify is refused and pushes carry no trust.
+    pub ca_dir: Option<PathBuf>,
+    /// Tokens file (see [`crate::auth::TokenFile`]), watched; `None`: streams are not
+    /// authenticated and Certify is refused.
+    pub tokens: Option<PathBuf>,
+    pub trust_domain: String,
+    /// Lifetime of the certificates signed.
+    pub cert_lifetime: Duration,
 }
 
 impl Default for Settings {
@@ -45,6 +60,10 @@ impl Default for Settings {
             debounce: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
             admit_rate: 1000,
+            ca_dir: None,
+            tokens: None,
+            trust_domain: crate::ca::DEFAULT_TRUST_DOMAIN.to_string(),
+            cert_lifetime: crate::ca::DEFAULT_CERT_LIFETIME,
         }
     }
 }
@@ -63,6 +82,30 @@ pub struct NackStatus {
     pub version: String,
     pub reason: String,
     pub unix_ms: u64,
+}
+
+/// The certificate a sidecar serves (from its Hello and Identity messages).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IdentityView {
+    pub spiffe_id: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub not_after_unix: i64,
+    pub issuer_id: String,
+    /// Whether it was signed by the control plane's current issuer (false: it should
+    /// renew at once; also false when the control plane runs no CA).
+    pub current_issuer: bool,
+}
+
+impl IdentityView {
+    fn from_status(s: IdentityStatus) -> Option<IdentityView> {
+        (!s.spiffe_id.is_empty()).then(|| IdentityView {
+            spiffe_id: s.spiffe_id,
+            not_after_unix: s.not_after_unix,
+            issuer_id: s.issuer_id,
+            current_issuer: false,
+        })
+    }
 }
 
 /// One connected sidecar as `/sidecars` shows it.
@@ -88,6 +131,8 @@ pub struct SidecarStatus {
     /// `synced` (applied what was pushed), `nacked` (refused what was pushed) or
     /// `pending` (waiting for its answer).
     pub state: String,
+    /// The certificate it serves, if it said.
+    pub identity: Option<IdentityView>,
 }
 
 impl SidecarStatus {
@@ -162,6 +207,11 @@ pub struct ControlPlane {
     admission: Mutex<Bucket>,
     next_id: AtomicU64,
     shutdown: CancellationToken,
+    /// The CA, when one is configured; replaced on reloads.
+    ca: watch::Sender<Option<Arc<Ca>>>,
+    auth: Option<Arc<dyn Authenticator>>,
+    /// Serializes scope updates (config distributions and CA changes).
+    updating: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -174,6 +224,20 @@ impl ControlPlane {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        ControlPlane::with_identity(settings, metrics, shutdown, None, None)
+    }
+
+    /// A control plane with an authenticator for sidecar tokens and a CA.
+    pub fn with_identity(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        auth: Option<Arc<dyn Authenticator>>,
+        ca: Option<Arc<Ca>>,
+    ) -> Arc<Self> {
+        if let Some(ca) = &ca {
+            metrics.issuer_not_after.set(ca.issuer_not_after());
+        }
         let snapshot = Arc::new(Snapshot::empty());
         Arc::new(ControlPlane {
             admission: Mutex::new(Bucket::new(settings.admit_rate)),
@@ -187,7 +251,41 @@ impl ControlPlane {
             sidecars: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             shutdown,
+            ca: watch::channel(ca).0,
+            auth,
+            updating: Mutex::new(()),
         })
+    }
+
+    /// The current CA, if any.
+    pub fn ca(&self) -> Option<Arc<Ca>> {
+        self.ca.borrow().clone()
+    }
+
+    /// Replaces the CA (after a reload) and pushes the new trust to every scope.
+    pub fn set_ca(&self, ca: Arc<Ca>) {
+        self.metrics.issuer_not_after.set(ca.issuer_not_after());
+        self.ca.send_replace(Some(ca));
+        let (snapshot, lookup) = {
+            let scopes = lock(&self.scopes);
+            (scopes.snapshot.clone(), scopes.lookup.clone())
+        };
+        if snapshot.generation > 0 {
+            self.update_scopes(snapshot, lookup, Some(Instant::now()));
+        }
+    }
+
+    /// `push` with the CA's trust, its version covering the trust too. Without a CA the
+    /// push is unchanged.
+    fn with_trust(&self, mut push: ConfigPush) -> ConfigPush {
+        if let Some(ca) = self.ca.borrow().as_ref() {
+            let mut h = Sha256::new();
+            h.update(push.version.as_bytes());
+            h.update(ca.trust_hash());
+            push.version = crate::ca::hex(&h.finalize()[..8]);
+            push.trust = Some(ca.trust());
+        }
+        push
     }
 
     /// True once a snapshot has been published and distributed.
@@ -198,6 +296,12 @@ impl ControlPlane {
     /// Every connected sidecar, by workload.
     pub fn sidecars(&self) -> Vec<SidecarStatus> {
         let mut all: Vec<SidecarStatus> = lock(&self.sidecars).values().cloned().collect();
+        let issuer = self.ca().map(|ca| ca.issuer_id().to_string());
+        for s in &mut all {
+            if let Some(id) = &mut s.identity {
+                id.current_issuer = issuer.as_deref() == Some(id.issuer_id.as_str());
+            }
+        }
         all.sort_by(|a, b| (&a.namespace, &a.workload).cmp(&(&b.namespace, &b.workload)));
         all
     }
@@ -213,7 +317,7 @@ impl ControlPlane {
         if let Some(tx) = scopes.channels.get(&scope) {
             return tx.subscribe();
         }
-        let push = scoped_push(&scopes.snapshot, &scopes.lookup, &scope);
+        let push = self.with_trust(scoped_push(&scopes.snapshot, &scopes.lookup, &scope));
         let (tx, rx) = watch::channel(Arc::new(Push {
             push,
             changed_at: None,
@@ -225,6 +329,19 @@ impl ControlPlane {
     /// Makes `snapshot` current and updates every scope whose push changed.
     pub fn distribute(&self, snapshot: Arc<Snapshot>) {
         let lookup = Arc::new(Lookup::build(&snapshot));
+        let changed_at = snapshot.changed_at;
+        self.update_scopes(snapshot, lookup, changed_at);
+    }
+
+    /// Makes `snapshot` current and recomputes every scope's push (with the current
+    /// trust), updating those whose version changed.
+    fn update_scopes(
+        &self,
+        snapshot: Arc<Snapshot>,
+        lookup: Arc<Lookup>,
+        changed_at: Option<Instant>,
+    ) {
+        let _one_at_a_time = lock(&self.updating);
         let channels: Vec<(Scope, watch::Sender<Arc<Push>>)> = {
             let mut scopes = lock(&self.scopes);
             scopes.snapshot = snapshot.clone();
@@ -238,15 +355,12 @@ impl ControlPlane {
         };
         let mut changed = 0;
         for (scope, tx) in &channels {
-            let push = scoped_push(&snapshot, &lookup, scope);
+            let push = self.with_trust(scoped_push(&snapshot, &lookup, scope));
             tx.send_if_modified(|current| {
                 if current.push.version == push.version {
                     return false;
                 }
-                *current = Arc::new(Push {
-                    push,
-                    changed_at: snapshot.changed_at,
-                });
+                *current = Arc::new(Push { push, changed_at });
                 changed += 1;
                 true
             });
@@ -287,6 +401,86 @@ impl ControlPlane {
         }
     }
 
+    /// Checks `token` and that it is good for `namespace`/`service_account` (and
+    /// `workload`, when the token names one). Errors carry the refusal reason label.
+    async fn authenticate(
+        &self,
+        token: &str,
+        namespace: &str,
+        service_account: &str,
+        workload: &str,
+    ) -> Result<Subject, (&'static str, Status)> {
+        let Some(auth) = &self.auth else {
+            return Err((
+                "unauthenticated",
+                Status::unauthenticated("tern-control authenticates no tokens (no --tokens)"),
+            ));
+        };
+        let subject = auth.authenticate(token).await.map_err(|e| match e {
+            AuthError::Unknown => ("unauthenticated", Status::unauthenticated("unknown token")),
+            AuthError::Unavailable(why) => (
+                "unavailable",
+                Status::unavailable(format!("cannot check the token now: {why}")),
+            ),
+        })?;
+        subject
+            .permits(namespace, service_account, workload)
+            .map_err(|e| {
+                (
+                    "permission_denied",
+                    Status::permission_denied(e.to_string()),
+                )
+            })?;
+        Ok(subject)
+    }
+
+    /// Signs a sidecar's certificate request: the token decides the identity, the CSR
+    /// must ask for exactly that SPIFFE ID.
+    pub async fn certify(&self, req: CertifyRequest) -> Result<CertifyResponse, Status> {
+        let refuse = |reason: &str, status: Status| {
+            self.metrics.certify_refused(reason);
+            tracing::info!(
+                workload = %req.workload,
+                namespace = %req.namespace,
+                service_account = %req.service_account,
+                reason,
+                message = status.message(),
+                "certificate request refused"
+            );
+            status
+        };
+        let Some(ca) = self.ca() else {
+            return Err(refuse(
+                "no_ca",
+                Status::failed_precondition("tern-control runs without a CA (no --ca-dir)"),
+            ));
+        };
+        let subject = match self
+            .authenticate(
+                &req.token,
+                &req.namespace,
+                &req.service_account,
+                &req.workload,
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err((reason, status)) => return Err(refuse(reason, status)),
+        };
+        let id = ca
+            .spiffe_id(&subject.namespace, &subject.service_account)
+            .map_err(|e| refuse("bad_csr", Status::invalid_argument(e.to_string())))?;
+        let chain_der = ca
+            .sign(&req.csr_der, &id, SystemTime::now())
+            .map_err(|e| refuse("bad_csr", Status::invalid_argument(e.to_string())))?;
+        self.metrics.certificates_issued.inc();
+        tracing::info!(workload = %req.workload, %id, issuer_id = ca.issuer_id(), "certificate issued");
+        Ok(CertifyResponse {
+            chain_der,
+            trust: Some(ca.trust()),
+        })
+    }
+
     fn admit(&self) -> bool {
         lock(&self.admission).try_take()
     }
@@ -322,6 +516,7 @@ impl ControlPlane {
             last_ack_unix_ms: None,
             last_nack: None,
             state: String::new(),
+            identity: hello.identity.clone().and_then(IdentityView::from_status),
         };
         let mut updates = self.subscribe(scope);
         let current_version = updates.borrow_and_update().push.version.clone();
@@ -421,8 +616,16 @@ impl ControlPlane {
                     });
                 });
             }
-            Some(MessageKind::Identity(_)) => {
-                tracing::debug!(id, "identity status (not tracked yet)");
+            Some(MessageKind::Identity(status)) => {
+                let view = IdentityView::from_status(status);
+                self.update(id, |s| {
+                    tracing::debug!(
+                        workload = %s.workload,
+                        spiffe_id = view.as_ref().map(|v| v.spiffe_id.as_str()),
+                        "sidecar identity"
+                    );
+                    s.identity = view;
+                });
             }
             Some(MessageKind::Hello(_)) | None => {
                 tracing::debug!(id, "ignoring a second Hello or an empty message");
@@ -450,9 +653,10 @@ impl control_plane_server::ControlPlane for Service {
 
     async fn certify(
         &self,
-        _request: Request<tern_api::v1::CertifyRequest>,
-    ) -> Result<Response<tern_api::v1::CertifyResponse>, Status> {
-        Err(Status::unimplemented("tern-control runs without a CA"))
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let cp = &self.0;
+        cp.certify(request.into_inner()).await.map(Response::new)
     }
 
     async fn stream(
@@ -484,6 +688,16 @@ impl control_plane_server::ControlPlane for Service {
                 ));
             }
         };
+        if cp.auth.is_some() {
+            cp.authenticate(
+                &hello.token,
+                &hello.namespace,
+                &hello.service_account,
+                &hello.workload,
+            )
+            .await
+            .map_err(|(_, status)| status)?;
+        }
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(cp.clone().session(hello, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -614,6 +828,7 @@ mod tests {
             last_ack_unix_ms: None,
             last_nack: None,
             state: String::new(),
+            identity: None,
         };
         s.refresh_state();
         assert_eq!(s.state, "pending");

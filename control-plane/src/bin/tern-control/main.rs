@@ -32,6 +32,25 @@ struct Args {
     /// New sidecar streams admitted per second; the excess get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TERN_CONTROL_ADMIT_RATE", default_value_t = 1000)]
     admit_rate: u32,
+    /// CA directory: anchors.pem (trust anchors), issuer.crt and issuer.key (PEM), watched.
+    /// With it, tern-control signs sidecar certificates (Certify) and pushes the trust.
+    #[arg(
+        long,
+        env = "TERN_CONTROL_CA_DIR",
+        value_name = "DIR",
+        requires = "tokens"
+    )]
+    ca_dir: Option<PathBuf>,
+    /// Tokens file: a YAML list of {token, namespace, serviceAccount, workload (optional)},
+    /// watched. With it, every stream's Hello must carry a token good for its identity.
+    #[arg(long, env = "TERN_CONTROL_TOKENS", value_name = "FILE")]
+    tokens: Option<PathBuf>,
+    /// Trust domain of the SPIFFE IDs signed.
+    #[arg(long, env = "TERN_CONTROL_TRUST_DOMAIN", default_value = tern_control::ca::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of sidecar certificates (e.g. 24h, 90m, 7d).
+    #[arg(long, env = "TERN_CONTROL_CERT_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
+    cert_lifetime: Duration,
     /// Log filter (tracing EnvFilter syntax): info, debug, tern_control=debug, ...
     #[arg(long, env = "TERN_CONTROL_LOG", default_value = "info")]
     log: String,
@@ -54,6 +73,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         other => return Err(format!("unknown unit {other:?} in {s:?} (use ms, s or m)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    tern_control::ca::parse_lifetime(s)
 }
 
 fn main() -> ExitCode {
@@ -94,6 +117,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             debounce: args.debounce,
             max_delay: args.max_delay,
             admit_rate: args.admit_rate,
+            ca_dir: args.ca_dir,
+            tokens: args.tokens,
+            trust_domain: args.trust_domain,
+            cert_lifetime: args.cert_lifetime,
         };
         tern_control::run(settings, args.config_dir, grpc, admin, shutdown).await?;
         tracing::info!("tern-control stopped");
@@ -139,5 +166,26 @@ mod tests {
         assert_eq!(a.debounce, Duration::from_millis(100));
         assert_eq!(a.max_delay, Duration::from_secs(1));
         assert_eq!(a.admit_rate, 1000);
+        assert_eq!(a.ca_dir, None);
+        assert_eq!(a.trust_domain, "cluster.local");
+        assert_eq!(a.cert_lifetime, Duration::from_secs(24 * 3600));
+        // A CA needs tokens to know whom it certifies.
+        assert!(
+            Args::try_parse_from(["tern-control", "--config-dir", "/tmp", "--ca-dir", "/ca"])
+                .is_err()
+        );
+        let a = Args::try_parse_from([
+            "tern-control",
+            "--config-dir",
+            "/tmp",
+            "--ca-dir",
+            "/ca",
+            "--tokens",
+            "/t.yaml",
+            "--cert-lifetime",
+            "2h",
+        ])
+        .unwrap();
+        assert_eq!(a.cert_lifetime, Duration::from_secs(7200));
     }
 }
