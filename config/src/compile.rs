@@ -15,6 +15,10 @@
 //! goes to backends; a RateLimitPolicy to Service ports (Service targets) and route rules
 //! (route targets); a ConcurrencyPolicy to route rules. One `Arc` per policy.
 //!
+//! AuthorizationPolicies are the exception: they never conflict. A Service port, or a
+//! route rule, gets every one that targets it (the whole object or that section), and
+//! an [`Authorization`] is shared by everything with the same set of policies.
+//!
 //! Compilation assumes [`crate::validate`] passed; anything that still does not parse is
 //! skipped rather than panicking.
 
@@ -27,12 +31,14 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use serde_json::{Value, json};
 
+use crate::identity::SpiffeId;
 use crate::model::{self, Filter, Kind, MatchType, PathType, Resource};
 use crate::resources::Resources;
 use crate::snapshot::*;
 use crate::validate::{
-    GRPC_CODES, NON_IDEMPOTENT_ANNOTATION, REGION_LABEL, SERVICE_NAME_LABEL, full_regex, grpc_code,
-    parse_duration, timestamp_key,
+    GRPC_CODES, MTLS_MODE_ANNOTATION, NON_IDEMPOTENT_ANNOTATION, REGION_LABEL,
+    SERVICE_ACCOUNT_ANNOTATION, SERVICE_NAME_LABEL, cluster_ip, full_regex, grpc_code,
+    is_dns_subdomain, parse_duration, timestamp_key,
 };
 
 /// Retries after the first attempt when `retry.attempts` is omitted.
@@ -56,6 +62,8 @@ pub fn compile(res: &Resources) -> Snapshot {
     let mut services = HashMap::new();
     let mut by_name: HashMap<String, Vec<Arc<Service>>> = HashMap::new();
     let mut json_services = Vec::new();
+    // Each Service (in namespace/name order) with its compiled ports, for `by_addr`.
+    let mut addressed: Vec<Addressed> = Vec::new();
     for obj in res.of_kind(Kind::Service) {
         let Resource::Service(svc) = &obj.resource else {
             continue;
@@ -66,14 +74,18 @@ pub fn compile(res: &Resources) -> Snapshot {
         };
         let mut ports = Vec::new();
         let mut json_ports = Vec::new();
+        let mut port_specs = Vec::new();
+        let mtls = mtls_mode(&svc.meta);
         for p in &svc.ports {
             let Ok(port) = u16::try_from(p.port) else {
                 continue;
             };
-            let sp = c.service_port(&id, port, p);
+            let sp = Arc::new(c.service_port(&id, port, p, mtls));
             json_ports.push(port_json(&sp));
-            ports.push(Arc::new(sp));
+            port_specs.push((p, sp.clone()));
+            ports.push(sp);
         }
+        addressed.push((svc, port_specs));
         json_services.push(json!({"service": id.to_string(), "ports": json_ports}));
         let service = Arc::new(Service {
             id: id.clone(),
@@ -88,6 +100,7 @@ pub fn compile(res: &Resources) -> Snapshot {
     for same_name in by_name.values_mut() {
         same_name.sort_by(|a, b| a.id.namespace.cmp(&b.id.namespace));
     }
+    let by_addr = c.by_addr(&mut addressed);
     let version = res.version();
     let json = json!({
         "version": version,
@@ -99,9 +112,16 @@ pub fn compile(res: &Resources) -> Snapshot {
         services,
         by_name,
         backends: c.backends,
+        by_addr,
         json,
     }
 }
+
+/// A Service with its compiled ports, each beside its spec (for [`Snapshot::by_addr`]).
+type Addressed<'a> = (
+    &'a model::Service,
+    Vec<(&'a model::ServicePort, Arc<ServicePort>)>,
+);
 
 struct Compiler<'a> {
     res: &'a Resources,
@@ -117,6 +137,9 @@ struct Compiler<'a> {
     compiled_policies: HashMap<ObjectRef, Arc<BackendPolicy>>,
     compiled_rate_limits: HashMap<ObjectRef, Arc<RateLimit>>,
     compiled_concurrency: HashMap<ObjectRef, Arc<ConcurrencyLimit>>,
+    compiled_authorization_policies: HashMap<ObjectRef, Arc<AuthorizationPolicy>>,
+    /// By the policies they hold, in order: one `Arc` per distinct set.
+    authorizations: HashMap<Vec<ObjectRef>, Arc<Authorization>>,
     /// Shared by every backend no policy targets.
     default_policy: Arc<BackendPolicy>,
 }
@@ -161,6 +184,8 @@ impl<'a> Compiler<'a> {
             compiled_policies: HashMap::new(),
             compiled_rate_limits: HashMap::new(),
             compiled_concurrency: HashMap::new(),
+            compiled_authorization_policies: HashMap::new(),
+            authorizations: HashMap::new(),
             default_policy: Arc::new(BackendPolicy::default()),
         }
     }
@@ -171,6 +196,9 @@ pub(crate) trait Policy: Sized + 'static {
     const KIND: Kind;
     /// The kinds its targetRefs may name.
     const TARGETS: &'static [Kind];
+    /// One policy of the kind applies per port or rule (the others conflict with it);
+    /// `false`: every policy targeting it applies.
+    const EXCLUSIVE: bool = true;
     fn meta(&self) -> &model::Meta;
     fn target_refs(&self) -> &[model::PolicyTargetRef];
     fn of(r: &Resource) -> Option<&Self>;
@@ -243,6 +271,27 @@ impl Policy for model::ConcurrencyPolicy {
     }
 }
 
+impl Policy for model::AuthorizationPolicy {
+    const KIND: Kind = Kind::AuthorizationPolicy;
+    const TARGETS: &'static [Kind] = &[Kind::Service, Kind::HTTPRoute, Kind::GRPCRoute];
+    const EXCLUSIVE: bool = false;
+    fn meta(&self) -> &model::Meta {
+        &self.meta
+    }
+    fn target_refs(&self) -> &[model::PolicyTargetRef] {
+        &self.target_refs
+    }
+    fn of(r: &Resource) -> Option<&Self> {
+        match r {
+            Resource::AuthorizationPolicy(p) => Some(p),
+            _ => None,
+        }
+    }
+    fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self> {
+        &p.authorization
+    }
+}
+
 /// Policies of one kind by the object (kind, namespace, name) they target, each once per
 /// object, in resource order.
 pub(crate) type PolicyIndex<'a, P> = HashMap<(Kind, &'a str, &'a str), Vec<&'a P>>;
@@ -252,6 +301,7 @@ pub(crate) struct Policies<'a> {
     pub backend: PolicyIndex<'a, model::BackendPolicy>,
     pub rate_limit: PolicyIndex<'a, model::RateLimitPolicy>,
     pub concurrency: PolicyIndex<'a, model::ConcurrencyPolicy>,
+    pub authorization: PolicyIndex<'a, model::AuthorizationPolicy>,
 }
 
 impl<'a> Policies<'a> {
@@ -260,6 +310,7 @@ impl<'a> Policies<'a> {
             backend: policy_index(res),
             rate_limit: policy_index(res),
             concurrency: policy_index(res),
+            authorization: policy_index(res),
         }
     }
 
@@ -379,6 +430,7 @@ impl Compiler<'_> {
         id: &ObjectRef,
         port: u16,
         spec: &model::ServicePort,
+        mtls: MtlsMode,
     ) -> ServicePort {
         let mut http: Vec<(HttpKey, HttpRuleMatch)> = Vec::new();
         let mut grpc: Vec<(GrpcKey, GrpcRuleMatch)> = Vec::new();
@@ -519,6 +571,7 @@ impl Compiler<'_> {
                 retry: None,
                 rate_limit: None,
                 concurrency: None,
+                authorization: None,
             })
         });
         let http: Vec<HttpRuleMatch> = http.into_iter().map(|(_, m)| m).collect();
@@ -535,10 +588,17 @@ impl Compiler<'_> {
                 .policies
                 .applying(Kind::Service, &id.namespace, &id.name, spec.name.as_deref())
                 .map(|p| self.rate_limit(p)),
+            authorization: self.authorization(
+                Kind::Service,
+                &id.namespace,
+                &id.name,
+                spec.name.as_deref(),
+            ),
+            mtls,
         }
     }
 
-    /// The RateLimitPolicy and ConcurrencyPolicy of a route rule (`rule_name`: its
+    /// The RateLimitPolicy, ConcurrencyPolicy and AuthorizationPolicies of a route rule (`rule_name`: its
     /// `name`, what a targetRef's `sectionName` names).
     fn route_policies(
         &mut self,
@@ -564,6 +624,73 @@ impl Compiler<'_> {
                         .clone(),
                 )
             });
+        rule.authorization = self.authorization(kind, ns, name, rule_name);
+    }
+
+    /// Every AuthorizationPolicy targeting `target` `ns/name` or its section `section`
+    /// (port or rule name), oldest first; `None` when there is none.
+    fn authorization(
+        &mut self,
+        target: Kind,
+        ns: &str,
+        name: &str,
+        section: Option<&str>,
+    ) -> Option<Arc<Authorization>> {
+        let candidates = self
+            .policies
+            .targeting::<model::AuthorizationPolicy>(target, ns, name);
+        let mut applying: Vec<&model::AuthorizationPolicy> =
+            rank_policies(candidates, target, name, section)
+                .into_iter()
+                .map(|(_, _, p)| p)
+                .collect();
+        if applying.is_empty() {
+            return None;
+        }
+        applying.sort_by_cached_key(|p| age_key(&p.meta));
+        let key: Vec<ObjectRef> = applying.iter().map(|p| source_of(&p.meta)).collect();
+        if let Some(shared) = self.authorizations.get(&key) {
+            return Some(shared.clone());
+        }
+        let policies = applying
+            .iter()
+            .map(|p| {
+                self.compiled_authorization_policies
+                    .entry(source_of(&p.meta))
+                    .or_insert_with_key(|source| Arc::new(authorization_policy(source, p)))
+                    .clone()
+            })
+            .collect();
+        let shared = Arc::new(Authorization { policies });
+        self.authorizations.insert(key, shared.clone());
+        Some(shared)
+    }
+
+    /// [`Snapshot::by_addr`]: clusterIP:port of every Service port, then every endpoint
+    /// address not already taken, Services in namespace/name order, ports by number.
+    fn by_addr(&self, services: &mut [Addressed]) -> HashMap<SocketAddr, Arc<ServicePort>> {
+        let mut by_addr = HashMap::new();
+        services.sort_by(|a, b| {
+            (&a.0.meta.namespace, &a.0.meta.name).cmp(&(&b.0.meta.namespace, &b.0.meta.name))
+        });
+        for (svc, ports) in services.iter_mut() {
+            ports.sort_by_key(|(_, sp)| sp.port);
+            if let Some(ip) = cluster_ip(svc.cluster_ip.as_deref()).ok().flatten() {
+                for (_, sp) in ports.iter() {
+                    by_addr
+                        .entry(SocketAddr::new(ip, sp.port))
+                        .or_insert_with(|| sp.clone());
+                }
+            }
+        }
+        for (svc, ports) in services.iter() {
+            for (spec, sp) in ports {
+                for ep in self.endpoints(svc, spec) {
+                    by_addr.entry(ep.addr).or_insert_with(|| sp.clone());
+                }
+            }
+        }
+        by_addr
     }
 
     /// The compiled RateLimitPolicy `p`, one `Arc` per policy.
@@ -621,6 +748,7 @@ impl Compiler<'_> {
             retry,
             rate_limit: None,
             concurrency: None,
+            authorization: None,
         };
         for f in filters {
             match f {
@@ -723,6 +851,17 @@ impl Compiler<'_> {
                 .labels
                 .get(REGION_LABEL)
                 .map(|r| r.as_str().into());
+            let identity = slice
+                .meta
+                .annotations
+                .get(SERVICE_ACCOUNT_ANNOTATION)
+                .filter(|sa| is_dns_subdomain(sa))
+                .map(|sa| {
+                    Arc::new(EndpointIdentity {
+                        namespace: slice.meta.namespace.clone(),
+                        service_account: sa.clone(),
+                    })
+                });
             for ep in &slice.endpoints {
                 let zone: Option<Arc<str>> = ep.zone.as_deref().map(Into::into);
                 for a in &ep.addresses {
@@ -734,6 +873,7 @@ impl Compiler<'_> {
                         ready: ep.ready,
                         zone: zone.clone(),
                         region: region.clone(),
+                        identity: identity.clone(),
                     });
                 }
             }
@@ -858,6 +998,53 @@ fn backend_policy(source: ObjectRef, p: &model::BackendPolicy) -> BackendPolicy 
     }
     policy.concurrency = p.concurrency.as_ref().and_then(concurrency_limit);
     policy
+}
+
+/// A Service's `tern.dev/mtls-mode` (validation refuses values other than these).
+fn mtls_mode(meta: &model::Meta) -> MtlsMode {
+    match meta
+        .annotations
+        .get(MTLS_MODE_ANNOTATION)
+        .map(String::as_str)
+    {
+        Some("strict") => MtlsMode::Strict,
+        _ => MtlsMode::Permissive,
+    }
+}
+
+/// An AuthorizationPolicy's clauses as one list of principals (a clause matches if any of
+/// its fields does, a policy if any clause does), duplicates removed.
+fn authorization_policy(source: &ObjectRef, p: &model::AuthorizationPolicy) -> AuthorizationPolicy {
+    let mut allow: Vec<Principal> = Vec::new();
+    for clause in &p.allow {
+        let identities = clause
+            .identities
+            .iter()
+            .flatten()
+            .filter_map(|id| SpiffeId::parse(id).ok())
+            .map(Principal::Identity);
+        let namespaces = clause
+            .namespaces
+            .iter()
+            .flatten()
+            .map(|ns| Principal::Namespace(ns.clone()));
+        let flags = [
+            clause.meshed.then_some(Principal::Meshed),
+            clause.unauthenticated.then_some(Principal::Unauthenticated),
+        ];
+        for principal in identities
+            .chain(namespaces)
+            .chain(flags.into_iter().flatten())
+        {
+            if !allow.contains(&principal) {
+                allow.push(principal);
+            }
+        }
+    }
+    AuthorizationPolicy {
+        name: source.to_string().into(),
+        allow,
+    }
 }
 
 /// `namespace/name` of a policy.
@@ -1101,7 +1288,27 @@ fn rule_json(r: &Rule) -> Value {
         "retry": r.retry.as_ref().map(retry_json),
         "rateLimit": r.rate_limit.as_deref().map(rate_limit_json),
         "concurrency": r.concurrency.as_deref().map(concurrency_json),
+        "authorization": r.authorization.as_deref().map(authorization_json),
     })
+}
+
+fn authorization_json(a: &Authorization) -> Value {
+    a.policies
+        .iter()
+        .map(|p| {
+            let allow: Vec<Value> = p
+                .allow
+                .iter()
+                .map(|principal| match principal {
+                    Principal::Identity(id) => json!({"identity": id.to_string()}),
+                    Principal::Namespace(ns) => json!({"namespace": ns}),
+                    Principal::Meshed => json!("Meshed"),
+                    Principal::Unauthenticated => json!("Unauthenticated"),
+                })
+                .collect();
+            json!({"source": &*p.name, "allow": allow})
+        })
+        .collect()
 }
 
 fn rate_limit_json(r: &RateLimit) -> Value {
@@ -1248,6 +1455,8 @@ fn port_json(sp: &ServicePort) -> Value {
         "grpc": grpc,
         "default": sp.default_rule.as_deref().map(rule_json),
         "rateLimit": sp.rate_limit.as_deref().map(rate_limit_json),
+        "authorization": sp.authorization.as_deref().map(authorization_json),
+        "mtls": sp.mtls,
     })
 }
 
@@ -1262,6 +1471,10 @@ fn backend_json(b: &Backend) -> Value {
             "ready": e.ready,
             "zone": e.zone.as_deref(),
             "region": e.region.as_deref(),
+            "identity": e.identity.as_deref().map(|i| json!({
+                "namespace": i.namespace,
+                "serviceAccount": i.service_account,
+            })),
         })).collect::<Vec<_>>(),
     })
 }
@@ -1867,6 +2080,7 @@ mod traffic_policy_tests {
     use http::HeaderName;
     use serde_json::json;
 
+    use crate::identity::SpiffeId;
     use crate::snapshot::*;
     use crate::testutil::{MULTI, policy, policy_of};
 
@@ -2304,5 +2518,254 @@ mod traffic_policy_tests {
         let v = c2.snapshot.version.clone();
         let changed = lb.replace("minHealthyPercent: 80", "minHealthyPercent: 81");
         assert_ne!(crate::testutil::compile(&changed).snapshot.version, v);
+    }
+
+    fn authz(name: &str, meta: &str, targets: &str, allow: &str) -> String {
+        policy_of(
+            "AuthorizationPolicy",
+            name,
+            meta,
+            &format!("  targetRefs: {targets}\n  allow: {allow}\n"),
+        )
+    }
+
+    /// The names of the policies of an authorization, in order.
+    fn names(a: &Option<Arc<Authorization>>) -> Option<Vec<String>> {
+        a.as_ref()
+            .map(|a| a.policies.iter().map(|p| p.name.to_string()).collect())
+    }
+
+    #[test]
+    fn authorization_on_ports_and_rules() {
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        let old = ", creationTimestamp: \"2020-01-01T00:00:00Z\"";
+        let c = load(&[
+            authz("svc", "", "[{name: multi}]", "[{meshed: true}]"),
+            authz(
+                "grpc-port",
+                "",
+                "[{name: multi, sectionName: grpc}]",
+                "[{namespaces: [ops]}]",
+            ),
+            authz(
+                "route",
+                "",
+                &format!("[{{{GW}, kind: HTTPRoute, name: r}}]"),
+                &format!(
+                    "[{{identities: [\"{web}\"], unauthenticated: false}}, {{namespaces: [shop, shop], identities: [\"{web}\"]}}]"
+                ),
+            ),
+            authz(
+                "pay",
+                old,
+                &format!("[{{{GW}, kind: HTTPRoute, name: r, sectionName: pay}}]"),
+                "[]",
+            ),
+            // A second policy on the same target is no conflict: both apply.
+            authz("svc-2", "", "[{name: multi}]", "[{unauthenticated: true}]"),
+        ]);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let (http, grpc) = (port(&c, 80), port(&c, 90));
+        let v = |names: &[&str]| Some(names.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+        // Service targets: every port, plus the one named by sectionName; oldest first,
+        // then by name.
+        assert_eq!(names(&http.authorization), v(&["shop/svc", "shop/svc-2"]));
+        assert_eq!(
+            names(&grpc.authorization),
+            v(&["shop/grpc-port", "shop/svc", "shop/svc-2"])
+        );
+        // Route targets: every rule, plus the one named by sectionName.
+        let rules = http_rules(&http);
+        assert_eq!(
+            names(&rules[0].authorization),
+            v(&["shop/pay", "shop/route"])
+        );
+        assert_eq!(names(&rules[1].authorization), v(&["shop/route"]));
+        // One Authorization per set of policies, one Arc per policy, whatever the port.
+        let rules90 = http_rules(&grpc);
+        let a = |r: &Arc<Rule>| r.authorization.clone().unwrap();
+        assert!(Arc::ptr_eq(&a(&rules[1]), &a(&rules90[1])));
+        assert!(Arc::ptr_eq(&a(&rules[0]), &a(&rules90[0])));
+        assert!(Arc::ptr_eq(
+            &a(&rules[0]).policies[1],
+            &a(&rules[1]).policies[0]
+        ));
+        assert!(Arc::ptr_eq(
+            &http.authorization.as_ref().unwrap().policies[0],
+            &grpc.authorization.as_ref().unwrap().policies[1]
+        ));
+        // No policy on the GRPCRoute.
+        assert!(grpc.grpc[0].rule.authorization.is_none());
+        // Clauses flattened into principals, duplicates removed; `allow: []` allows nobody.
+        let id = SpiffeId::parse(web).unwrap();
+        assert_eq!(
+            a(&rules[1]).policies[0].allow,
+            vec![
+                Principal::Identity(id.clone()),
+                Principal::Namespace("shop".into())
+            ]
+        );
+        assert!(a(&rules[0]).policies[0].allow.is_empty());
+        // End to end: the route's policy lets web in; `pay` adds nothing; the Service's
+        // policies also apply (svc-2 lets anyone in).
+        let decision = authorize(
+            http.authorization.as_deref(),
+            rules[0].authorization.as_deref(),
+            Some(&id),
+        );
+        assert!(matches!(decision, Decision::Allowed(p) if &*p.name == "shop/route"));
+        let decision = authorize(
+            http.authorization.as_deref(),
+            rules[0].authorization.as_deref(),
+            None,
+        );
+        assert!(matches!(decision, Decision::Allowed(p) if &*p.name == "shop/svc-2"));
+        // JSON.
+        let port_json = &c.snapshot.json["services"][0]["ports"][0];
+        assert_eq!(port_json["mtls"], "permissive");
+        assert_eq!(
+            port_json["authorization"],
+            json!([
+                {"source": "shop/svc", "allow": ["Meshed"]},
+                {"source": "shop/svc-2", "allow": ["Unauthenticated"]},
+            ])
+        );
+        let rule_json = port_json["http"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| &h["rule"]["authorization"])
+            .find(|a| a.as_array().is_some_and(|a| a.len() == 1))
+            .unwrap();
+        assert_eq!(
+            *rule_json,
+            json!([{"source": "shop/route", "allow": [{"identity": web}, {"namespace": "shop"}]}])
+        );
+        // Without policies: no authorization at all, and the version changes with them.
+        let bare = load(&[]);
+        assert!(port(&bare, 80).authorization.is_none());
+        assert!(
+            http_rules(&port(&bare, 80))
+                .iter()
+                .all(|r| r.authorization.is_none())
+        );
+        assert_ne!(bare.snapshot.version, c.snapshot.version);
+    }
+
+    const ADDRESSED: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: a
+  namespace: shop
+  annotations: {tern.dev/mtls-mode: strict}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}, {name: admin, port: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: shop, annotations: {tern.dev/mtls-mode: permissive}}
+spec: {clusterIP: None, ports: [{port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: c, namespace: dev}
+spec: {clusterIP: "fd00::10", ports: [{port: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: a-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: a}
+  annotations: {tern.dev/service-account: a-sa}
+addressType: IPv4
+endpoints: [{addresses: [10.1.0.1, 10.1.0.2]}]
+ports: [{name: http, port: 8080}, {name: admin, port: 9090}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: b-1, namespace: shop, labels: {kubernetes.io/service-name: b}}
+addressType: IPv4
+endpoints: [{addresses: [10.1.0.3, 10.1.0.4]}]
+ports: [{port: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: c-1, namespace: dev, labels: {kubernetes.io/service-name: c}}
+addressType: IPv4
+endpoints: [{addresses: [10.1.0.3]}]
+ports: [{port: 8080}]
+"#;
+
+    #[test]
+    fn resolve_addr_mtls_and_endpoint_identity() {
+        let c = crate::load_sources(&[("a.yaml".into(), ADDRESSED.into())])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let s = &c.snapshot;
+        let at = |addr: &str| {
+            s.resolve_addr(addr.parse().unwrap())
+                .map(|sp| format!("{}:{}", sp.service, sp.port))
+        };
+        // clusterIP and port.
+        assert_eq!(at("10.96.0.10:80").as_deref(), Some("shop/a:80"));
+        assert_eq!(at("10.96.0.10:9000").as_deref(), Some("shop/a:9000"));
+        assert_eq!(at("[fd00::10]:8080").as_deref(), Some("dev/c:8080"));
+        assert_eq!(at("10.96.0.10:81"), None);
+        // Endpoint addresses, each to its own Service port.
+        assert_eq!(at("10.1.0.1:8080").as_deref(), Some("shop/a:80"));
+        assert_eq!(at("10.1.0.2:9090").as_deref(), Some("shop/a:9000"));
+        assert_eq!(at("10.1.0.1:9000"), None);
+        // Headless: no clusterIP, endpoints still resolve.
+        assert_eq!(at("10.1.0.4:8080").as_deref(), Some("shop/b:8080"));
+        // An address of two Services: the first by namespace/name.
+        assert_eq!(at("10.1.0.3:8080").as_deref(), Some("dev/c:8080"));
+        assert_eq!(at("10.9.9.9:80"), None);
+        assert_eq!(s.by_addr.len(), 3 + 6);
+
+        // mTLS modes (permissive by default).
+        let mode = |host: &str, p: u16| s.resolve(host, Some(p), "shop").unwrap().mtls;
+        assert_eq!(mode("a", 80), MtlsMode::Strict);
+        assert_eq!(mode("a", 9000), MtlsMode::Strict);
+        assert_eq!(mode("b", 8080), MtlsMode::Permissive);
+        assert_eq!(mode("c.dev", 8080), MtlsMode::Permissive);
+
+        // Endpoint identities from the slice annotation, one Arc per slice and port.
+        let endpoints = |name: &str| {
+            s.backends
+                .iter()
+                .find(|b| &*b.name == name)
+                .unwrap_or_else(|| panic!("no backend {name}"))
+                .endpoints
+                .clone()
+        };
+        let a80 = endpoints("shop/a:80");
+        let want = EndpointIdentity {
+            namespace: "shop".into(),
+            service_account: "a-sa".into(),
+        };
+        assert_eq!(a80.len(), 2);
+        assert!(a80.iter().all(|e| e.identity.as_deref() == Some(&want)));
+        assert!(Arc::ptr_eq(
+            a80[0].identity.as_ref().unwrap(),
+            a80[1].identity.as_ref().unwrap()
+        ));
+        assert!(
+            endpoints("shop/b:8080")
+                .iter()
+                .all(|e| e.identity.is_none())
+        );
+        let backend = c.snapshot.json["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "shop/a:80")
+            .unwrap();
+        assert_eq!(
+            backend["endpoints"][0]["identity"],
+            json!({"namespace": "shop", "serviceAccount": "a-sa"})
+        );
+        assert_eq!(c.snapshot.json["services"][1]["ports"][0]["mtls"], "strict");
     }
 }

@@ -31,7 +31,6 @@ const META_SILENT: &[&str] = &[
 const SERVICE_SPEC_SILENT: &[&str] = &[
     "selector",
     "type",
-    "clusterIP",
     "clusterIPs",
     "sessionAffinity",
     "sessionAffinityConfig",
@@ -323,10 +322,11 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
         Kind::Service => {
             let spec = spec_fields(&mut f, s).map(|sf| service_spec(s, sf));
             f.finish(s, &["status"], &[]);
-            let (ports, incomplete) = spec.unwrap_or((Vec::new(), true));
+            let (ports, incomplete, cluster_ip) = spec.unwrap_or((Vec::new(), true, None));
             Resource::Service(Service {
                 meta: meta?,
                 ports,
+                cluster_ip,
                 incomplete,
             })
         }
@@ -390,6 +390,14 @@ fn decode_doc(s: &mut Sink, doc: &Node) -> Option<Resource> {
                 ..spec.unwrap_or_default()
             }))
         }
+        Kind::AuthorizationPolicy => {
+            let spec = spec_fields(&mut f, s).map(|sf| authorization_policy_spec(s, sf));
+            f.finish(s, &["status"], &[]);
+            Resource::AuthorizationPolicy(Box::new(AuthorizationPolicy {
+                meta: meta?,
+                ..spec.unwrap_or_default()
+            }))
+        }
     };
     Some(resource)
 }
@@ -433,7 +441,9 @@ fn string_map(s: &mut Sink, f: &mut Fields, key: &str) -> BTreeMap<String, Strin
     out
 }
 
-fn service_spec(s: &mut Sink, mut f: Fields) -> (Vec<ServicePort>, bool) {
+/// A Service's ports, whether some port did not decode, and `spec.clusterIP`.
+fn service_spec(s: &mut Sink, mut f: Fields) -> (Vec<ServicePort>, bool, Option<String>) {
+    let cluster_ip = f.str(s, "clusterIP");
     let mut ports = Vec::new();
     let mut incomplete = false;
     for (n, p) in f.list(s, "ports") {
@@ -463,7 +473,7 @@ fn service_spec(s: &mut Sink, mut f: Fields) -> (Vec<ServicePort>, bool) {
         }
     }
     f.finish(s, SERVICE_SPEC_SILENT, &[]);
-    (ports, incomplete)
+    (ports, incomplete, cluster_ip)
 }
 
 fn endpoint_slice(s: &mut Sink, f: &mut Fields) -> EndpointSlice {
@@ -1202,6 +1212,47 @@ fn concurrency_policy_spec(s: &mut Sink, mut f: Fields) -> ConcurrencyPolicy {
     }
 }
 
+fn authorization_policy_spec(s: &mut Sink, mut f: Fields) -> AuthorizationPolicy {
+    let target_refs = target_refs(s, &mut f);
+    if !f.has("allow") {
+        f.missing(s, "allow");
+    }
+    let mut allow = Vec::new();
+    for (n, p) in f.list(s, "allow") {
+        let Some(mut cf) = Fields::new(s, n, &p) else {
+            continue;
+        };
+        let reported = s.diags.len();
+        // Entries that are not strings stay as `None` (reported) so positions match.
+        let mut strings = |cf: &mut Fields, key: &str| -> Vec<Option<String>> {
+            cf.list(s, key)
+                .into_iter()
+                .map(|(vn, vp)| string(s, vn, &vp))
+                .collect()
+        };
+        let identities = strings(&mut cf, "identities");
+        let namespaces = strings(&mut cf, "namespaces");
+        let clause = AllowClause {
+            identities,
+            namespaces,
+            meshed: cf.boolean(s, "meshed").unwrap_or(false),
+            unauthenticated: cf.boolean(s, "unauthenticated").unwrap_or(false),
+            incomplete: false,
+        };
+        cf.finish(s, &[], &[]);
+        allow.push(AllowClause {
+            incomplete: s.diags.len() > reported,
+            ..clause
+        });
+    }
+    f.finish(s, &[], &[]);
+    AuthorizationPolicy {
+        meta: Meta::default(),
+        target_refs,
+        allow,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::testutil::{diags, route};
@@ -1270,7 +1321,7 @@ mod tests {
     fn document_level_errors() {
         assert_eq!(
             one("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"),
-            "routes.yaml:2:7: kind: unknown kind \"Pod\" (Tern reads Service, EndpointSlice, HTTPRoute, GRPCRoute, BackendPolicy, RateLimitPolicy and ConcurrencyPolicy)"
+            "routes.yaml:2:7: kind: unknown kind \"Pod\" (Tern reads Service, EndpointSlice, HTTPRoute, GRPCRoute, BackendPolicy, RateLimitPolicy, ConcurrencyPolicy and AuthorizationPolicy)"
         );
         assert_eq!(
             one(
@@ -1463,7 +1514,7 @@ mod tests {
 
 #[cfg(test)]
 mod traffic_policy_tests {
-    use crate::model::{HashSpec, RateLimitKeySpec, Resource};
+    use crate::model::{AllowClause, HashSpec, RateLimitKeySpec, Resource};
     use crate::snapshot::{AdaptiveAlgorithm, Algorithm};
     use crate::testutil::{diags, policy, policy_of};
 
@@ -1670,5 +1721,63 @@ mod traffic_policy_tests {
         assert_eq!(cp.limit.queue_timeout.as_deref(), Some("2s"));
         let a = cp.limit.adaptive.as_ref().unwrap();
         assert_eq!((a.algorithm, a.min_limit, a.max_limit), (None, None, None));
+    }
+
+    #[test]
+    fn authorization_policy_decoding() {
+        let p = |spec: &str| diags(&policy_of("AuthorizationPolicy", "p", "", spec));
+        let cases = [
+            SVC.to_string(),
+            format!("{SVC}  allow: {{meshed: true}}\n"),
+            format!("{SVC}  allow: [{{meshed: yes}}]\n"),
+            format!("{SVC}  allow: [{{identities: spiffe://x}}]\n"),
+            format!("{SVC}  allow: [{{namespaces: [shop, 5]}}]\n"),
+            format!("{SVC}  allow: [{{principals: [a]}}]\n"),
+            format!("{SVC}  allow: [meshed]\n"),
+            "  allow: []\n".to_string(),
+            "  targetRefs: [{name: checkout, namespace: other}]\n  allow: []\n".to_string(),
+        ];
+        let got: Vec<Vec<String>> = cases.iter().map(|c| p(c)).collect();
+        let want: [&[&str]; 9] = [
+            &["routes.yaml:5:3: spec: missing required field \"allow\""],
+            &["routes.yaml:6:10: spec.allow: expected a list"],
+            &["routes.yaml:6:20: spec.allow[0].meshed: expected true or false"],
+            &["routes.yaml:6:24: spec.allow[0].identities: expected a list"],
+            &["routes.yaml:6:31: spec.allow[0].namespaces[1]: expected a string"],
+            &["routes.yaml:6:12: spec.allow[0].principals: unknown field \"principals\""],
+            &["routes.yaml:6:11: spec.allow[0]: expected a mapping"],
+            &["routes.yaml:5:3: spec: missing required field \"targetRefs\""],
+            &["routes.yaml:5:33: spec.targetRefs[0].namespace: unknown field \"namespace\""],
+        ];
+        assert_eq!(got, want);
+        let yaml = policy_of(
+            "AuthorizationPolicy",
+            "p",
+            "",
+            &format!(
+                "{ROUTE}  allow:\n  - identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]\n    namespaces: [ops]\n  - {{meshed: true, unauthenticated: false}}\nstatus: {{}}\n"
+            ),
+        );
+        let Resource::AuthorizationPolicy(ap) = decoded(yaml) else {
+            panic!()
+        };
+        assert_eq!(
+            ap.target_refs[0].target_kind(),
+            Some(crate::model::Kind::HTTPRoute)
+        );
+        assert_eq!(
+            ap.allow,
+            [
+                AllowClause {
+                    identities: vec![Some("spiffe://cluster.local/ns/shop/sa/web".into())],
+                    namespaces: vec![Some("ops".into())],
+                    ..AllowClause::default()
+                },
+                AllowClause {
+                    meshed: true,
+                    ..AllowClause::default()
+                },
+            ]
+        );
     }
 }

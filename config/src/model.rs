@@ -28,11 +28,12 @@ pub enum Kind {
     BackendPolicy,
     RateLimitPolicy,
     ConcurrencyPolicy,
+    AuthorizationPolicy,
 }
 
 impl Kind {
     /// Every kind, in the order error messages list them.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::HTTPRoute,
@@ -40,6 +41,7 @@ impl Kind {
         Kind::BackendPolicy,
         Kind::RateLimitPolicy,
         Kind::ConcurrencyPolicy,
+        Kind::AuthorizationPolicy,
     ];
 
     pub fn api_version(self) -> &'static str {
@@ -47,9 +49,10 @@ impl Kind {
             Kind::Service => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::HTTPRoute | Kind::GRPCRoute => "gateway.networking.k8s.io/v1",
-            Kind::BackendPolicy | Kind::RateLimitPolicy | Kind::ConcurrencyPolicy => {
-                "policy.tern.dev/v1alpha1"
-            }
+            Kind::BackendPolicy
+            | Kind::RateLimitPolicy
+            | Kind::ConcurrencyPolicy
+            | Kind::AuthorizationPolicy => "policy.tern.dev/v1alpha1",
         }
     }
 
@@ -118,6 +121,7 @@ pub enum Resource {
     BackendPolicy(Box<BackendPolicy>),
     RateLimitPolicy(Box<RateLimitPolicy>),
     ConcurrencyPolicy(Box<ConcurrencyPolicy>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
 }
 
 impl Resource {
@@ -130,6 +134,7 @@ impl Resource {
             Resource::BackendPolicy(_) => Kind::BackendPolicy,
             Resource::RateLimitPolicy(_) => Kind::RateLimitPolicy,
             Resource::ConcurrencyPolicy(_) => Kind::ConcurrencyPolicy,
+            Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -142,6 +147,7 @@ impl Resource {
             Resource::BackendPolicy(r) => &r.meta,
             Resource::RateLimitPolicy(r) => &r.meta,
             Resource::ConcurrencyPolicy(r) => &r.meta,
+            Resource::AuthorizationPolicy(r) => &r.meta,
         }
     }
 }
@@ -160,6 +166,9 @@ pub struct Meta {
 pub struct Service {
     pub meta: Meta,
     pub ports: Vec<ServicePort>,
+    /// `spec.clusterIP` as written (`None`, the headless marker, included); checked by
+    /// validation.
+    pub cluster_ip: Option<String>,
     /// Some port failed to decode (already reported), so "no such port" checks against
     /// this Service would only repeat that error.
     #[serde(skip)]
@@ -452,6 +461,43 @@ pub struct ConcurrencyPolicy {
     pub target_refs: Vec<PolicyTargetRef>,
     /// The rest of `spec`.
     pub limit: ConcurrencySpec,
+}
+
+/// An `AuthorizationPolicy` (`policy.tern.dev/v1alpha1`): who may call the Services or
+/// routes it targets.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AuthorizationPolicy {
+    pub meta: Meta,
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// `spec.allow`: a request is allowed if any clause matches; empty denies everything.
+    pub allow: Vec<AllowClause>,
+}
+
+/// One `spec.allow[]` clause of an AuthorizationPolicy: matches if any of its fields does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AllowClause {
+    /// Exact SPIFFE IDs, as written (checked by validation). `None` entries did not
+    /// decode (already reported); kept so that positions match.
+    pub identities: Vec<Option<String>>,
+    /// Any authenticated identity in these namespaces (`None`: as for `identities`).
+    pub namespaces: Vec<Option<String>>,
+    /// `meshed: true`: any authenticated identity.
+    pub meshed: bool,
+    /// `unauthenticated: true`: anyone, plaintext included.
+    pub unauthenticated: bool,
+    /// Part of the clause did not decode (already reported): it is not reported as empty.
+    #[serde(skip)]
+    pub incomplete: bool,
+}
+
+impl AllowClause {
+    /// Whether the clause can match anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.identities.is_empty()
+            && self.namespaces.is_empty()
+            && !self.meshed
+            && !self.unauthenticated
+    }
 }
 
 /// `BackendPolicy.spec.concurrency`, or a ConcurrencyPolicy's `spec`.

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
+use crate::identity::SpiffeId;
+
 /// Namespace + name of a Kubernetes object.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ObjectRef {
@@ -48,6 +50,10 @@ pub struct Snapshot {
     pub by_name: HashMap<String, Vec<Arc<Service>>>,
     /// Every backend, indexed by [`Backend::index`] (dense, 0..backends.len()).
     pub backends: Vec<Arc<Backend>>,
+    /// Service ports by address, for [`Snapshot::resolve_addr`]: every Service's
+    /// clusterIP:port, then every endpoint address of a Service port not already taken
+    /// (an address of several Service ports goes to the first by namespace, name, port).
+    pub by_addr: HashMap<SocketAddr, Arc<ServicePort>>,
     /// A JSON rendering of the snapshot for `/config` and `ternctl`.
     pub json: serde_json::Value,
 }
@@ -79,6 +85,120 @@ pub struct ServicePort {
     /// A RateLimitPolicy targeting the Service (all its ports, or this one by
     /// sectionName); enforced by the Service's inbound sidecars.
     pub rate_limit: Option<Arc<RateLimit>>,
+    /// Every AuthorizationPolicy targeting the Service (all its ports, or this one by
+    /// sectionName); `None`: none. Enforced by the Service's inbound sidecars with
+    /// [`authorize`].
+    pub authorization: Option<Arc<Authorization>>,
+    /// Whether the Service's inbound sidecars accept plaintext (annotation
+    /// `tern.dev/mtls-mode`).
+    pub mtls: MtlsMode,
+}
+
+/// What a Service's inbound sidecar accepts (annotation `tern.dev/mtls-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// mTLS and plaintext (the default, for migrations).
+    #[default]
+    Permissive,
+    /// mTLS only: plaintext connections are refused.
+    Strict,
+}
+
+/// Who an [`AuthorizationPolicy`] lets in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// Exactly this client identity (trust domain included).
+    Identity(SpiffeId),
+    /// Any authenticated client in this namespace.
+    Namespace(String),
+    /// Any authenticated client.
+    Meshed,
+    /// Anyone, plaintext clients included.
+    Unauthenticated,
+}
+
+impl Principal {
+    /// Whether a client with identity `client` (`None`: not authenticated) is this.
+    #[inline]
+    pub fn allows(&self, client: Option<&SpiffeId>) -> bool {
+        match self {
+            Principal::Identity(id) => client == Some(id),
+            Principal::Namespace(ns) => client.is_some_and(|c| c.namespace == *ns),
+            Principal::Meshed => client.is_some(),
+            Principal::Unauthenticated => true,
+        }
+    }
+}
+
+/// A compiled `AuthorizationPolicy`: every principal of every `allow` clause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizationPolicy {
+    /// `namespace/name` of the policy.
+    pub name: Arc<str>,
+    /// A client any of these allows is allowed; empty (`allow: []`) allows nobody.
+    pub allow: Vec<Principal>,
+}
+
+impl AuthorizationPolicy {
+    /// Whether this policy lets `client` in.
+    #[inline]
+    pub fn allows(&self, client: Option<&SpiffeId>) -> bool {
+        self.allow.iter().any(|p| p.allows(client))
+    }
+}
+
+/// The AuthorizationPolicies of one Service port or one route rule (all of them: they
+/// add up, none wins over another).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    /// Never empty; sorted by policy age, then `namespace/name`.
+    pub policies: Vec<Arc<AuthorizationPolicy>>,
+}
+
+impl Authorization {
+    /// The first policy that lets `client` in (`None`: the client is not
+    /// authenticated); `None` if none does. Allocation-free.
+    #[inline]
+    pub fn decide(&self, client: Option<&SpiffeId>) -> Option<&AuthorizationPolicy> {
+        self.policies
+            .iter()
+            .map(Arc::as_ref)
+            .find(|p| p.allows(client))
+    }
+}
+
+/// The outcome of [`authorize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision<'a> {
+    /// No AuthorizationPolicy targets the Service or the matched route: anyone may call.
+    Unrestricted,
+    /// This policy lets the client in.
+    Allowed(&'a AuthorizationPolicy),
+    /// Policies apply and none lets the client in.
+    Denied,
+}
+
+/// The decision for a request: `service` = [`ServicePort::authorization`], `route` =
+/// [`Rule::authorization`] of the matched rule (if any), `client` = the client's mTLS
+/// identity (`None`: plaintext or not authenticated).
+///
+/// No policy on either: [`Decision::Unrestricted`]. Otherwise the request is allowed iff
+/// a policy targeting the Service or the matched route allows it (the route's policies
+/// are asked first, so `Allowed` names the more specific one). Allocation-free.
+#[inline]
+pub fn authorize<'a>(
+    service: Option<&'a Authorization>,
+    route: Option<&'a Authorization>,
+    client: Option<&SpiffeId>,
+) -> Decision<'a> {
+    if service.is_none() && route.is_none() {
+        return Decision::Unrestricted;
+    }
+    route
+        .and_then(|a| a.decide(client))
+        .or_else(|| service.and_then(|a| a.decide(client)))
+        .map_or(Decision::Denied, Decision::Allowed)
 }
 
 /// Positions in [`ServicePort::http`] by the first segment of the path they can match.
@@ -176,6 +296,10 @@ pub struct Rule {
     pub rate_limit: Option<Arc<RateLimit>>,
     /// A ConcurrencyPolicy targeting this rule's route; enforced by the calling sidecar.
     pub concurrency: Option<Arc<ConcurrencyLimit>>,
+    /// Every AuthorizationPolicy targeting this rule's route (all of its rules, or this
+    /// one by sectionName); enforced by the server's inbound sidecar with [`authorize`].
+    /// Rules with the same policies share one `Arc`.
+    pub authorization: Option<Arc<Authorization>>,
 }
 
 /// When and how often a rule's requests are retried.
@@ -555,6 +679,24 @@ pub struct Endpoint {
     pub ready: bool,
     pub zone: Option<Arc<str>>,
     pub region: Option<Arc<str>>,
+    /// The identity the endpoint's workload must present (EndpointSlice annotation
+    /// `tern.dev/service-account`); `None`: not known, not checked.
+    pub identity: Option<Arc<EndpointIdentity>>,
+}
+
+/// The service account an endpoint runs as.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct EndpointIdentity {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl EndpointIdentity {
+    /// Whether `id` names this namespace and service account. The trust domain is not
+    /// compared: the proxy checks it against its trust bundle.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        id.is(&self.namespace, &self.service_account)
+    }
 }
 
 /// Why an authority did not resolve to a Service port.
@@ -579,6 +721,13 @@ pub struct Matched<'a> {
 }
 
 impl Snapshot {
+    /// The Service port a connection to `addr` is for: a Service's clusterIP and port,
+    /// else an endpoint address (pod IP and target port) of a Service port. `None`: not
+    /// in the mesh. One hash lookup, no allocation.
+    pub fn resolve_addr(&self, addr: SocketAddr) -> Option<&Arc<ServicePort>> {
+        self.by_addr.get(&addr)
+    }
+
     /// Resolves a request authority to a Service port.
     ///
     /// `host` is the Host / :authority host part, lower-cased or not: `checkout`,
@@ -983,6 +1132,101 @@ apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, 
                 });
             assert_eq!(indexed, linear(path), "{path}");
         }
+    }
+
+    #[test]
+    fn authorize_truth_table() {
+        let id = |uri: &str| SpiffeId::parse(uri).unwrap();
+        let web = id("spiffe://cluster.local/ns/shop/sa/web");
+        let web_elsewhere = id("spiffe://other.domain/ns/shop/sa/web");
+        let ops = id("spiffe://cluster.local/ns/ops/sa/deploy");
+        let batch = id("spiffe://cluster.local/ns/batch/sa/job");
+        let policy = |name: &str, allow: Vec<Principal>| {
+            Arc::new(AuthorizationPolicy {
+                name: name.into(),
+                allow,
+            })
+        };
+        let authz = |policies: Vec<Arc<AuthorizationPolicy>>| Authorization { policies };
+        let only_web = authz(vec![policy(
+            "shop/web",
+            vec![Principal::Identity(web.clone())],
+        )]);
+        let ops_ns = authz(vec![policy(
+            "shop/ops",
+            vec![Principal::Namespace("ops".into())],
+        )]);
+        let meshed = authz(vec![policy("shop/meshed", vec![Principal::Meshed])]);
+        let anyone = authz(vec![policy(
+            "shop/anyone",
+            vec![Principal::Unauthenticated],
+        )]);
+        let deny = authz(vec![policy("shop/deny", vec![])]);
+        let name = |d: Decision| match d {
+            Decision::Unrestricted => "unrestricted".to_string(),
+            Decision::Allowed(p) => p.name.to_string(),
+            Decision::Denied => "denied".to_string(),
+        };
+        // No policy anywhere: unrestricted, whoever calls.
+        assert_eq!(name(authorize(None, None, None)), "unrestricted");
+        assert_eq!(name(authorize(None, None, Some(&web))), "unrestricted");
+        // (service, route, client) -> decision.
+        type Case<'a> = (
+            Option<&'a Authorization>,
+            Option<&'a Authorization>,
+            Option<&'a SpiffeId>,
+            &'a str,
+        );
+        let cases: [Case; 17] = [
+            (Some(&only_web), None, Some(&web), "shop/web"),
+            // Exact identity: the trust domain counts.
+            (Some(&only_web), None, Some(&web_elsewhere), "denied"),
+            (Some(&only_web), None, Some(&ops), "denied"),
+            (Some(&only_web), None, None, "denied"),
+            (Some(&ops_ns), None, Some(&ops), "shop/ops"),
+            (Some(&ops_ns), None, Some(&web), "denied"),
+            // Namespace and Meshed need an authenticated client.
+            (Some(&ops_ns), None, None, "denied"),
+            (Some(&meshed), None, Some(&batch), "shop/meshed"),
+            (Some(&meshed), None, None, "denied"),
+            (Some(&anyone), None, None, "shop/anyone"),
+            (Some(&anyone), None, Some(&web), "shop/anyone"),
+            // allow: [] denies everything.
+            (Some(&deny), None, Some(&web), "denied"),
+            (None, Some(&deny), None, "denied"),
+            // A policy on the route alone restricts too.
+            (None, Some(&only_web), Some(&web), "shop/web"),
+            (None, Some(&only_web), Some(&ops), "denied"),
+            // Service and route policies add up; the route's is asked first.
+            (Some(&ops_ns), Some(&only_web), Some(&ops), "shop/ops"),
+            (Some(&meshed), Some(&only_web), Some(&web), "shop/web"),
+        ];
+        for (i, (service, route, client, want)) in cases.into_iter().enumerate() {
+            assert_eq!(name(authorize(service, route, client)), want, "case {i}");
+        }
+        // Several policies on one target: any of them may allow; the first that does is named.
+        let union = authz(vec![
+            policy("shop/deny", vec![]),
+            policy("shop/ops", vec![Principal::Namespace("ops".into())]),
+            policy("shop/web", vec![Principal::Identity(web.clone())]),
+        ]);
+        assert_eq!(union.decide(Some(&web)).map(|p| &*p.name), Some("shop/web"));
+        assert_eq!(union.decide(Some(&ops)).map(|p| &*p.name), Some("shop/ops"));
+        assert_eq!(union.decide(Some(&batch)), None);
+        assert_eq!(union.decide(None), None);
+    }
+
+    #[test]
+    fn endpoint_identity_ignores_the_trust_domain() {
+        let ei = EndpointIdentity {
+            namespace: "shop".into(),
+            service_account: "checkout".into(),
+        };
+        let id = |uri: &str| SpiffeId::parse(uri).unwrap();
+        assert!(ei.matches(&id("spiffe://cluster.local/ns/shop/sa/checkout")));
+        assert!(ei.matches(&id("spiffe://other/ns/shop/sa/checkout")));
+        assert!(!ei.matches(&id("spiffe://cluster.local/ns/shop/sa/web")));
+        assert!(!ei.matches(&id("spiffe://cluster.local/ns/dev/sa/checkout")));
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //!
 //! The value parsers here are shared with [`crate::compile`], so what validates compiles.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
 use crate::compile::{Policies, Policy, rank_policies};
 use crate::diag::{Diagnostic, Sink};
+use crate::identity::SpiffeId;
 use crate::model::*;
 use crate::resources::Resources;
 use crate::snapshot::Algorithm;
@@ -22,6 +24,11 @@ pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 
 /// Route annotation allowing retries of methods that are not idempotent (HTTPRoute).
 pub const NON_IDEMPOTENT_ANNOTATION: &str = "retry.tern.dev/non-idempotent";
+
+/// Service annotation: `strict` (mTLS only) or `permissive` (the default).
+pub const MTLS_MODE_ANNOTATION: &str = "tern.dev/mtls-mode";
+/// EndpointSlice annotation: the service account every endpoint of the slice runs as.
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "tern.dev/service-account";
 
 /// Canonical gRPC status code names, by code.
 pub const GRPC_CODES: [&str; 17] = [
@@ -52,10 +59,20 @@ const METHODS: &[&str] = &[
 pub fn validate(res: &Resources) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
     let policies = Policies::new(res);
+    // The first Service (by namespace/name) with each clusterIP.
+    let mut cluster_ips: HashMap<IpAddr, &Object> = HashMap::new();
+    for obj in res.of_kind(Kind::Service) {
+        if let Resource::Service(s) = &obj.resource
+            && let Ok(Some(ip)) = cluster_ip(s.cluster_ip.as_deref())
+        {
+            cluster_ips.entry(ip).or_insert(obj);
+        }
+    }
     for obj in res.iter() {
         let mut v = V {
             res,
             policies: &policies,
+            cluster_ips: &cluster_ips,
             src: &obj.source,
             sink: Sink {
                 file: &obj.source.file,
@@ -71,6 +88,7 @@ pub fn validate(res: &Resources) -> Vec<Diagnostic> {
             Resource::BackendPolicy(p) => v.backend_policy(p),
             Resource::RateLimitPolicy(p) => v.rate_limit_policy(p),
             Resource::ConcurrencyPolicy(p) => v.concurrency_policy(p),
+            Resource::AuthorizationPolicy(p) => v.authorization_policy(p),
         }
     }
     diags
@@ -79,6 +97,7 @@ pub fn validate(res: &Resources) -> Vec<Diagnostic> {
 struct V<'a> {
     res: &'a Resources,
     policies: &'a Policies<'a>,
+    cluster_ips: &'a HashMap<IpAddr, &'a Object>,
     src: &'a Source,
     sink: Sink<'a>,
 }
@@ -139,6 +158,36 @@ impl<'a> V<'a> {
     }
 
     fn service(&mut self, s: &Service) {
+        if let Some(mode) = s.meta.annotations.get(MTLS_MODE_ANNOTATION)
+            && !matches!(mode.as_str(), "strict" | "permissive")
+        {
+            self.err(
+                &format!("metadata.annotations.{MTLS_MODE_ANNOTATION}"),
+                format!("invalid mTLS mode \"{mode}\" (expected \"strict\" or \"permissive\")"),
+            );
+        }
+        match cluster_ip(s.cluster_ip.as_deref()) {
+            Err(msg) => self.err("spec.clusterIP", msg),
+            Ok(Some(ip)) => {
+                let first = self.cluster_ips.get(&ip).copied();
+                if let Some(first) = first
+                    && !std::ptr::eq(first.resource.meta(), &s.meta)
+                {
+                    let m = first.resource.meta();
+                    self.err(
+                        "spec.clusterIP",
+                        format!(
+                            "duplicate clusterIP {ip} (also Service {}/{} at {}:{})",
+                            m.namespace,
+                            m.name,
+                            first.source.file,
+                            first.source.loc("spec.clusterIP"),
+                        ),
+                    );
+                }
+            }
+            Ok(None) => {}
+        }
         for (i, p) in s.ports.iter().enumerate() {
             let path = format!("spec.ports[{i}]");
             self.port_range(&format!("{path}.port"), p.port);
@@ -207,6 +256,16 @@ impl<'a> V<'a> {
             if let Some(port) = p.port {
                 self.port_range(&format!("ports[{i}].port"), port);
             }
+        }
+        if let Some(sa) = e.meta.annotations.get(SERVICE_ACCOUNT_ANNOTATION)
+            && !is_dns_subdomain(sa)
+        {
+            self.err(
+                &format!("metadata.annotations.{SERVICE_ACCOUNT_ANNOTATION}"),
+                format!(
+                    "invalid service account \"{sa}\": must be a DNS subdomain (lower-case letters, digits, '-' and '.')"
+                ),
+            );
         }
         match e.meta.labels.get(SERVICE_NAME_LABEL) {
             None => self.warn(
@@ -850,6 +909,36 @@ impl<'a> V<'a> {
         self.concurrency("spec", &cp.limit);
     }
 
+    fn authorization_policy(&mut self, ap: &AuthorizationPolicy) {
+        self.policy_targets(ap);
+        for (i, clause) in ap.allow.iter().enumerate() {
+            let path = format!("spec.allow[{i}]");
+            if clause.is_empty() && !clause.incomplete {
+                self.err(
+                    &path,
+                    "an allow clause needs at least one of identities, namespaces, meshed: true or unauthenticated: true (to deny everything, write allow: [])",
+                );
+            }
+            for (j, id) in clause.identities.iter().enumerate() {
+                if let Some(id) = id
+                    && let Err(e) = SpiffeId::parse(id)
+                {
+                    self.err(&format!("{path}.identities[{j}]"), e.to_string());
+                }
+            }
+            for (j, ns) in clause.namespaces.iter().enumerate() {
+                if let Some(ns) = ns
+                    && !is_dns_label(ns)
+                {
+                    self.err(
+                        &format!("{path}.namespaces[{j}]"),
+                        format!("invalid namespace \"{ns}\": must be a DNS label"),
+                    );
+                }
+            }
+        }
+    }
+
     /// Checks a policy's targetRefs (kinds it takes, objects that exist, section names
     /// they have), then warns about its conflicts with other policies of its kind.
     fn policy_targets<P: Policy>(&mut self, policy: &P) {
@@ -865,8 +954,13 @@ impl<'a> V<'a> {
                         describe_targets(P::TARGETS)
                     )
                 } else {
+                    let article = if P::KIND == Kind::AuthorizationPolicy {
+                        "an"
+                    } else {
+                        "a"
+                    };
                     format!(
-                        "unsupported targetRef kind {}: a {} targets {}",
+                        "unsupported targetRef kind {}: {article} {} targets {}",
                         t.group_kind(),
                         P::KIND,
                         describe_targets(P::TARGETS)
@@ -901,7 +995,9 @@ impl<'a> V<'a> {
                 );
             }
         }
-        self.policy_conflicts(policy);
+        if P::EXCLUSIVE {
+            self.policy_conflicts(policy);
+        }
     }
 
     /// What a targetRef's `sectionName` can name in object `kind` `ns/name`: a Service's
@@ -1087,6 +1183,17 @@ fn is_grpc_name(s: &str, dots: bool) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || (dots && b == b'.'))
+}
+
+/// A Service's `spec.clusterIP`: `Ok(None)` when absent, empty or `None` (a headless
+/// Service), the address otherwise.
+pub fn cluster_ip(v: Option<&str>) -> Result<Option<IpAddr>, String> {
+    match v {
+        None | Some("" | "None") => Ok(None),
+        Some(ip) => ip.parse().map(Some).map_err(|_| {
+            format!("invalid clusterIP \"{ip}\" (expected an IPv4 or IPv6 address, or None)")
+        }),
+    }
 }
 
 /// A DNS label (RFC 1123): 1-63 lower-case alphanumerics or '-', alphanumeric at both ends.
@@ -1974,6 +2081,114 @@ mod traffic_policy_tests {
                 conc("d", "", &format!("{ROUTE}  maxConcurrent: 1\n")),
             ]),
             Vec::<String>::new()
+        );
+    }
+
+    fn authz(name: &str, spec: &str) -> String {
+        policy_of("AuthorizationPolicy", name, "", spec)
+    }
+
+    #[test]
+    fn authorization_policy_checks() {
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        // Valid: every clause form; `allow: []` (deny everything); route targets.
+        assert_eq!(
+            with_route(&[
+                authz(
+                    "all",
+                    &format!(
+                        "{SVC}  allow:\n  - identities: [\"{web}\"]\n  - namespaces: [shop, ops]\n  - meshed: true\n  - unauthenticated: true\n"
+                    )
+                ),
+                authz("deny", &format!("{SVC}  allow: []\n")),
+                authz(
+                    "pay",
+                    "  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r, sectionName: pay}]\n  allow: [{meshed: true}]\n"
+                ),
+            ]),
+            Vec::<String>::new()
+        );
+        let one = |spec: &str| with_route(&[authz("p", spec)]);
+        let cases = [
+            format!("{SVC}  allow: [{{}}]\n"),
+            format!("{SVC}  allow: [{{meshed: false, identities: []}}]\n"),
+            format!(
+                "{SVC}  allow:\n  - identities: [\"{web}\", \"spiffe://cluster.local/sa/web\", \"spiffe://cluster.local/ns/Shop/sa/web\"]\n"
+            ),
+            format!("{SVC}  allow: [{{namespaces: [shop, Ops]}}]\n"),
+            "  targetRefs: [{name: nope}, {kind: Deployment, group: apps, name: x}]\n  allow: []\n"
+                .to_string(),
+            "  targetRefs: [{name: checkout, sectionName: grpc}, {group: gateway.networking.k8s.io, kind: GRPCRoute, name: r}]\n  allow: []\n"
+                .to_string(),
+        ];
+        let got: Vec<Vec<String>> = cases.iter().map(|c| one(c)).collect();
+        let want: [&[&str]; 6] = [
+            &[
+                "routes.yaml:16:11: spec.allow[0]: an allow clause needs at least one of identities, namespaces, meshed: true or unauthenticated: true (to deny everything, write allow: [])",
+            ],
+            &[
+                "routes.yaml:16:11: spec.allow[0]: an allow clause needs at least one of identities, namespaces, meshed: true or unauthenticated: true (to deny everything, write allow: [])",
+            ],
+            &[
+                "routes.yaml:17:59: spec.allow[0].identities[1]: \"spiffe://cluster.local/sa/web\" is not a SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<name>)",
+                "routes.yaml:17:92: spec.allow[0].identities[2]: namespace \"Shop\" is not a valid name (lowercase letters, digits, '-' and '.')",
+            ],
+            &[
+                "routes.yaml:16:31: spec.allow[0].namespaces[1]: invalid namespace \"Ops\": must be a DNS label",
+            ],
+            &[
+                "routes.yaml:15:23: spec.targetRefs[0].name: warning: no Service shop/nope: policy attaches to nothing (targetRef ignored)",
+                "routes.yaml:15:37: spec.targetRefs[1].kind: unsupported targetRef kind apps/Deployment: an AuthorizationPolicy targets Services (group \"\", kind Service) and routes (group gateway.networking.k8s.io, kind HTTPRoute or GRPCRoute)",
+            ],
+            &[
+                "routes.yaml:15:46: spec.targetRefs[0].sectionName: warning: Service shop/checkout has no port named \"grpc\": policy attaches to nothing (targetRef ignored)",
+                "routes.yaml:15:111: spec.targetRefs[1].name: warning: no GRPCRoute shop/r: policy attaches to nothing (targetRef ignored)",
+            ],
+        ];
+        assert_eq!(got, want);
+        // Several policies on one target never conflict (they add up).
+        let old = ", creationTimestamp: \"2020-01-01T00:00:00Z\"";
+        assert_eq!(
+            with_route(&[
+                policy_of(
+                    "AuthorizationPolicy",
+                    "a",
+                    old,
+                    &format!("{SVC}  allow: []\n")
+                ),
+                authz("b", &format!("{SVC}  allow: [{{meshed: true}}]\n")),
+                authz("c", &format!("{ROUTE}  allow: [{{meshed: true}}]\n")),
+                authz("d", &format!("{ROUTE}  allow: []\n")),
+            ]),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn mtls_service_account_and_cluster_ip_checks() {
+        let svc = |name: &str, meta: &str, spec: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop{meta}}}\nspec: {{ports: [{{port: 80}}]{spec}}}\n"
+            )
+        };
+        let docs = [
+            svc("ok", ", annotations: {tern.dev/mtls-mode: strict}", ", clusterIP: 10.96.0.1"),
+            svc("lax", ", annotations: {tern.dev/mtls-mode: permissive}", ", clusterIP: None"),
+            svc("typo", ", annotations: {tern.dev/mtls-mode: STRICT}", ", clusterIP: \"\""),
+            svc("bad-ip", "", ", clusterIP: 10.96.0.300"),
+            svc("z-dup", "", ", clusterIP: 10.96.0.1"),
+            svc("v6", "", ", clusterIP: \"fd00::1\""),
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s\n  namespace: shop\n  labels: {kubernetes.io/service-name: ok}\n  annotations: {tern.dev/service-account: Web_SA}\naddressType: IPv4\nendpoints: []\n".to_string(),
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: t\n  namespace: shop\n  labels: {kubernetes.io/service-name: ok}\n  annotations: {tern.dev/service-account: web.sa-1}\naddressType: IPv4\nendpoints: []\n".to_string(),
+        ];
+        assert_eq!(
+            diags(&docs.join("---\n")),
+            [
+                "routes.yaml:13:75: metadata.annotations.tern.dev/mtls-mode: invalid mTLS mode \"STRICT\" (expected \"strict\" or \"permissive\")",
+                "routes.yaml:19:40: spec.clusterIP: invalid clusterIP \"10.96.0.300\" (expected an IPv4 or IPv6 address, or None)",
+                "routes.yaml:24:40: spec.clusterIP: duplicate clusterIP 10.96.0.1 (also Service shop/ok at routes.yaml:4:40)",
+                "routes.yaml:37:43: metadata.annotations.tern.dev/service-account: invalid service account \"Web_SA\": must be a DNS subdomain (lower-case letters, digits, '-' and '.')",
+            ]
         );
     }
 }
