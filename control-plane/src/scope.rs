@@ -4,6 +4,12 @@
 //! everything its routes name: the Services (and EndpointSlices) of every backendRef and
 //! the Services of every parentRef. Policies that target Services or routes outside the
 //! set would only be warnings, but they are left out.
+//!
+//! Inbound (the sidecar's own Service): the Service with its EndpointSlices (so that a
+//! connection to a pod address resolves to its Service port), the routes attached to it,
+//! and the RateLimitPolicies and AuthorizationPolicies targeting either. Outbound (the
+//! Services it calls): every policy kind but AuthorizationPolicy, which only the called
+//! side enforces (leaving it out spares every caller a push when it changes).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -101,6 +107,9 @@ impl Lookup {
                 Resource::BackendPolicy(p) => targets(Kind::BackendPolicy, &p.target_refs),
                 Resource::RateLimitPolicy(p) => targets(Kind::RateLimitPolicy, &p.target_refs),
                 Resource::ConcurrencyPolicy(p) => targets(Kind::ConcurrencyPolicy, &p.target_refs),
+                Resource::AuthorizationPolicy(p) => {
+                    targets(Kind::AuthorizationPolicy, &p.target_refs)
+                }
             }
         }
         l
@@ -238,13 +247,15 @@ fn scoped_names(snapshot: &Snapshot, l: &Lookup, scope: &Scope) -> BTreeSet<Stri
                 .get(target)
                 .into_iter()
                 .flatten()
+                .filter(|(kind, _)| *kind != Kind::AuthorizationPolicy)
                 .map(|(_, d)| d.clone()),
         );
     }
     if let Some(own) = &scope.service {
-        // Inbound: the Service, its routes, and rate limits on either.
+        // Inbound: the Service and its slices, its routes, and rate limits and
+        // authorization on either.
         let mut inbound = Targets::new();
-        add_service(l, &mut out, &mut inbound, own, false);
+        add_service(l, &mut out, &mut inbound, own, true);
         let mut route_targets = Targets::new();
         add_routes(snapshot, l, &mut out, &mut route_targets, own);
         inbound.extend(
@@ -254,7 +265,7 @@ fn scoped_names(snapshot: &Snapshot, l: &Lookup, scope: &Scope) -> BTreeSet<Stri
         );
         for target in &inbound {
             for (kind, doc) in l.policies_by_target.get(target).into_iter().flatten() {
-                if *kind == Kind::RateLimitPolicy {
+                if matches!(kind, Kind::RateLimitPolicy | Kind::AuthorizationPolicy) {
                     out.insert(doc.clone());
                 }
             }

@@ -125,6 +125,7 @@ mod tests {
             ready,
             zone: Some(Arc::from(zone)),
             region: Some(Arc::from(region)),
+            identity: None,
         }
     }
 
