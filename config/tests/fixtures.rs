@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tern_config::snapshot::{Algorithm, HashKey};
+use tern_config::identity::SpiffeId;
+use tern_config::snapshot::{Algorithm, Authorization, Decision, HashKey, MtlsMode, authorize};
 use tern_config::{ConfigError, load_dir};
 
 fn fixture(name: &str) -> PathBuf {
@@ -143,6 +144,88 @@ fn valid_fixture_compiles_cleanly() {
     assert_eq!(
         snap.json["services"][0]["ports"][0]["rateLimit"]["source"],
         "shop/api-limit"
+    );
+
+    // AuthorizationPolicy: both of checkout's ports, its HTTP port by sectionName too, and
+    // the GRPCRoute's rule; the split's rules have none of their own.
+    let names = |a: &Option<Arc<Authorization>>| {
+        a.as_ref().map(|a| {
+            a.policies
+                .iter()
+                .map(|p| p.name.to_string())
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(
+        names(&http.authorization).unwrap(),
+        ["shop/checkout-callers", "shop/checkout-http-probes"]
+    );
+    assert_eq!(
+        names(&grpc.authorization).unwrap(),
+        ["shop/checkout-callers"]
+    );
+    assert_eq!(
+        names(&grpc.grpc[0].rule.authorization).unwrap(),
+        ["shop/checkout-grpc-meshed"]
+    );
+    assert!(http.http.iter().all(|h| h.rule.authorization.is_none()));
+    let ops = SpiffeId::parse("spiffe://cluster.local/ns/ops/sa/deployer").unwrap();
+    let batch = SpiffeId::parse("spiffe://cluster.local/ns/batch/sa/job").unwrap();
+    let svc = grpc.authorization.as_deref();
+    let rule = grpc.grpc[0].rule.authorization.as_deref();
+    let allowed_by = |d: Decision| match d {
+        Decision::Allowed(p) => p.name.to_string(),
+        other => format!("{other:?}"),
+    };
+    // The route's policy is asked first; the Service's apply too.
+    assert_eq!(
+        allowed_by(authorize(svc, rule, Some(&batch))),
+        "shop/checkout-grpc-meshed"
+    );
+    assert_eq!(
+        allowed_by(authorize(svc, rule, Some(&ops))),
+        "shop/checkout-grpc-meshed"
+    );
+    assert_eq!(authorize(svc, rule, None), Decision::Denied);
+    let svc = http.authorization.as_deref();
+    assert_eq!(
+        allowed_by(authorize(svc, None, Some(&ops))),
+        "shop/checkout-callers"
+    );
+    assert_eq!(
+        allowed_by(authorize(svc, None, None)),
+        "shop/checkout-http-probes"
+    );
+    assert_eq!(authorize(None, None, Some(&batch)), Decision::Unrestricted);
+
+    // mTLS mode, clusterIP, endpoint identities.
+    assert_eq!((http.mtls, grpc.mtls), (MtlsMode::Strict, MtlsMode::Strict));
+    let v2 = snap.resolve("checkout-v2", Some(8080), "shop").unwrap();
+    assert_eq!(v2.mtls, MtlsMode::Permissive);
+    let at = |a: &str| {
+        snap.resolve_addr(a.parse().unwrap())
+            .map(|sp| (sp.service.name.clone(), sp.port))
+    };
+    assert_eq!(at("10.96.0.10:9090"), Some(("checkout".into(), 9090)));
+    assert_eq!(at("10.2.0.1:9090"), Some(("checkout-v2".into(), 9090)));
+    assert_eq!(at("10.1.0.2:8080"), Some(("checkout-v1".into(), 8080)));
+    assert_eq!(at("10.96.0.10:1"), None);
+    let identity = backend("shop/checkout-v2:8080").endpoints[0]
+        .identity
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (
+            identity.namespace.as_str(),
+            identity.service_account.as_str()
+        ),
+        ("shop", "checkout")
+    );
+    assert!(
+        backend("shop/checkout-v1:8080")
+            .endpoints
+            .iter()
+            .all(|e| e.identity.is_none())
     );
 }
 

@@ -366,4 +366,76 @@ mod tests {
             scoped_push(&s2, &l2, &Scope::default()).version
         );
     }
+
+    #[test]
+    fn authorization_policies_go_to_the_called_side_only() {
+        let authz = |name: &str, target: &str, allow: &str| {
+            format!(
+                "---\napiVersion: policy.tern.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  targetRefs: [{target}]\n  allow: {allow}\n"
+            )
+        };
+        let mesh = format!(
+            "{MESH}\n{}{}{}",
+            authz(
+                "checkout-svc",
+                "{group: \"\", kind: Service, name: checkout}",
+                "[{namespaces: [shop]}]"
+            ),
+            authz(
+                "checkout-route",
+                "{group: gateway.networking.k8s.io, kind: HTTPRoute, name: checkout}",
+                "[{meshed: true}]"
+            ),
+            authz(
+                "catalog",
+                "{group: \"\", kind: Service, name: catalog}",
+                "[]"
+            ),
+        );
+        let index = index_of(&mesh);
+        let snap = index.current();
+        let lookup = Lookup::build(&snap);
+        let scoped = |scope: Scope| {
+            let push = scoped_push(&snap, &lookup, &scope);
+            validates(&push);
+            kinds(&snap, &push)
+        };
+        // (A scope that calls nothing gets everything: these call web.)
+        let own = |svc: &str| Scope::new(["shop/web".to_string()], svc);
+        // Checkout's own sidecar: policies on its Service and on its route.
+        let k = scoped(own("shop/checkout"));
+        for want in [
+            "Service shop/checkout",
+            "HTTPRoute shop/checkout",
+            "AuthorizationPolicy shop/checkout-svc",
+            "AuthorizationPolicy shop/checkout-route",
+        ] {
+            assert!(k.contains(&want.to_string()), "{want} missing from {k:?}");
+        }
+        assert!(
+            !k.contains(&"AuthorizationPolicy shop/catalog".to_string()),
+            "{k:?}"
+        );
+        // Catalog's own sidecar: its policy and its own EndpointSlice (pod addresses
+        // resolve to its Service port), nothing of checkout's.
+        let mut k = scoped(own("shop/catalog"));
+        k.sort();
+        assert_eq!(
+            k,
+            [
+                "AuthorizationPolicy shop/catalog",
+                "EndpointSlice shop/catalog",
+                "RateLimitPolicy shop/web",
+                "Service shop/catalog",
+                "Service shop/web",
+            ]
+        );
+        // A caller of checkout does not enforce checkout's policies: left out.
+        let k = scoped(Scope::new(["shop/checkout".to_string()], "shop/web"));
+        assert!(k.contains(&"HTTPRoute shop/checkout".to_string()), "{k:?}");
+        assert!(
+            !k.iter().any(|d| d.starts_with("AuthorizationPolicy")),
+            "{k:?}"
+        );
+    }
 }
