@@ -1,161 +1,18 @@
 //! tern-control end to end in process: a real tonic client over 127.0.0.1 against the
 //! gRPC server, a real config directory watched with notify, and the admin `/sidecars`.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Duration;
 
 use tern_api::v1::control_plane_client::ControlPlaneClient;
 use tern_api::v1::sidecar_message::Kind;
-use tern_api::v1::{Ack, ConfigPush, Hello, Nack, SidecarMessage};
-use tern_control::server::{Settings, SidecarStatus};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tern_api::v1::{Ack, Nack, SidecarMessage};
+use tern_control::server::Settings;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
-use tonic::Streaming;
 
-const MESH: &str = include_str!("data/mesh.yaml");
-const WAIT: Duration = Duration::from_secs(10);
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tern-control-{tag}-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
-    (status, body)
-}
-
-async fn sidecars(admin: std::net::SocketAddr) -> Vec<SidecarStatus> {
-    let (status, body) = http_get(admin, "/sidecars").await;
-    assert_eq!(status, 200);
-    serde_json::from_str(&body).unwrap()
-}
-
-/// Polls `/sidecars` until `f` holds.
-async fn wait_for(
-    admin: std::net::SocketAddr,
-    f: impl Fn(&[SidecarStatus]) -> bool,
-) -> Vec<SidecarStatus> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let s = sidecars(admin).await;
-        if f(&s) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out; /sidecars: {s:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-struct Sidecar {
-    tx: mpsc::Sender<SidecarMessage>,
-    pushes: Streaming<ConfigPush>,
-}
-
-impl Sidecar {
-    async fn connect(addr: std::net::SocketAddr, hello: Hello) -> Result<Sidecar, tonic::Status> {
-        let mut client = ControlPlaneClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(SidecarMessage {
-            kind: Some(Kind::Hello(hello)),
-        })
-        .await
-        .unwrap();
-        let pushes = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(Sidecar { tx, pushes })
-    }
-
-    async fn next(&mut self) -> ConfigPush {
-        tokio::time::timeout(WAIT, self.pushes.message())
-            .await
-            .expect("no push in time")
-            .unwrap()
-            .expect("stream ended")
-    }
-
-    async fn send(&self, kind: Kind) {
-        self.tx
-            .send(SidecarMessage { kind: Some(kind) })
-            .await
-            .unwrap();
-    }
-}
-
-/// Writes a file as editors and ConfigMap updates do: a temporary file renamed in place.
-fn write_atomic(path: &std::path::Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-fn hello(workload: &str, calls: &[&str], applied: &str) -> Hello {
-    Hello {
-        workload: workload.into(),
-        namespace: "shop".into(),
-        service_account: "web".into(),
-        zone: "z1".into(),
-        region: "r1".into(),
-        service: "shop/web".into(),
-        calls: calls.iter().map(|c| c.to_string()).collect(),
-        applied_version: applied.into(),
-        token: String::new(),
-        identity: None,
-    }
-}
-
-/// A tern-control serving `dir` on ephemeral ports, ready (its directory loaded).
-struct Running {
-    grpc: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<Result<(), tern_control::RunError>>,
-}
-
-async fn start(dir: &std::path::Path, settings: Settings) -> Running {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(tern_control::run(
-        settings,
-        dir.to_path_buf(),
-        grpc,
-        admin,
-        shutdown.clone(),
-    ));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while http_get(admin_addr, "/ready").await.0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Running {
-        grpc: grpc_addr,
-        admin: admin_addr,
-        shutdown,
-        server,
-    }
-}
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_push_edit_ack_nack() {
@@ -166,6 +23,7 @@ async fn hello_push_edit_ack_nack() {
         debounce: Duration::from_millis(50),
         max_delay: Duration::from_millis(500),
         admit_rate: 1000,
+        ..Settings::default()
     };
     let Running {
         grpc: grpc_addr,
@@ -308,6 +166,7 @@ async fn new_streams_are_admitted_at_a_bounded_rate() {
         debounce: Duration::from_millis(10),
         max_delay: Duration::from_millis(100),
         admit_rate: 2,
+        ..Settings::default()
     };
     let Running {
         grpc: grpc_addr,
