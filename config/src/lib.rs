@@ -1,12 +1,19 @@
 //! tern-config: the contract between Tern's control plane and its sidecars.
 //!
 //! Users write Kubernetes-style YAML (Service, EndpointSlice, HTTPRoute, GRPCRoute and
-//! Tern's BackendPolicy, RateLimitPolicy and ConcurrencyPolicy). This crate parses it with source locations ([`yaml`], the only
-//! module that touches a YAML library), decodes it into typed resources ([`decode`],
-//! [`model`]) held in a [`resources::Resources`] set, checks it ([`validate`]) with
-//! diagnostics that name `file:line:column` and the field path, and compiles it
-//! ([`compile`]) into an immutable, lookup-ready [`snapshot::Snapshot`] with a content
-//! version. It has no async runtime dependency.
+//! Tern's BackendPolicy, RateLimitPolicy, ConcurrencyPolicy and AuthorizationPolicy). This
+//! crate parses it with source locations ([`yaml`], the only module that touches a YAML
+//! library), decodes it into typed resources ([`decode`], [`model`]) held in a
+//! [`resources::Resources`] set, checks it ([`validate`]) with diagnostics that name
+//! `file:line:column` and the field path, and compiles it ([`compile`]) into an
+//! immutable, lookup-ready [`snapshot::Snapshot`] with a content version. It has no async
+//! runtime dependency.
+//!
+//! Workload identity (mTLS): [`identity::SpiffeId`]; a Service's `tern.dev/mtls-mode`
+//! ([`snapshot::MtlsMode`]), the identity an EndpointSlice's endpoints must present
+//! (`tern.dev/service-account`, [`snapshot::EndpointIdentity`]), who may call a Service or
+//! route ([`snapshot::Authorization`], decided per request by [`snapshot::authorize`]) and
+//! the Service port of a dialled address ([`Snapshot::resolve_addr`]).
 
 pub mod compile;
 pub mod decode;
