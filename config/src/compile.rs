@@ -211,86 +211,39 @@ pub(crate) trait Policy: Sized + 'static {
     }
 }
 
-impl Policy for model::BackendPolicy {
-    const KIND: Kind = Kind::BackendPolicy;
-    const TARGETS: &'static [Kind] = &[Kind::Service];
-    fn meta(&self) -> &model::Meta {
-        &self.meta
-    }
-    fn target_refs(&self) -> &[model::PolicyTargetRef] {
-        &self.target_refs
-    }
-    fn of(r: &Resource) -> Option<&Self> {
-        match r {
-            Resource::BackendPolicy(p) => Some(p),
-            _ => None,
+/// Implements [`Policy`] for the model type, `Kind` and `Resource` variant named `$kind`.
+macro_rules! policy_kind {
+    ($kind:ident, targets: $targets:expr, index: $index:ident $(, exclusive: $exclusive:expr)?) => {
+        impl Policy for model::$kind {
+            const KIND: Kind = Kind::$kind;
+            const TARGETS: &'static [Kind] = $targets;
+            $(const EXCLUSIVE: bool = $exclusive;)?
+            fn meta(&self) -> &model::Meta {
+                &self.meta
+            }
+            fn target_refs(&self) -> &[model::PolicyTargetRef] {
+                &self.target_refs
+            }
+            fn of(r: &Resource) -> Option<&Self> {
+                match r {
+                    Resource::$kind(p) => Some(p),
+                    _ => None,
+                }
+            }
+            fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self> {
+                &p.$index
+            }
         }
-    }
-    fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self> {
-        &p.backend
-    }
+    };
 }
 
-impl Policy for model::RateLimitPolicy {
-    const KIND: Kind = Kind::RateLimitPolicy;
-    const TARGETS: &'static [Kind] = &[Kind::Service, Kind::HTTPRoute, Kind::GRPCRoute];
-    fn meta(&self) -> &model::Meta {
-        &self.meta
-    }
-    fn target_refs(&self) -> &[model::PolicyTargetRef] {
-        &self.target_refs
-    }
-    fn of(r: &Resource) -> Option<&Self> {
-        match r {
-            Resource::RateLimitPolicy(p) => Some(p),
-            _ => None,
-        }
-    }
-    fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self> {
-        &p.rate_limit
-    }
-}
+const SERVICES_AND_ROUTES: &[Kind] = &[Kind::Service, Kind::HTTPRoute, Kind::GRPCRoute];
 
-impl Policy for model::ConcurrencyPolicy {
-    const KIND: Kind = Kind::ConcurrencyPolicy;
-    const TARGETS: &'static [Kind] = &[Kind::HTTPRoute, Kind::GRPCRoute];
-    fn meta(&self) -> &model::Meta {
-        &self.meta
-    }
-    fn target_refs(&self) -> &[model::PolicyTargetRef] {
-        &self.target_refs
-    }
-    fn of(r: &Resource) -> Option<&Self> {
-        match r {
-            Resource::ConcurrencyPolicy(p) => Some(p),
-            _ => None,
-        }
-    }
-    fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self> {
-        &p.concurrency
-    }
-}
-
-impl Policy for model::AuthorizationPolicy {
-    const KIND: Kind = Kind::AuthorizationPolicy;
-    const TARGETS: &'static [Kind] = &[Kind::Service, Kind::HTTPRoute, Kind::GRPCRoute];
-    const EXCLUSIVE: bool = false;
-    fn meta(&self) -> &model::Meta {
-        &self.meta
-    }
-    fn target_refs(&self) -> &[model::PolicyTargetRef] {
-        &self.target_refs
-    }
-    fn of(r: &Resource) -> Option<&Self> {
-        match r {
-            Resource::AuthorizationPolicy(p) => Some(p),
-            _ => None,
-        }
-    }
-    fn index<'p, 'a>(p: &'p Policies<'a>) -> &'p PolicyIndex<'a, Self> {
-        &p.authorization
-    }
-}
+policy_kind!(BackendPolicy, targets: &[Kind::Service], index: backend);
+policy_kind!(RateLimitPolicy, targets: SERVICES_AND_ROUTES, index: rate_limit);
+policy_kind!(ConcurrencyPolicy, targets: &[Kind::HTTPRoute, Kind::GRPCRoute], index: concurrency);
+// Every AuthorizationPolicy targeting a port or rule applies: they add up.
+policy_kind!(AuthorizationPolicy, targets: SERVICES_AND_ROUTES, index: authorization, exclusive: false);
 
 /// Policies of one kind by the object (kind, namespace, name) they target, each once per
 /// object, in resource order.

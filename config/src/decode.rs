@@ -1527,6 +1527,21 @@ mod traffic_policy_tests {
         res.iter().next().unwrap().resource.clone()
     }
 
+    /// A policy of `kind` targeting HTTPRoute `r` (absent here: one warning) with the
+    /// rest of `spec`, decoded; its targetRef checked.
+    fn decoded_route_policy(kind: &str, rest: &str) -> Resource {
+        let yaml = policy_of(kind, "p", "", &format!("{ROUTE}{rest}"));
+        assert_eq!(diags(&yaml).len(), 1, "{:?}", diags(&yaml));
+        let resource = decoded(yaml);
+        let refs = match &resource {
+            Resource::ConcurrencyPolicy(p) => &p.target_refs,
+            Resource::AuthorizationPolicy(p) => &p.target_refs,
+            other => panic!("{:?}", other.kind()),
+        };
+        assert_eq!(refs[0].target_kind(), Some(crate::model::Kind::HTTPRoute));
+        resource
+    }
+
     #[test]
     fn load_balancer_and_concurrency_decoding() {
         let p = |spec: &str| diags(&policy("p", "", &format!("{SVC}{spec}")));
@@ -1701,21 +1716,12 @@ mod traffic_policy_tests {
             p(&format!("{ROUTE}  maxConcurrent: 1\n  concurrency: {{}}\n"))[1],
             "routes.yaml:7:3: spec.concurrency: unknown field \"concurrency\""
         );
-        let yaml = policy_of(
+        let Resource::ConcurrencyPolicy(cp) = decoded_route_policy(
             "ConcurrencyPolicy",
-            "p",
-            "",
-            &format!(
-                "{ROUTE}  maxConcurrent: 8\n  maxQueue: 0\n  queueTimeout: 2s\n  adaptive: {{}}\n"
-            ),
-        );
-        let Resource::ConcurrencyPolicy(cp) = decoded(yaml) else {
+            "  maxConcurrent: 8\n  maxQueue: 0\n  queueTimeout: 2s\n  adaptive: {}\n",
+        ) else {
             panic!()
         };
-        assert_eq!(
-            cp.target_refs[0].target_kind(),
-            Some(crate::model::Kind::HTTPRoute)
-        );
         assert_eq!(cp.limit.max_concurrent, Some(8));
         assert_eq!(cp.limit.max_queue, Some(0));
         assert_eq!(cp.limit.queue_timeout.as_deref(), Some("2s"));
@@ -1750,21 +1756,12 @@ mod traffic_policy_tests {
             &["routes.yaml:5:33: spec.targetRefs[0].namespace: unknown field \"namespace\""],
         ];
         assert_eq!(got, want);
-        let yaml = policy_of(
+        let Resource::AuthorizationPolicy(ap) = decoded_route_policy(
             "AuthorizationPolicy",
-            "p",
-            "",
-            &format!(
-                "{ROUTE}  allow:\n  - identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]\n    namespaces: [ops]\n  - {{meshed: true, unauthenticated: false}}\nstatus: {{}}\n"
-            ),
-        );
-        let Resource::AuthorizationPolicy(ap) = decoded(yaml) else {
+            "  allow:\n  - identities: [\"spiffe://cluster.local/ns/shop/sa/web\"]\n    namespaces: [ops]\n  - {meshed: true, unauthenticated: false}\nstatus: {}\n",
+        ) else {
             panic!()
         };
-        assert_eq!(
-            ap.target_refs[0].target_kind(),
-            Some(crate::model::Kind::HTTPRoute)
-        );
         assert_eq!(
             ap.allow,
             [
