@@ -165,17 +165,18 @@ pub fn fmt_ago(ms: i64) -> String {
     }
 }
 
-/// `ms` milliseconds in the future, as `in 3s` or `in 1m30s` (rounded up); `due` when the
-/// time has come.
+/// `ms` milliseconds in the future, as `in 3s`, `in 1m30s`, `in 23h05m` or `in 80d`
+/// (rounded up); `due` when the time has come.
 pub fn fmt_in(ms: i64) -> String {
     if ms <= 0 {
         return "due".into();
     }
     let s = (ms + 999) / 1000;
-    if s < 60 {
-        format!("in {s}s")
-    } else {
-        format!("in {}m{:02}s", s / 60, s % 60)
+    match s {
+        0..60 => format!("in {s}s"),
+        60..3600 => format!("in {}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("in {}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("in {}d", s / 86400),
     }
 }
 

@@ -4,7 +4,9 @@
 //! - `ternctl demo`: run a small local mesh (demo apps, one tern-proxy each, traffic).
 //! - `ternctl circuits`: a sidecar's per-endpoint circuit breakers (its admin `/circuits`).
 //! - `ternctl status`: every sidecar of a tern-control, its config version and ACK state.
+//! - `ternctl ca`: a local CA (`init`), bootstrap tokens (`token`), anchor bundles.
 
+mod ca;
 mod circuits;
 mod client;
 mod demo;
@@ -34,6 +36,9 @@ enum Command {
     /// Show every sidecar connected to a tern-control: applied and pushed config
     /// versions, ACK state, last ACK and NACK reason; NACKed and stale ones stand out.
     Status(status::Args),
+    /// A local CA for tern-control (`init`), sidecar bootstrap tokens (`token`), and
+    /// anchor bundles for a rotation (`bundle`).
+    Ca(ca::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Circuits(args) => circuits::run(args),
         Command::Status(args) => status::run(args),
+        Command::Ca(args) => ca::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,9 +1,10 @@
 //! `ternctl status`: every sidecar connected to a tern-control, from its admin `/sidecars`.
 //!
 //! One row per sidecar: the config version it applied and the one last pushed, its ACK
-//! state, its last ACK and the first line of its last NACK's reason. NACKed sidecars
-//! (`!`, red) and stale ones (`~`, yellow: a push unanswered for more than 5 s) stand
-//! out. `--json` prints the control plane's JSON as it came.
+//! state, its last ACK, the certificate it serves (identity, expiry, issuer: `(old)`
+//! when not the control plane's current issuer) and the first line of its last NACK's
+//! reason. NACKed sidecars (`!`, red) and stale ones (`~`, yellow: a push unanswered for
+//! more than 5 s) stand out. `--json` prints the control plane's JSON as it came.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use tern_control::server::SidecarStatus;
 
-use crate::circuits::{Row, Severity, fmt_ago, layout, now_unix_ms};
+use crate::circuits::{Row, Severity, fmt_ago, fmt_in, layout, now_unix_ms};
 
 pub const DEFAULT_CONTROL_PLANE: &str = "127.0.0.1:4181";
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -60,6 +61,33 @@ fn or_dash(s: &str) -> String {
     }
 }
 
+/// The IDENTITY, EXPIRES and ISSUER cells.
+fn identity_cells(s: &SidecarStatus, now_ms: u64) -> [String; 3] {
+    let Some(id) = &s.identity else {
+        return ["-".into(), "-".into(), "-".into()];
+    };
+    let expires_ms = id.not_after_unix.saturating_mul(1000) - now_ms as i64;
+    let expires = if expires_ms <= 0 {
+        "EXPIRED".to_string()
+    } else {
+        fmt_in(expires_ms)
+    };
+    let short: String = id.issuer_id.chars().take(8).collect();
+    let issuer = if id.current_issuer {
+        or_dash(&short)
+    } else {
+        format!("{} (old)", or_dash(&short))
+    };
+    [
+        id.spiffe_id
+            .strip_prefix("spiffe://")
+            .unwrap_or(&id.spiffe_id)
+            .to_string(),
+        expires,
+        issuer,
+    ]
+}
+
 pub fn render(sidecars: &[SidecarStatus], now_ms: u64, color: bool) -> Vec<String> {
     let header = [
         "WORKLOAD",
@@ -69,6 +97,9 @@ pub fn render(sidecars: &[SidecarStatus], now_ms: u64, color: bool) -> Vec<Strin
         "PUSHED",
         "STATE",
         "LAST ACK",
+        "IDENTITY",
+        "EXPIRES",
+        "ISSUER",
         "NACK REASON",
     ];
     let rows: Vec<Row> = sidecars
@@ -81,6 +112,7 @@ pub fn render(sidecars: &[SidecarStatus], now_ms: u64, color: bool) -> Vec<Strin
                 .map(|n| n.reason.lines().next().unwrap_or("").to_string())
                 .filter(|r| !r.is_empty())
                 .unwrap_or_else(|| "-".into());
+            let [identity, expires, issuer] = identity_cells(s, now_ms);
             (
                 severity,
                 vec![
@@ -93,6 +125,9 @@ pub fn render(sidecars: &[SidecarStatus], now_ms: u64, color: bool) -> Vec<Strin
                     s.last_ack_unix_ms
                         .map(|t| fmt_ago(now_ms as i64 - t as i64))
                         .unwrap_or_else(|| "-".into()),
+                    identity,
+                    expires,
+                    issuer,
                     reason,
                 ],
             )
@@ -103,11 +138,19 @@ pub fn render(sidecars: &[SidecarStatus], now_ms: u64, color: bool) -> Vec<Strin
         .iter()
         .filter(|(s, _)| *s == Severity::HalfOpen)
         .count();
-    let mut out = vec![format!(
+    let mut summary = format!(
         "{} sidecar{}, {nacked} nacked, {stale} stale",
         rows.len(),
         if rows.len() == 1 { "" } else { "s" }
-    )];
+    );
+    let old_issuer = sidecars
+        .iter()
+        .filter(|s| s.identity.as_ref().is_some_and(|i| !i.current_issuer))
+        .count();
+    if old_issuer > 0 {
+        summary.push_str(&format!(", {old_issuer} on an old issuer"));
+    }
+    let mut out = vec![summary];
     out.extend(layout(&header, &rows, color));
     out
 }
@@ -191,14 +234,25 @@ mod tests {
       {"workload": "inv-1", "namespace": "shop", "pushed_version": "dddd", "pushed_unix_ms": 80000,
        "applied_version": "", "state": "pending", "extra": 1},
       {"workload": "new-1", "namespace": "shop", "pushed_version": "dddd", "pushed_unix_ms": 99000,
-       "state": "pending"}
+       "state": "pending",
+       "identity": {"spiffe_id": "spiffe://cluster.local/ns/shop/sa/new", "not_after_unix": 86380,
+                    "issuer_id": "0123456789abcdef", "current_issuer": false}},
+      {"workload": "new-2", "namespace": "shop", "pushed_version": "dddd", "pushed_unix_ms": 99000,
+       "state": "pending",
+       "identity": {"spiffe_id": "spiffe://cluster.local/ns/shop/sa/new", "not_after_unix": 50,
+                    "issuer_id": "fedcba9876543210", "current_issuer": true}}
     ]"#;
 
     #[test]
     fn table_from_sample() {
         let s = parse(SAMPLE.as_bytes()).unwrap();
         let lines = render(&s, 100_000, false);
-        assert_eq!(lines[0], "4 sidecars, 1 nacked, 1 stale");
+        assert_eq!(
+            lines[0],
+            "5 sidecars, 1 nacked, 1 stale, 1 on an old issuer"
+        );
+        assert!(lines[1].contains("IDENTITY "), "{}", lines[1]);
+        assert!(lines[1].contains(" EXPIRES "), "{}", lines[1]);
         assert!(lines[1].starts_with("  WORKLOAD"), "{}", lines[1]);
         let row = |w: &str| lines.iter().find(|l| l.contains(w)).unwrap().clone();
         assert!(row("cat-1").starts_with("  cat-1"));
@@ -207,6 +261,16 @@ mod tests {
         assert!(row("inv-1").starts_with("~ inv-1"));
         assert!(row("inv-1").contains("STALE (20s ago)"));
         assert!(row("new-1").starts_with("  new-1"));
+        assert!(
+            row("new-1").contains("cluster.local/ns/shop/sa/new  in 23h58m  01234567 (old)  "),
+            "{}",
+            row("new-1")
+        );
+        assert!(
+            row("new-2").contains("EXPIRED    fedcba98 "),
+            "{}",
+            row("new-2")
+        );
         assert!(row("web-1").starts_with("! web-1"));
         assert!(row("web-1").contains("NACKED"));
         assert!(row("web-1").ends_with("routes.yaml#1:3:5: bad"));
