@@ -6,12 +6,15 @@
 //! in-process traffic generator. `tern-control` watches the config directory
 //! (`examples/demo` by default) and pushes each sidecar its scoped config (managed mode;
 //! `--file-mode` has every sidecar watch the directory itself instead), so editing it
-//! changes routing live. A table redrawn every
+//! changes routing live. In managed mode tern-control also runs a CA (created fresh in
+//! the work directory) and each sidecar gets a bootstrap token for its certificate
+//! requests. A table redrawn every
 //! second shows what web's sidecar sees, from its `/metrics` and `/circuits`. Everything
 //! started stops with the demo.
 //!
 //! See docs/demo.md for the port plan and things to try.
 
+mod identity;
 mod metrics;
 mod plan;
 mod procs;
@@ -226,36 +229,47 @@ async fn mesh(
         }
         procs.spawn(slot.name, &bins.app, &app_args, work)?;
     }
-    if !args.file_mode {
+    let identity = if args.file_mode {
+        None
+    } else {
+        let identity = identity::prepare(work, plan)?;
         procs.spawn(
             "tern-control",
             &bins.control,
             &[
-                "--config-dir".into(),
-                config_dir.clone(),
-                "--listen".into(),
-                plan.control.to_string(),
-                "--admin".into(),
-                plan.control_admin.to_string(),
-            ],
+                vec![
+                    "--config-dir".into(),
+                    config_dir.clone(),
+                    "--listen".into(),
+                    plan.control.to_string(),
+                    "--admin".into(),
+                    plan.control_admin.to_string(),
+                ],
+                identity.control_args(),
+            ]
+            .concat(),
             work,
         )?;
-    }
+        Some(identity)
+    };
     for slot in &plan.slots {
         // Managed mode: config from tern-control, kept in a state dir per sidecar.
-        let source: Vec<String> = if args.file_mode {
-            vec!["--config-dir".into(), config_dir.clone()]
-        } else {
-            vec![
-                "--control-plane".into(),
-                plan.control.to_string(),
-                "--state-dir".into(),
-                work.join(format!("{}-state", slot.name))
-                    .to_string_lossy()
-                    .into_owned(),
-                "--workload".into(),
-                slot.name.into(),
+        let source: Vec<String> = match &identity {
+            None => vec!["--config-dir".into(), config_dir.clone()],
+            Some(identity) => [
+                vec![
+                    "--control-plane".into(),
+                    plan.control.to_string(),
+                    "--state-dir".into(),
+                    work.join(format!("{}-state", slot.name))
+                        .to_string_lossy()
+                        .into_owned(),
+                    "--workload".into(),
+                    slot.name.into(),
+                ],
+                identity.sidecar_args(slot.name),
             ]
+            .concat(),
         };
         procs.spawn(
             &format!("{}-sidecar", slot.name),
@@ -431,8 +445,18 @@ fn print_banner(plan: &PortPlan, config: &ConfigSource, work: &Path, rps: u32, m
     if managed {
         out.push_str(&format!(
             "\ntern-control: gRPC {}, admin {} (it watches the config and pushes each sidecar \
-             its part;\n  `ternctl status --control-plane {}` shows every sidecar's version and ACK)\n",
-            plan.control, plan.control_admin, plan.control_admin
+             its part;\n  `ternctl status --control-plane {}` shows every sidecar's version, ACK \
+             and certificate)\n\
+             Identity: CA in {} (trust domain {}); each sidecar certifies as \
+             spiffe://{}/ns/{}/sa/<app> with its token from {}\n",
+            plan.control,
+            plan.control_admin,
+            plan.control_admin,
+            work.join("ca").display(),
+            tern_control::ca::DEFAULT_TRUST_DOMAIN,
+            tern_control::ca::DEFAULT_TRUST_DOMAIN,
+            NAMESPACE,
+            work.join("tokens").display()
         ));
     }
     let routes = config.dir().join("routes.yaml");
