@@ -23,7 +23,7 @@ fn route(c: &mut Criterion) {
         .unwrap();
     c.bench_function("route: 1,000 services, second rule", |b| {
         b.iter(|| {
-            let r = tern_proxy::route::route(&active, black_box(&req), "default").unwrap();
+            let r = tern_proxy::route::route(&active, black_box(&req), "default", None).unwrap();
             tern_proxy::route::pick_backend(r.matched.rule).map(|b| b.index)
         })
     });
@@ -38,7 +38,7 @@ fn route(c: &mut Criterion) {
         "route: one service, 1,000 rules, last rule (worst case)",
         |b| {
             b.iter(|| {
-                tern_proxy::route::route(&active, black_box(&worst), "default")
+                tern_proxy::route::route(&active, black_box(&worst), "default", None)
                     .unwrap()
                     .matched
                     .rule

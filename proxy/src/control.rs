@@ -389,7 +389,9 @@ pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, String> {
 fn apply_trust(shared: &Shared, trust: Option<&tern_api::v1::Trust>) -> Result<(), String> {
     let Some(t) = trust else {
         if shared.tls.enabled() {
-            tracing::warn!("the control plane stopped sending a trust bundle; keeping the last one");
+            tracing::warn!(
+                "the control plane stopped sending a trust bundle; keeping the last one"
+            );
         }
         return Ok(());
     };

@@ -172,6 +172,27 @@ pub fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), ProxyErro
 
 /// Rewrites a request for the upstream's protocol: origin-form target plus `Host` for
 /// HTTP/1.1, absolute target (`:scheme`, `:authority`) and no `Host` for HTTP/2.
+/// Says, on a request carried between sidecars over HTTP/2, that the application spoke
+/// HTTP/1.1: the server's sidecar sends it to its application as HTTP/1.1 again.
+pub const ORIG_PROTO: &str = "tern-orig-proto";
+
+/// [`for_upstream`] for `wire`, marking a request whose application protocol (`app`) is
+/// HTTP/1.1 but travels as HTTP/2 between sidecars.
+pub fn for_sidecar<B>(
+    req: &mut Request<B>,
+    wire: Protocol,
+    app: Protocol,
+) -> Result<(), ProxyError> {
+    for_upstream(req, wire)?;
+    if wire == Protocol::H2c && app == Protocol::Http1 {
+        req.headers_mut()
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    } else {
+        req.headers_mut().remove(ORIG_PROTO);
+    }
+    Ok(())
+}
+
 pub fn for_upstream<B>(req: &mut Request<B>, protocol: Protocol) -> Result<(), ProxyError> {
     let authority = match req.uri().authority() {
         Some(a) => Some(HeaderValue::from_str(a.as_str()).map_err(|_| bad_authority())?),

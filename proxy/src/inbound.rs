@@ -1,31 +1,31 @@
-//! The inbound pipeline: requests from other sidecars, forwarded to the local
-//! application over the protocol they arrived in.
+//! The inbound pipeline: requests from other sidecars (over mTLS, with the caller's
+//! identity) or plaintext clients, checked against the Service's AuthorizationPolicies
+//! and RateLimitPolicies, then forwarded to the local application in the protocol it
+//! speaks.
 
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use tern_config::snapshot::Protocol;
+use tern_config::snapshot::{Decision, MtlsMode, Protocol, Rule, ServicePort, authorize};
 
 use crate::body::{Held, ProxyBody, RequestBody};
 use crate::headers;
 use crate::metrics::{Direction, RequestRecorder};
 use crate::outbound::upstream_error;
 use crate::rescue::ProxyError;
-use crate::upstream;
+use crate::server::Conn;
+use crate::state::Active;
+use crate::upstream::{self, Transport};
 use crate::worker::Worker;
 
-pub async fn handle(
-    worker: &Worker,
-    req: Request<Incoming>,
-    peer: std::net::SocketAddr,
-) -> Response<ProxyBody> {
+pub async fn handle(worker: &Worker, req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
     let labels = || worker.unrouted(Direction::Inbound, &worker.app_label);
     let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels());
     recorder.route = Some(worker.inbound_metrics(labels));
-    if let Some(resp) = rate_limit(worker, &req, peer) {
+    if let Some(resp) = check(worker, &req, conn) {
         recorder.finish(resp.status().as_u16());
         return resp;
     }
-    let resp = match serve(worker, req).await {
+    let resp = match serve(worker, req, conn).await {
         Ok(resp) => resp,
         Err(err) => {
             tracing::debug!(error = %err, "inbound request failed");
@@ -36,33 +36,95 @@ pub async fn handle(
     resp
 }
 
-/// Enforces the RateLimitPolicy that covers this request, if any: a rule's (route
-/// target) before its Service's. The Service and rule are found from the authority the
-/// client addressed, as its outbound sidecar routed it. Costs one flag check when no
-/// policy exists.
-fn rate_limit<B>(
-    worker: &Worker,
+/// Whether plaintext to this connection's target is refused: a Service it serves is
+/// strict.
+pub fn requires_mtls(worker: &Worker, conn: &Conn) -> bool {
+    worker.shared.active.load().as_ref().is_some_and(|a| {
+        a.ports_of(conn.target())
+            .iter()
+            .any(|sp| sp.mtls == MtlsMode::Strict)
+    })
+}
+
+/// The Service port a request is for. Among the Service ports whose endpoints include
+/// the address the connection came in on (this sidecar's EndpointSlice address), the
+/// one the request's authority names, else the first; a client cannot pick another
+/// Service's (laxer) policies by naming it. Only when the address is no endpoint at all
+/// does the authority alone decide.
+fn service_port<'a, B>(
+    active: &'a Active,
     req: &Request<B>,
-    peer: std::net::SocketAddr,
-) -> Option<Response<ProxyBody>> {
+    conn: &Conn,
+    namespace: &str,
+) -> Option<&'a std::sync::Arc<ServicePort>> {
+    let named = || {
+        let (host, port) = headers::split_host_port(headers::authority(req)?).ok()?;
+        active.snapshot.resolve(host, port, namespace).ok()
+    };
+    let candidates = active.ports_of(conn.target());
+    if candidates.is_empty() {
+        return named();
+    }
+    match named() {
+        Some(sp) if candidates.iter().any(|c| std::sync::Arc::ptr_eq(c, sp)) => Some(sp),
+        _ => candidates.first(),
+    }
+}
+
+/// Authorization, then rate limits: the answer when the request may not go on. Costs a
+/// flag check and a map lookup when no policy applies.
+fn check<B>(worker: &Worker, req: &Request<B>, conn: &Conn) -> Option<Response<ProxyBody>> {
     let active = worker.shared.active.load();
     let active = active.as_ref()?;
-    if active.rate_limiters.is_empty() {
+    if !active.inbound_policies {
         return None;
     }
-    let (host, port) = headers::split_host_port(headers::authority(req)?).ok()?;
-    let namespace = &worker.shared.settings.namespace;
-    let sp = active.snapshot.resolve(host, port, namespace).ok()?;
+    let sp = service_port(active, req, conn, &worker.shared.settings.namespace)?;
     let uri = req.uri();
     let rule = sp
         .route(req.method(), uri.path(), uri.query(), req.headers())
-        .map(|m| m.rule);
-    let (config, rule) = match rule {
-        Some(r) if r.rate_limit.is_some() => (r.rate_limit.as_ref()?, Some(&**r)),
-        _ => (sp.rate_limit.as_ref()?, rule.map(|r| &**r)),
+        .map(|m| &**m.rule);
+    let metrics = &worker.shared.metrics;
+    let route_authz = rule.and_then(|r| r.authorization.as_deref());
+    match authorize(sp.authorization.as_deref(), route_authz, conn.client_id()) {
+        Decision::Unrestricted => {}
+        Decision::Allowed(policy) => metrics.authz(Some(&policy.name), true),
+        Decision::Denied => {
+            metrics.authz(None, false);
+            let client = conn.client.as_ref().map_or_else(
+                || std::sync::Arc::from("an unauthenticated client"),
+                |c| c.label.clone(),
+            );
+            let target = rule.map_or_else(
+                || std::sync::Arc::from(sp.service.to_string()),
+                |r| r.route.clone(),
+            );
+            tracing::info!(%client, %target, "request not authorized");
+            return Some(ProxyError::Unauthorized { client, target }.into_response());
+        }
+    }
+    rate_limit(worker, active, sp, rule, req, conn)
+}
+
+/// Enforces the RateLimitPolicy that covers this request, if any: a rule's (route
+/// target) before its Service's.
+fn rate_limit<B>(
+    worker: &Worker,
+    active: &Active,
+    sp: &ServicePort,
+    rule: Option<&Rule>,
+    req: &Request<B>,
+    conn: &Conn,
+) -> Option<Response<ProxyBody>> {
+    if active.rate_limiters.is_empty() {
+        return None;
+    }
+    let config = match rule {
+        Some(r) if r.rate_limit.is_some() => r.rate_limit.as_ref()?,
+        _ => sp.rate_limit.as_ref()?,
     };
     let bucket = active.rate_limiters.get(config)?;
-    let key = bucket.key(rule, peer.ip(), req.headers());
+    let key = bucket.key(rule, conn.caller_key, req.headers());
     let route_name = rule.map_or("", |r| &*r.route);
     let result = bucket.check(key);
     worker
@@ -78,11 +140,16 @@ fn rate_limit<B>(
 async fn serve(
     worker: &Worker,
     mut req: Request<Incoming>,
+    conn: &Conn,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let app = worker.shared.settings.app;
+    // Intercepted: the application port the client dialled; else the configured one.
+    let app = conn.original_dst.unwrap_or(worker.shared.settings.app);
     let upgrade = headers::is_upgrade(&req);
     headers::strip_hop_by_hop(req.headers_mut(), upgrade);
-    let protocol = if req.version() == Version::HTTP_2 {
+    // HTTP/1.1 from the calling application travels between sidecars as HTTP/2, marked.
+    let protocol = if req.headers_mut().remove(headers::ORIG_PROTO).is_some() {
+        Protocol::Http1
+    } else if req.version() == Version::HTTP_2 {
         Protocol::H2c
     } else {
         Protocol::Http1
@@ -94,10 +161,17 @@ async fn serve(
         headers::for_upstream(&mut req, protocol)?;
     }
     let sent = if upgrade {
-        Box::pin(upstream::send_upgrade(&worker.app_pool, app, req, None)).await
+        Box::pin(upstream::send_upgrade(
+            &worker.app_pool,
+            app,
+            None,
+            req,
+            None,
+        ))
+        .await
     } else {
         let req = req.map(RequestBody::Stream);
-        upstream::send(&worker.app_pool, app, protocol, req, None)
+        upstream::send(&worker.app_pool, app, Transport::Plain(protocol), req, None)
             .await
             .map_err(|e| e.error)
     };

@@ -196,10 +196,20 @@ impl Rules {
             "inbound TCP -> :{} (skipping ports {}); outbound TCP -> :{} (skipping uid {}, \
              loopback, ports {}, subnets {})",
             self.inbound_port,
-            list(self.skip_inbound_ports.iter().map(|p| p.to_string()).collect()),
+            list(
+                self.skip_inbound_ports
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect()
+            ),
             self.outbound_port,
             self.proxy_uid,
-            list(self.skip_outbound_ports.iter().map(|p| p.to_string()).collect()),
+            list(
+                self.skip_outbound_ports
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect()
+            ),
             list(self.skip_subnets.iter().map(|n| n.to_string()).collect()),
         )
     }
@@ -336,7 +346,9 @@ impl NatState {
                     .windows(2)
                     .any(|w| matches!(w[0], "-j" | "-g" | "--jump" | "--goto") && ours(w[1]));
                 if jumps_to_ours && !ours(chain) {
-                    state.jumps.push((chain.to_string(), spec.trim().to_string()));
+                    state
+                        .jumps
+                        .push((chain.to_string(), spec.trim().to_string()));
                 }
             }
         }
@@ -422,7 +434,10 @@ mod tests {
         );
         // The uid exemption comes before any REDIRECT: the proxy's own connections must
         // never loop back into it.
-        let uid = rules.iter().position(|l| l.contains("--uid-owner")).unwrap();
+        let uid = rules
+            .iter()
+            .position(|l| l.contains("--uid-owner"))
+            .unwrap();
         let redirect = rules
             .iter()
             .position(|l| l.starts_with("-A TERN_OUTPUT") && l.contains("REDIRECT"))
@@ -463,10 +478,20 @@ COMMIT
         let script = rules().apply_script(&now);
         let lines = body(&script);
         // Jumps present once are kept; the duplicate and the foreign-protocol one go.
-        assert!(!lines.iter().any(|l| l.starts_with("-A PREROUTING") || l.starts_with("-A OUTPUT")));
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.starts_with("-A PREROUTING") || l.starts_with("-A OUTPUT"))
+        );
         assert_eq!(
-            lines.iter().filter(|l| l.starts_with("-D")).collect::<Vec<_>>(),
-            [&"-D OUTPUT -p tcp  -j TERN_OUTPUT", &"-D OUTPUT -p udp -j TERN_OUTPUT"]
+            lines
+                .iter()
+                .filter(|l| l.starts_with("-D"))
+                .collect::<Vec<_>>(),
+            [
+                &"-D OUTPUT -p tcp  -j TERN_OUTPUT",
+                &"-D OUTPUT -p udp -j TERN_OUTPUT"
+            ]
         );
         // Our chains are redeclared (= flushed by --noflush restore) and refilled.
         assert!(lines.contains(&":TERN_INBOUND - [0:0]"));
@@ -541,11 +566,17 @@ COMMIT
         }
         let n: Ipv4Net = "10.1.2.3/8".parse().unwrap();
         assert_eq!(n.to_string(), "10.0.0.0/8");
-        assert_eq!("0.0.0.0/0".parse::<Ipv4Net>().unwrap().to_string(), "0.0.0.0/0");
+        assert_eq!(
+            "0.0.0.0/0".parse::<Ipv4Net>().unwrap().to_string(),
+            "0.0.0.0/0"
+        );
         for bad in ["10.0.0.0/33", "fd00::/8", "10.0.0/8", "10.0.0.0/x"] {
             assert!(bad.parse::<Ipv4Net>().is_err(), "{bad}");
         }
-        assert_eq!(parse_list::<PortRange>(&["".into(), " , ".into()]), Ok(vec![]));
+        assert_eq!(
+            parse_list::<PortRange>(&["".into(), " , ".into()]),
+            Ok(vec![])
+        );
         let mut r = rules();
         r.outbound_port = 4143;
         assert_eq!(r.validate(), Err(InitError::SamePorts(4143)));

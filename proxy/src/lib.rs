@@ -20,6 +20,7 @@ pub mod inbound;
 pub mod init;
 pub mod listen;
 pub mod metrics;
+pub mod opaque;
 pub mod outbound;
 pub mod policy;
 pub mod reload;

@@ -23,18 +23,15 @@ use crate::policy::retry::{self, Buffered, Replay};
 use crate::policy::timeout::cap;
 use crate::rescue::ProxyError;
 use crate::route;
+use crate::server::Conn;
 use crate::state::Active;
-use crate::upstream::{self, Admission, SendError, UpstreamError, pool::PooledBody};
+use crate::upstream::{self, Admission, SendError, Transport, UpstreamError, pool::PooledBody};
 use crate::worker::Worker;
 
 /// Response header with the number of attempts a request took (when its route retries).
 pub const TERN_ATTEMPTS: &str = "tern-attempts";
 
-pub async fn handle(
-    worker: &Worker,
-    req: Request<Incoming>,
-    peer: std::net::SocketAddr,
-) -> Response<ProxyBody> {
+pub async fn handle(worker: &Worker, req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
     let mut recorder = RequestRecorder::new(
         &worker.shared.metrics,
         worker.unrouted(Direction::Outbound, &worker.empty),
@@ -48,7 +45,7 @@ pub async fn handle(
     // The one snapshot load of this request: every step below uses this version.
     let mut resp = match worker.shared.active.load_full() {
         None => ProxyError::NotReady.into_response(),
-        Some(active) => match serve(worker, &active, req, peer, &mut recorder, &mut trace).await {
+        Some(active) => match serve(worker, &active, req, conn, &mut recorder, &mut trace).await {
             Ok(resp) => resp,
             Err(err) => {
                 tracing::debug!(error = %err, "outbound request failed");
@@ -71,11 +68,17 @@ async fn serve(
     worker: &Worker,
     active: &Arc<Active>,
     mut req: Request<Incoming>,
-    peer: std::net::SocketAddr,
+    conn: &Conn,
     recorder: &mut RequestRecorder<'_>,
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let routed = route::route(active, &req, &worker.shared.settings.namespace)?;
+    let peer = conn.peer;
+    let routed = route::route(
+        active,
+        &req,
+        &worker.shared.settings.namespace,
+        conn.original_dst,
+    )?;
     let rule = routed.matched.rule;
     let logged = worker.shared.settings.access_log;
     if logged {
@@ -230,8 +233,12 @@ impl Attempts<'_> {
         // One clock read for the request's bookkeeping, refreshed after each attempt.
         let mut now = clock.now_ms();
         self.state.budget.deposit(now);
-        let protocol = self.backend.protocol;
-        headers::for_upstream(&mut req, protocol)?;
+        // Written for mTLS (HTTP/2) when the backend's endpoints are meshed sidecars, else
+        // in the backend's protocol; an attempt to an endpoint of the other kind converts.
+        let app_protocol = self.backend.protocol;
+        let mtls = self.state.meshed && shared.tls.enabled();
+        let mut prepared = if mtls { Protocol::H2c } else { app_protocol };
+        headers::for_sidecar(&mut req, prepared, app_protocol)?;
         let hash = hash_key(self.backend, &req, self.peer);
 
         let retry = self.rule.retry.as_ref();
@@ -266,7 +273,7 @@ impl Attempts<'_> {
         loop {
             trace.attempts += 1;
             let n = trace.attempts;
-            let Some(req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+            let Some(mut req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
                 // Not reached: a retry is only decided with a request to send.
                 return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
             };
@@ -288,9 +295,17 @@ impl Attempts<'_> {
             };
             let addr = picked.addr();
             trace.endpoint = Some(addr);
+            let transport = match picked.identity {
+                Some(id) if mtls => Transport::Mtls(id),
+                _ => Transport::Plain(app_protocol),
+            };
+            if transport.protocol() != prepared {
+                prepared = transport.protocol();
+                headers::for_sidecar(&mut req, prepared, app_protocol)?;
+            }
             let in_flight = picked.load.start();
             let sent_at = Instant::now();
-            let send = upstream::send(&self.worker.pool, addr, protocol, req, Some(admission));
+            let send = upstream::send(&self.worker.pool, addr, transport, req, Some(admission));
             tokio::pin!(send);
             let sent = match self.rule.timeouts.backend_request {
                 None => send.await.map_err(Failure::Send),
@@ -467,13 +482,14 @@ async fn forward_upgrade(
     trace.attempts = 1;
     trace.endpoint = Some(addr);
     headers::for_upstream(&mut req, Protocol::Http1)?;
+    let mtls = picked.identity.filter(|_| shared.tls.enabled());
     let admission = Admission {
         counters: &state.limits,
         limits: policy.limits,
         endpoints: &state.addrs,
     };
     let sent: Result<Response<PooledBody>, UpstreamError> =
-        upstream::send_upgrade(&worker.pool, addr, req, Some(admission)).await;
+        upstream::send_upgrade(&worker.pool, addr, mtls, req, Some(admission)).await;
     let now = shared.clock.now_ms();
     match sent {
         Ok(resp) => {
@@ -545,6 +561,11 @@ pub fn upstream_error(
             source,
         },
         UpstreamError::Handshake(source) | UpstreamError::Request(source) => ProxyError::Upstream {
+            backend,
+            addr,
+            source,
+        },
+        UpstreamError::Tls(source) => ProxyError::Tls {
             backend,
             addr,
             source,

@@ -49,6 +49,15 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    #[error("mTLS to {addr} for {backend}: {source}")]
+    Tls {
+        backend: Arc<str>,
+        addr: SocketAddr,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+    #[error("{client} is not allowed to call {target}")]
+    Unauthorized { client: Arc<str>, target: Arc<str> },
     #[error("request timeout of {0:?} expired")]
     RequestTimeout(Duration),
     #[error("backend request timeout of {0:?} expired")]
@@ -92,7 +101,14 @@ impl ProxyError {
             | ProxyError::Overflow { .. }
             | ProxyError::Overloaded { .. }
             | ProxyError::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Tls {
+                source: crate::tls::TlsError::NoIdentity,
+                ..
+            } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Tls { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::Unauthorized { .. } => StatusCode::FORBIDDEN,
             ProxyError::RequestTimeout(_) | ProxyError::BackendTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -111,6 +127,12 @@ impl ProxyError {
             ProxyError::NoEndpoints(_) => "no-endpoints",
             ProxyError::Connect { .. } => "connect-failed",
             ProxyError::Upstream { .. } => "upstream-failed",
+            ProxyError::Tls {
+                source: crate::tls::TlsError::NoIdentity,
+                ..
+            } => "no-identity",
+            ProxyError::Tls { .. } => "tls-failed",
+            ProxyError::Unauthorized { .. } => "unauthorized",
             ProxyError::RequestTimeout(_) => "request-timeout",
             ProxyError::BackendTimeout(_) => "backend-timeout",
             ProxyError::NotReady => "not-ready",

@@ -15,15 +15,30 @@ pub struct Routed<'a> {
     pub matched: Matched<'a>,
 }
 
-/// Finds the Service port and rule for a request, borrowing from the snapshot only.
+/// Finds the Service port and rule for a request, borrowing from the snapshot only: by
+/// the address the client dialled when the connection was intercepted, else by the
+/// request's authority.
 pub fn route<'a, B>(
     active: &'a Active,
     req: &Request<B>,
     namespace: &str,
+    original_dst: Option<std::net::SocketAddr>,
 ) -> Result<Routed<'a>, ProxyError> {
-    let authority = headers::authority(req).ok_or(ProxyError::MissingAuthority)?;
-    let (host, port) = headers::split_host_port(authority)?;
-    let parent = active.snapshot.resolve(host, port, namespace)?;
+    let named = || -> Result<&'a Arc<ServicePort>, ProxyError> {
+        let authority = headers::authority(req).ok_or(ProxyError::MissingAuthority)?;
+        let (host, port) = headers::split_host_port(authority)?;
+        Ok(active.snapshot.resolve(host, port, namespace)?)
+    };
+    let parent = match original_dst.and_then(|dst| Some((dst, active.snapshot.resolve_addr(dst)?)))
+    {
+        // An endpoint may serve several Services: the one the authority names, if it is
+        // one of them.
+        Some((dst, by_addr)) => match named() {
+            Ok(sp) if active.ports_of(dst).iter().any(|c| Arc::ptr_eq(c, sp)) => sp,
+            _ => by_addr,
+        },
+        None => named()?,
+    };
     let uri = req.uri();
     let matched = parent
         .route(req.method(), uri.path(), uri.query(), req.headers())

@@ -18,8 +18,9 @@ use crate::body::ProxyBody;
 use crate::framing::{self, Verdict};
 use crate::metrics::Direction;
 use crate::rescue::ProxyError;
+use crate::tls::Alpn;
 use crate::worker::Worker;
-use crate::{inbound, outbound};
+use crate::{inbound, opaque, outbound};
 
 /// Limits on what a client may send. Documented in docs/architecture.md.
 #[derive(Debug, Clone, Copy)]
@@ -76,14 +77,23 @@ impl Default for Limits {
 enum Proto {
     Http1,
     Http2,
+    /// Not HTTP: proxied as TCP (only on intercepted connections).
+    Opaque,
+    /// A TLS ClientHello (only looked for on inbound with mTLS on).
+    Tls,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An intercepted connection that has sent nothing HTTP-like by then is TCP (protocols
+/// where the server speaks first send nothing at all).
+const OPAQUE_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Peeks at the first bytes: the HTTP/2 connection preface means HTTP/2 with prior
-/// knowledge; anything else (or nothing before the timeout) is handed to HTTP/1.1,
-/// whose parser answers garbage with a 400.
-async fn detect(stream: &TcpStream, timeout: Duration) -> Proto {
+/// What the first bytes say a connection carries: the HTTP/2 preface, an HTTP/1.1
+/// request line, a TLS record when `tls` is looked for, else TCP when `opaque` is
+/// allowed. Without `opaque`, anything else (or nothing before the timeout) is handed to
+/// HTTP/1.1, whose parser answers garbage with a 400.
+async fn detect(stream: &TcpStream, timeout: Duration, tls: bool, opaque: bool) -> Proto {
+    let other = if opaque { Proto::Opaque } else { Proto::Http1 };
     let peek = async {
         let mut buf = [0u8; 24];
         loop {
@@ -91,19 +101,108 @@ async fn detect(stream: &TcpStream, timeout: Duration) -> Proto {
                 Ok(0) | Err(_) => return Proto::Http1,
                 Ok(n) => n,
             };
-            if !H2_PREFACE.starts_with(&buf[..n]) {
-                return Proto::Http1;
+            let seen = &buf[..n];
+            if tls && seen[0] == 0x16 {
+                return Proto::Tls;
             }
-            if n == H2_PREFACE.len() {
-                return Proto::Http2;
+            let verdict = if H2_PREFACE.starts_with(seen) {
+                (n == H2_PREFACE.len()).then_some(Proto::Http2)
+            } else if !opaque {
+                Some(Proto::Http1)
+            } else {
+                looks_like_http1(seen).map(|h| if h { Proto::Http1 } else { Proto::Opaque })
+            };
+            if let Some(p) = verdict {
+                return p;
             }
-            // A partial preface: wait for the rest (rare; clients send it in one write).
+            // A partial preface or method: wait for the rest (rare: clients send it in
+            // one write).
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     };
-    tokio::time::timeout(timeout, peek)
-        .await
-        .unwrap_or(Proto::Http1)
+    tokio::time::timeout(timeout, peek).await.unwrap_or(other)
+}
+
+/// Whether `b` starts an HTTP/1.x request line (a method token of 3 to 7 capital
+/// letters, then a space); `None` until there are enough bytes to tell.
+fn looks_like_http1(b: &[u8]) -> Option<bool> {
+    for (i, &c) in b.iter().enumerate() {
+        if c == b' ' {
+            return Some((3..=7).contains(&i));
+        }
+        if !c.is_ascii_uppercase() || i >= 7 {
+            return Some(false);
+        }
+    }
+    None
+}
+
+/// What every request of one client connection shares.
+#[derive(Debug)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    /// Where the client was really going, when iptables redirected the connection here
+    /// (SO_ORIGINAL_DST); `None` when it dialled the listener itself.
+    pub original_dst: Option<SocketAddr>,
+    /// The listener's own address.
+    pub local: SocketAddr,
+    /// The client sidecar's identity, on inbound mTLS.
+    pub client: Option<Client>,
+    /// The rate-limit key of this caller: its identity, else its IP.
+    pub caller_key: u64,
+}
+
+#[derive(Debug)]
+pub struct Client {
+    pub id: tern_config::identity::SpiffeId,
+    /// `id` as a string, for metrics and logs.
+    pub label: Arc<str>,
+}
+
+impl Conn {
+    fn new(peer: SocketAddr, original_dst: Option<SocketAddr>, local: SocketAddr) -> Self {
+        use crate::balance::hash::key_hash;
+        let caller_key = match peer.ip() {
+            std::net::IpAddr::V4(ip) => key_hash(&ip.octets()),
+            std::net::IpAddr::V6(ip) => key_hash(&ip.octets()),
+        };
+        Conn {
+            peer,
+            original_dst,
+            local,
+            client: None,
+            caller_key,
+        }
+    }
+
+    fn with_client(mut self, id: tern_config::identity::SpiffeId) -> Self {
+        let label: Arc<str> = Arc::from(id.to_string());
+        self.caller_key = crate::balance::hash::key_hash(label.as_bytes());
+        self.client = Some(Client { id, label });
+        self
+    }
+
+    /// The address the connection is for: where the client was going, else this
+    /// listener (whose address is what EndpointSlices name when nothing intercepts).
+    pub fn target(&self) -> SocketAddr {
+        self.original_dst.unwrap_or(self.local)
+    }
+
+    pub fn client_id(&self) -> Option<&tern_config::identity::SpiffeId> {
+        self.client.as_ref().map(|c| &c.id)
+    }
+}
+
+/// The destination an iptables REDIRECT rewrote, if it differs from the listener's own.
+fn original_dst(stream: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let dst = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    }
+    .ok()?
+    .as_socket()?;
+    (dst != local).then_some(dst)
 }
 
 /// Decrements the open-connections gauge however the connection ends.
@@ -131,24 +230,112 @@ pub async fn serve(
         worker: &worker,
         direction,
     };
-    let limits = worker.shared.settings.limits;
-    let proto = detect(&stream, limits.header_read_timeout).await;
-    // Each protocol's connection state is boxed separately, so an HTTP/1.1 connection
-    // does not carry the (larger) HTTP/2 state in its task, and vice versa.
-    match proto {
-        Proto::Http1 => Box::pin(serve_h1(&worker, stream, peer, direction, limits, drain)).await,
-        Proto::Http2 => Box::pin(serve_h2(&worker, stream, peer, direction, limits, drain)).await,
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let original_dst = original_dst(&stream, local);
+    let conn = Conn::new(peer, original_dst, local);
+    // Each kind of connection's state is boxed separately, so an HTTP/1.1 connection
+    // does not carry the (larger) HTTP/2 or TLS state in its task, and vice versa.
+    match direction {
+        Direction::Outbound => Box::pin(serve_outbound(&worker, stream, conn, drain)).await,
+        Direction::Inbound => Box::pin(serve_inbound(&worker, stream, conn, drain)).await,
     }
 }
 
-async fn serve_h1(
+/// A connection from the local application.
+async fn serve_outbound(
     worker: &Arc<Worker>,
     stream: TcpStream,
-    peer: SocketAddr,
+    conn: Conn,
+    drain: watch::Receiver<bool>,
+) {
+    let limits = worker.shared.settings.limits;
+    let direction = Direction::Outbound;
+    let (timeout, opaque) = match conn.original_dst {
+        None => (limits.header_read_timeout, false),
+        Some(dst) => {
+            // Intercepted: a destination outside the mesh is passed through untouched.
+            let known = worker
+                .shared
+                .active
+                .load()
+                .as_ref()
+                .is_some_and(|a| a.snapshot.resolve_addr(dst).is_some());
+            if !known {
+                return opaque::passthrough(stream, dst).await;
+            }
+            (OPAQUE_DETECT_TIMEOUT, true)
+        }
+    };
+    let conn = Arc::new(conn);
+    match detect(&stream, timeout, false, opaque).await {
+        Proto::Http2 => Box::pin(serve_h2(worker, stream, conn, direction, limits, drain)).await,
+        Proto::Opaque => opaque::outbound(worker, stream, &conn).await,
+        _ => Box::pin(serve_h1(worker, stream, conn, direction, limits, drain)).await,
+    }
+}
+
+/// A connection from another sidecar (mTLS) or a plaintext client.
+async fn serve_inbound(
+    worker: &Arc<Worker>,
+    stream: TcpStream,
+    conn: Conn,
+    drain: watch::Receiver<bool>,
+) {
+    let shared = &worker.shared;
+    let limits = shared.settings.limits;
+    let direction = Direction::Inbound;
+    let tls = shared.tls.enabled();
+    let (timeout, opaque) = match conn.original_dst {
+        None => (limits.header_read_timeout, false),
+        Some(_) => (OPAQUE_DETECT_TIMEOUT, true),
+    };
+    let proto = detect(&stream, timeout, tls, opaque).await;
+    if proto == Proto::Tls {
+        let (stream, id, alpn) = match shared.tls.accept(stream).await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                shared.metrics.tls_handshake(direction, err.reason());
+                tracing::warn!(peer = %conn.peer, reason = err.reason(), %err, "inbound mTLS refused");
+                return;
+            }
+        };
+        shared.metrics.tls_handshake(direction, "ok");
+        let conn = Arc::new(conn.with_client(id));
+        shared
+            .metrics
+            .inbound_client(conn.client.as_ref().map(|c| &c.label));
+        return match alpn {
+            Alpn::H2 => Box::pin(serve_h2(worker, stream, conn, direction, limits, drain)).await,
+            Alpn::Http1 => Box::pin(serve_h1(worker, stream, conn, direction, limits, drain)).await,
+            Alpn::Opaque => opaque::inbound(worker, stream, &conn).await,
+        };
+    }
+    if tls && inbound::requires_mtls(worker, &conn) {
+        shared.metrics.tls_handshake(direction, "plaintext_refused");
+        tracing::warn!(peer = %conn.peer, target = %conn.target(), "plaintext refused: the Service's mtls-mode is strict");
+        return;
+    }
+    shared.metrics.inbound_client(None);
+    let conn = Arc::new(conn);
+    match proto {
+        Proto::Http2 => Box::pin(serve_h2(worker, stream, conn, direction, limits, drain)).await,
+        Proto::Opaque => opaque::inbound(worker, stream, &conn).await,
+        _ => Box::pin(serve_h1(worker, stream, conn, direction, limits, drain)).await,
+    }
+}
+
+async fn serve_h1<S>(
+    worker: &Arc<Worker>,
+    stream: S,
+    conn: Arc<Conn>,
     direction: Direction,
     limits: Limits,
     mut drain: watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let findings = Arc::new(framing::Findings::default());
     let io = TokioIo::new(framing::Guarded::new(
         stream,
@@ -158,11 +345,12 @@ async fn serve_h1(
     let next_index = Cell::new(0u64);
     let svc = service_fn(move |req| {
         let w = w.clone();
+        let conn = conn.clone();
         let index = next_index.replace(next_index.get() + 1);
         let verdict = findings.verdict(index);
         async move {
             let resp = match verdict {
-                Verdict::Ok => dispatch(&w, direction, peer, req).await,
+                Verdict::Ok => dispatch(&w, direction, &conn, req).await,
                 bad => refuse(&w, direction, bad),
             };
             Ok::<_, Infallible>(resp)
@@ -186,14 +374,16 @@ async fn serve_h1(
     }
 }
 
-async fn serve_h2(
+async fn serve_h2<S>(
     worker: &Arc<Worker>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: S,
+    conn: Arc<Conn>,
     direction: Direction,
     limits: Limits,
     mut drain: watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(stream);
     let (threshold, pending_resets) = match direction {
         Direction::Outbound => (
@@ -210,9 +400,10 @@ async fn serve_h2(
     let g = guard.clone();
     let svc = service_fn(move |req| {
         let w = w.clone();
+        let conn = conn.clone();
         let stream = StreamGuard::new(g.clone());
         async move {
-            let resp = dispatch(&w, direction, peer, req).await;
+            let resp = dispatch(&w, direction, &conn, req).await;
             stream.finish();
             Ok::<_, Infallible>(resp)
         }
@@ -253,12 +444,12 @@ async fn serve_h2(
 async fn dispatch(
     worker: &Worker,
     direction: Direction,
-    peer: SocketAddr,
+    conn: &Conn,
     req: http::Request<hyper::body::Incoming>,
 ) -> http::Response<crate::body::ProxyBody> {
     match direction {
-        Direction::Outbound => outbound::handle(worker, req, peer).await,
-        Direction::Inbound => inbound::handle(worker, req, peer).await,
+        Direction::Outbound => outbound::handle(worker, req, conn).await,
+        Direction::Inbound => inbound::handle(worker, req, conn).await,
     }
 }
 
@@ -424,10 +615,11 @@ mod size_tests {
         let stream = || TcpStream::connect(addr);
 
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let conn = || Arc::new(Conn::new(peer, None, addr));
         let h1 = serve_h1(
             &worker,
             stream().await.unwrap(),
-            peer,
+            conn(),
             out,
             limits,
             rx.clone(),
@@ -435,7 +627,7 @@ mod size_tests {
         let h2 = serve_h2(
             &worker,
             stream().await.unwrap(),
-            peer,
+            conn(),
             out,
             limits,
             rx.clone(),

@@ -77,6 +77,12 @@ pub struct Active {
     pub balancer: Balancer,
     /// RateLimitPolicy buckets, carried across versions when unchanged.
     pub rate_limiters: RateLimiters,
+    /// Whether any inbound policy (rate limit, authorization) exists: without one, an
+    /// inbound request skips the route match.
+    pub inbound_policies: bool,
+    /// The Service ports each endpoint address serves (for inbound: which Services a
+    /// request to this sidecar may be for).
+    endpoint_ports: FxHashMap<SocketAddr, Vec<Arc<ServicePort>>>,
     /// `parent_name` metric labels (`ns/name:port`), keyed by the address of the
     /// `ServicePort` inside `snapshot` (stable: the snapshot is immutable and kept alive
     /// by this struct), so a request does not format a label.
@@ -106,6 +112,29 @@ impl Active {
             .filter_map(|sp| sp.rate_limit.as_ref())
             .chain(balance::rules(&snapshot).filter_map(|r| r.rate_limit.as_ref()));
         let rate_limiters = RateLimiters::new(limits, previous.map(|p| &p.rate_limiters));
+        let authz = snapshot
+            .services
+            .values()
+            .flat_map(|s| s.ports.iter())
+            .any(|sp| sp.authorization.is_some())
+            || balance::rules(&snapshot).any(|r| r.authorization.is_some());
+        let inbound_policies = authz || !rate_limiters.is_empty();
+        let mut endpoint_ports: FxHashMap<SocketAddr, Vec<Arc<ServicePort>>> = FxHashMap::default();
+        for b in &snapshot.backends {
+            let Some(sp) = snapshot
+                .services
+                .get(&b.service)
+                .and_then(|s| s.ports.iter().find(|p| p.port == b.port))
+            else {
+                continue;
+            };
+            for e in &b.endpoints {
+                let ports = endpoint_ports.entry(e.addr).or_default();
+                if !ports.iter().any(|p| Arc::ptr_eq(p, sp)) {
+                    ports.push(sp.clone());
+                }
+            }
+        }
         let mut parent_labels = FxHashMap::default();
         for svc in snapshot.services.values() {
             for sp in &svc.ports {
@@ -119,8 +148,15 @@ impl Active {
             snapshot: Arc::new(snapshot),
             balancer,
             rate_limiters,
+            inbound_policies,
+            endpoint_ports,
             parent_labels,
         }
+    }
+
+    /// The Service ports whose endpoints include `addr` (empty: none).
+    pub fn ports_of(&self, addr: SocketAddr) -> &[Arc<ServicePort>] {
+        self.endpoint_ports.get(&addr).map_or(&[], Vec::as_slice)
     }
 
     pub fn parent_label(&self, sp: &Arc<ServicePort>) -> Arc<str> {

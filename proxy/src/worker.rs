@@ -34,9 +34,9 @@ struct MetricsCache {
 impl Worker {
     pub fn new(shared: Arc<Shared>) -> Arc<Self> {
         Arc::new(Worker {
+            pool: Pool::new(PoolSettings::default(), shared.clone()),
+            app_pool: Pool::new(PoolSettings::default(), shared.clone()),
             shared,
-            pool: Pool::new(PoolSettings::default()),
-            app_pool: Pool::new(PoolSettings::default()),
             empty: Arc::from(""),
             app_label: Arc::from("app"),
             metrics_cache: Mutex::default(),

@@ -19,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use rustc_hash::FxHashMap;
 use serde_json::Value;
 use tern_config::Snapshot;
-use tern_config::snapshot::{Algorithm, ConcurrencyLimit, Rule};
+use tern_config::snapshot::{Algorithm, ConcurrencyLimit, EndpointIdentity, Rule};
 
 use crate::metrics::Metrics;
 use crate::policy::breaker::{Admit, BackendCircuits, Clock, EndpointCircuit};
@@ -38,6 +38,10 @@ pub struct BackendState {
     pub loads: Box<[Arc<Load>]>,
     /// The address of each endpoint, parallel to `circuits.endpoints`.
     pub addrs: Box<[SocketAddr]>,
+    /// The identity each endpoint must present over mTLS, parallel to `addrs`.
+    identities: Box<[Option<Arc<EndpointIdentity>>]>,
+    /// Whether any endpoint has one (then requests are prepared for mTLS and HTTP/2).
+    pub meshed: bool,
     tiers: Tiers,
     /// The consistent-hash table, for RingHash and Maglev.
     table: Option<Table>,
@@ -64,6 +68,8 @@ pub enum PickError {
 /// is released for another request.
 pub struct Picked<'a> {
     pub circuit: &'a EndpointCircuit,
+    /// The identity the endpoint must present, if it is a meshed sidecar.
+    pub identity: Option<&'a EndpointIdentity>,
     pub load: &'a Arc<Load>,
     pub probe: bool,
     recorded: bool,
@@ -110,20 +116,7 @@ impl BackendState {
             return Err(PickError::NoEndpoints);
         }
         let usable = |i: usize| avoid != Some(eps[i].addr) && !self.loads[i].backing_off(now_ms);
-        let take = |i: usize| -> Option<Picked<'_>> {
-            let probe = match eps[i].admit(now_ms) {
-                Admit::Yes => false,
-                Admit::Probe => true,
-                Admit::No => return None,
-            };
-            self.tier_requests[self.tiers.tier_of[i] as usize].inc();
-            Some(Picked {
-                circuit: &eps[i],
-                load: &self.loads[i],
-                probe,
-                recorded: false,
-            })
-        };
+        let take = |i: usize| self.take(i, now_ms);
         let algorithm = self.circuits.policy.load_balancer.algorithm;
         if let (Some(table), Some(h)) = (&self.table, hash)
             && let Some(p) = table
@@ -182,6 +175,30 @@ impl BackendState {
             .chain(avoided)
             .find_map(take)
             .ok_or(PickError::AllEjected)
+    }
+
+    /// Endpoint `i`, if its circuit admits a request now.
+    fn take(&self, i: usize, now_ms: u64) -> Option<Picked<'_>> {
+        let eps = &self.circuits.endpoints;
+        let probe = match eps[i].admit(now_ms) {
+            Admit::Yes => false,
+            Admit::Probe => true,
+            Admit::No => return None,
+        };
+        self.tier_requests[self.tiers.tier_of[i] as usize].inc();
+        Some(Picked {
+            circuit: &eps[i],
+            identity: self.identities[i].as_deref(),
+            load: &self.loads[i],
+            probe,
+            recorded: false,
+        })
+    }
+
+    /// The endpoint at `addr` (one a client dialled itself), if its circuit admits it.
+    pub fn pick_addr(&self, addr: SocketAddr, now_ms: u64) -> Option<Picked<'_>> {
+        let i = self.addrs.iter().position(|a| *a == addr)?;
+        self.take(i, now_ms)
     }
 
     /// Records the outcome of an attempt at `picked` for its circuit.
@@ -332,6 +349,11 @@ impl Balancer {
                     });
                 }
                 let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+                let identities: Box<[_]> = ready
+                    .iter()
+                    .map(|&i| b.endpoints[i].identity.clone())
+                    .collect();
+                let meshed = identities.iter().any(Option::is_some);
                 let lb = &policy.load_balancer;
                 let table = match (lb.algorithm, &lb.hash) {
                     (Algorithm::RingHash, Some(_)) => Some(Table::ring(&addrs)),
@@ -353,6 +375,8 @@ impl Balancer {
                     },
                     loads: loads.into(),
                     addrs: addrs.clone().into(),
+                    identities,
+                    meshed,
                     tiers: Tiers::new(&b.endpoints, &ready, place, lb.locality),
                     table,
                     cursor: AtomicUsize::new(start),

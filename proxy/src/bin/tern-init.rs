@@ -90,7 +90,11 @@ fn run(args: Args) -> Result<()> {
         if !after.chains.is_empty() || !after.jumps.is_empty() {
             bail!("rules still present after cleaning: {after:?}");
         }
-        eprintln!("tern-init: removed {} and {} [{mode}]", init::INBOUND_CHAIN, init::OUTPUT_CHAIN);
+        eprintln!(
+            "tern-init: removed {} and {} [{mode}]",
+            init::INBOUND_CHAIN,
+            init::OUTPUT_CHAIN
+        );
         return Ok(());
     }
 
@@ -135,7 +139,11 @@ fn restore(mode: Mode, script: &str) -> Result<()> {
 fn exec(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let mut child = Command::new(bin)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -118,16 +118,9 @@ pub async fn run(shared: Arc<Shared>, cfg: ControlSettings) {
             (None, _) => None,
             (Some(_), None) => Some(0),
             (Some(t), Some(c)) if c.issuer_id != t.issuer_id => Some(0),
-            (Some(_), Some(c)) => Some(renew_at(
-                c.not_before,
-                c.not_after,
-                rng.f64() * 2.0 - 1.0,
-            )),
+            (Some(_), Some(c)) => Some(renew_at(c.not_before, c.not_after, rng.f64() * 2.0 - 1.0)),
         };
-        let wait = match due {
-            None => None,
-            Some(at) => Some(Duration::from_secs((at - now_unix()).max(0) as u64)),
-        };
+        let wait = due.map(|at| Duration::from_secs((at - now_unix()).max(0) as u64));
         match wait {
             Some(w) if w.is_zero() => {}
             Some(w) => {

@@ -214,14 +214,17 @@ impl Tls {
     /// issuer asks for a new certificate at once.
     pub fn set_trust(&self, trust: Trust) -> Result<bool, TlsError> {
         let _updating = self.updating.lock().unwrap_or_else(|e| e.into_inner());
-        if self.trust.load().as_ref().is_some_and(|t| t.same_as(&trust)) {
-            return Ok(false);
-        }
-        let stale = self
-            .creds
+        if self
+            .trust
             .load()
             .as_ref()
-            .is_none_or(|c| c.issuer_id != trust.issuer_id || c.id.trust_domain != trust.trust_domain);
+            .is_some_and(|t| t.same_as(&trust))
+        {
+            return Ok(false);
+        }
+        let stale = self.creds.load().as_ref().is_none_or(|c| {
+            c.issuer_id != trust.issuer_id || c.id.trust_domain != trust.trust_domain
+        });
         let trust = Arc::new(trust);
         if let Some(creds) = self.creds.load_full() {
             self.configs

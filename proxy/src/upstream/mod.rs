@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use tern_config::snapshot::Protocol;
 
 use pool::{Pool, PooledBody};
-use tern_config::snapshot::Limits;
+use tern_config::snapshot::{EndpointIdentity, Limits};
 
 use crate::body::RequestBody;
 use crate::policy::limits::{Counters, Limit, Slot};
@@ -25,6 +25,8 @@ pub enum UpstreamError {
     Handshake(#[source] hyper::Error),
     #[error("{0}")]
     Request(#[source] hyper::Error),
+    #[error("{0}")]
+    Tls(#[source] crate::tls::TlsError),
     /// A backend limit (connections or pending requests) is full: (limit, its maximum).
     #[error("{limit} limit of {max} reached", limit = .0.as_str(), max = .1)]
     Overflow(Limit, u32),
@@ -52,6 +54,7 @@ impl SendError {
         match &self.error {
             UpstreamError::Connect(_)
             | UpstreamError::Handshake(_)
+            | UpstreamError::Tls(_)
             | UpstreamError::Overflow(..) => false,
             UpstreamError::Request(err) => self.request.is_none() && !is_refused_stream(err),
         }
@@ -87,19 +90,42 @@ impl Admission<'_> {
     }
 }
 
-/// Sends `req` (already rewritten for `protocol`) to `addr`. `admission`: the backend's
-/// limits, when it has any (the local application has none).
+/// How an endpoint is reached.
+#[derive(Debug, Clone, Copy)]
+pub enum Transport<'a> {
+    /// Plain TCP in the backend's protocol.
+    Plain(Protocol),
+    /// mTLS and HTTP/2 to another sidecar, which must present this identity.
+    Mtls(&'a EndpointIdentity),
+}
+
+impl Transport<'_> {
+    /// The protocol requests are written in on the wire.
+    pub fn protocol(self) -> Protocol {
+        match self {
+            Transport::Plain(p) => p,
+            Transport::Mtls(_) => Protocol::H2c,
+        }
+    }
+}
+
+/// Sends `req` (already rewritten for `transport`'s protocol) to `addr`. `admission`: the
+/// backend's limits, when it has any (the local application has none).
 pub async fn send(
     pool: &Arc<Pool>,
     addr: SocketAddr,
-    protocol: Protocol,
+    transport: Transport<'_>,
     req: Request<RequestBody>,
     admission: Option<Admission<'_>>,
 ) -> Result<Response<PooledBody>, SendError> {
-    match protocol {
-        Protocol::Http1 => send_h1(pool, addr, req, admission).await,
-        Protocol::H2c => {
-            let mut sender = match pool.h2(addr, admission).await {
+    let mtls = match transport {
+        Transport::Plain(Protocol::Http1) => return send_h1(pool, addr, req, admission).await,
+        Transport::Plain(Protocol::H2c) => None,
+        Transport::Mtls(id) => Some(id),
+    };
+    {
+        {
+            let mut sender = match pool.h2(addr, mtls, admission).await {
                 Ok(s) => s,
                 Err(err) => return Err(SendError::new(err, Some(req))),
             };
@@ -131,7 +157,7 @@ async fn send_h1(
             Some(s) => (s, true),
             // Boxed: connecting is the cold path, and its large state would otherwise be
             // moved around with every request's future.
-            None => match Box::pin(pool.connect_h1(addr, false, admission)).await {
+            None => match Box::pin(pool.connect_h1(addr, false, None, admission)).await {
                 Ok(s) => (s, false),
                 Err(err) => return Err(SendError::new(err, Some(req))),
             },
@@ -165,12 +191,13 @@ async fn send_h1(
 pub async fn send_upgrade(
     pool: &Arc<Pool>,
     addr: SocketAddr,
+    mtls: Option<&EndpointIdentity>,
     mut req: Request<Incoming>,
     admission: Option<Admission<'_>>,
 ) -> Result<Response<PooledBody>, UpstreamError> {
     let client = hyper::upgrade::on(&mut req);
     let req = req.map(RequestBody::Stream);
-    let mut conn = pool.connect_h1(addr, true, admission).await?;
+    let mut conn = pool.connect_h1(addr, true, mtls, admission).await?;
     let mut resp = conn
         .sender
         .send_request(req)

@@ -20,7 +20,11 @@ use tokio::net::TcpStream;
 
 use super::{Admission, UpstreamError};
 use crate::body::RequestBody;
+use crate::metrics::Direction;
 use crate::policy::limits::{Limit, Slot};
+use crate::state::Shared;
+use crate::tls::Alpn;
+use tern_config::snapshot::EndpointIdentity;
 
 pub type H1Sender = http1::SendRequest<RequestBody>;
 
@@ -33,6 +37,8 @@ pub struct H1Conn {
     _slot: Option<Slot>,
 }
 pub type H2Sender = http2::SendRequest<RequestBody>;
+/// An HTTP/1.1 connection's task, over plain TCP or mTLS.
+type H1Task = Pin<Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>>;
 
 /// Idle HTTP/1.1 connections older than this are closed rather than reused: most servers
 /// time idle keep-alive connections out after 60-75 s, and reusing one that the server is
@@ -60,15 +66,19 @@ impl Default for PoolSettings {
 
 pub struct Pool {
     settings: PoolSettings,
+    /// For mTLS (the sidecar's identity) and handshake metrics.
+    shared: Arc<Shared>,
     // FxHash: the keys are endpoint addresses from the config, not attacker input.
     h1_idle: Mutex<FxHashMap<SocketAddr, Vec<(H1Conn, Instant)>>>,
-    h2: Mutex<FxHashMap<SocketAddr, H2Sender>>,
+    /// Shared HTTP/2 connections by endpoint and whether they are mTLS.
+    h2: Mutex<FxHashMap<(SocketAddr, bool), H2Sender>>,
 }
 
 impl Pool {
-    pub fn new(settings: PoolSettings) -> Arc<Self> {
+    pub fn new(settings: PoolSettings, shared: Arc<Shared>) -> Arc<Self> {
         Arc::new(Pool {
             settings,
+            shared,
             h1_idle: Mutex::default(),
             h2: Mutex::default(),
         })
@@ -148,23 +158,39 @@ impl Pool {
         Ok((Some(pending), Some(slot)))
     }
 
-    /// A new HTTP/1.1 connection, within the backend's limits when `admission` is given.
+    /// A new HTTP/1.1 connection, within the backend's limits when `admission` is given;
+    /// over mTLS when `mtls` names the identity the endpoint must have (upgrades only:
+    /// other requests between sidecars go over HTTP/2).
     pub async fn connect_h1(
         &self,
         addr: SocketAddr,
         upgrades: bool,
+        mtls: Option<&EndpointIdentity>,
         admission: Option<Admission<'_>>,
     ) -> Result<H1Conn, UpstreamError> {
         let (_pending, slot) = self.connecting_slots(admission)?;
-        let io = TokioIo::new(self.connect_tcp(addr).await?);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(UpstreamError::Handshake)?;
+        let tcp = self.connect_tcp(addr).await?;
+        let (sender, conn) = match mtls {
+            None => {
+                let (sender, conn) = http1::Builder::new()
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                (sender, Box::pin(conn.with_upgrades()) as H1Task)
+            }
+            Some(expected) => {
+                let tls = self.mtls(tcp, expected, Alpn::Http1).await?;
+                let (sender, conn) = http1::Builder::new()
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                (sender, Box::pin(conn.with_upgrades()) as H1Task)
+            }
+        };
         if upgrades {
             // The tunnel outlives the sender: the connection task holds the slot.
             tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
+                let _ = conn.await;
                 drop(slot);
             });
             return Ok(H1Conn {
@@ -181,53 +207,94 @@ impl Pool {
         })
     }
 
-    /// The shared HTTP/2 connection to `addr`, connecting if there is none open.
+    /// The shared HTTP/2 connection to `addr` (mTLS when `mtls` names the identity the
+    /// endpoint must have), connecting if there is none open.
     pub async fn h2(
         &self,
         addr: SocketAddr,
+        mtls: Option<&EndpointIdentity>,
         admission: Option<Admission<'_>>,
     ) -> Result<H2Sender, UpstreamError> {
+        let key = (addr, mtls.is_some());
         {
             let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = map.get(&addr) {
+            if let Some(s) = map.get(&key) {
                 if !s.is_closed() {
                     return Ok(s.clone());
                 }
-                map.remove(&addr);
+                map.remove(&key);
             }
         }
-        Box::pin(self.connect_h2(addr, admission)).await
+        Box::pin(self.connect_h2(addr, mtls, admission)).await
     }
 
     /// The cold part of [`Pool::h2`], kept out of the per-request future.
     async fn connect_h2(
         &self,
         addr: SocketAddr,
+        mtls: Option<&EndpointIdentity>,
         admission: Option<Admission<'_>>,
     ) -> Result<H2Sender, UpstreamError> {
         let (_pending, slot) = self.connecting_slots(admission)?;
-        let io = TokioIo::new(self.connect_tcp(addr).await?);
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        let tcp = self.connect_tcp(addr).await?;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
             .initial_stream_window_size(self.settings.h2_stream_window)
             .initial_connection_window_size(self.settings.h2_connection_window)
             .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(io)
-            .await
-            .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(slot);
-        });
+            .keep_alive_timeout(Duration::from_secs(10));
+        let sender = match mtls {
+            None => {
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(slot);
+                });
+                sender
+            }
+            Some(expected) => {
+                let tls = self.mtls(tcp, expected, Alpn::H2).await?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(slot);
+                });
+                sender
+            }
+        };
         self.h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(addr, sender.clone());
+            .insert((addr, mtls.is_some()), sender.clone());
         Ok(sender)
     }
 
-    async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    /// mTLS over a new connection to another sidecar, counted by result.
+    pub async fn mtls(
+        &self,
+        tcp: TcpStream,
+        expected: &EndpointIdentity,
+        alpn: Alpn,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
+        let result = self.shared.tls.connect(tcp, expected, alpn).await;
+        let label = result.as_ref().map_or_else(|e| e.reason(), |_| "ok");
+        self.shared
+            .metrics
+            .tls_handshake(Direction::Outbound, label);
+        if let Err(err) = &result {
+            tracing::warn!(%err, "mTLS to another sidecar failed");
+        }
+        result.map_err(UpstreamError::Tls)
+    }
+
+    pub async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
         let stream = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
