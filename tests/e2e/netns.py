@@ -7,14 +7,16 @@
         srv = b.popen([sys.executable, "-c", CODE], name="server")
         a.run(["curl", f"http://{b.ip}:8080/"])
         a.popen([str(binary("tern-proxy")), ...], uid=PROXY_UID)   # the sidecar as 2102
-        # tern-control in the root namespace listens on mesh_net.host_ip
+        mesh_net.popen([binary("tern-control"), ...])  # root namespace, on mesh_net.host_ip
 
 Layout: a bridge in the root namespace with `host_ip` (10.X.Y.1/24), and per pod a
 namespace with `lo` up, `eth0` (a veth whose other end is on the bridge) at 10.X.Y.2.., and
-a default route via the bridge. Names carry a per-run id (`tn` + pid), so parallel runs do not
-collide (`tern` + pid + a counter); anything left by a run whose process is gone is swept before a new one starts, and
-`close()` (a fixture finalizer) always removes what it made. Needs root and `ip netns`;
-otherwise the fixture skips with the reason. Every wait is bounded.
+a default route via the bridge. Names carry a per-run id (`tern` + pid + a counter), so
+parallel runs do not collide; what a run whose process is gone left behind is swept before
+a new one starts, and `close()` (a fixture finalizer) always removes what it made. Needs
+root and `ip netns`; otherwise the fixture skips with the reason. Every wait is bounded.
+Processes run as another uid (`uid=`) must be able to read their binary and script: pass
+code with `-c`, not a file in pytest's root-only tmp_path.
 """
 
 from __future__ import annotations
@@ -171,6 +173,15 @@ class Pod:
         """Starts tcpdump on this pod's eth0 (see `Capture`)."""
         return Capture(self, bpf, name)
 
+    def wait_listening(self, port: int, timeout: float = 10):
+        """Waits until something in this pod listens on TCP `port`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.run(["ss", "-Hltn", f"sport = :{port}"], check=False).stdout.strip():
+                return
+            time.sleep(0.05)
+        pytest.fail(f"nothing listens on {self.ns}:{port} after {timeout}s")
+
     def tern_init(self, *args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess:
         """Runs tern-init (target/debug, like the other binaries) in this pod."""
         return self.run([binary("tern-init"), *args], check=check, timeout=timeout)
@@ -191,6 +202,7 @@ class Netns:
         self.host_ip = self.prefix + "1"
         self.subnet = self.prefix + "0/24"
         self.pods: list[Pod] = []
+        self.host_procs: list[Proc] = []
         self._made_bridge = False
         try:
             sh(["ip", "link", "add", self.bridge, "type", "bridge"])
@@ -238,15 +250,12 @@ class Netns:
         self.pods = []
         self._made_bridge = False
 
-    def wait_listening(self, pod: Pod, port: int, timeout: float = 10):
-        """Waits until something in `pod` listens on TCP `port`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = pod.run(["ss", "-Hltn", f"sport = :{port}"], check=False).stdout
-            if out.strip():
-                return
-            time.sleep(0.05)
-        pytest.fail(f"nothing listens on {pod.ns}:{port} after {timeout}s")
+    def popen(self, argv: list, name: str | None = None, env: dict | None = None) -> Proc:
+        """Starts a process in the root namespace (e.g. tern-control on `host_ip`), stopped
+        by `close()` with the pods' processes."""
+        p = Proc(name or f"{self.bridge}-{Path(str(argv[0])).name}-{len(self.host_procs)}", argv, self.log_dir, env=env)
+        self.host_procs.append(p)
+        return p
 
 
 def netns_fixture(n_pods: int = 2, scope: str = "function"):

@@ -23,10 +23,10 @@ net = netns_fixture(n_pods=2)
 # A Python for processes that drop to another uid (pyenv builds may live under /root).
 PY_ANY_UID = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
-SERVER = r"""
+# One program, two uses: `serve NAME PORTS` (the servers and the fake sidecar) and
+# `get HOST PORT PATH` (the client: prints the answer's JSON, or {"error"}).
+PROG = r"""
 import json, os, socket, struct, sys, threading
-
-name, ports = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
 
 def orig_dst(conn):
     try:
@@ -35,9 +35,9 @@ def orig_dst(conn):
         return None
     return "%s:%d" % (socket.inet_ntoa(raw[4:8]), struct.unpack(">H", raw[2:4])[0])
 
-def dial(host, port):
+def dial(host, port, path="/"):
     with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        s.sendall(b"GET " + path.encode() + b" HTTP/1.0\r\n\r\n")
         data = b""
         while True:
             chunk = s.recv(65536)
@@ -74,6 +74,13 @@ def accept_loop(srv):
         conn, _ = srv.accept()
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
+if sys.argv[1] == "get":
+    try:
+        print(json.dumps(dial(*sys.argv[2:5])))
+    except (OSError, ValueError) as e:
+        print(json.dumps({"error": repr(e)}))
+    sys.exit(0)
+name, ports = sys.argv[2], [int(p) for p in sys.argv[3].split(",")]
 servers = [socket.create_server(("0.0.0.0", p), backlog=128) for p in ports]
 for s in servers[1:]:
     threading.Thread(target=accept_loop, args=(s,), daemon=True).start()
@@ -81,36 +88,19 @@ print("ready", flush=True)
 accept_loop(servers[0])
 """
 
-CLIENT = r"""
-import json, socket, sys
-host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-try:
-    with socket.create_connection((host, port), timeout=5) as s:
-        s.sendall(b"GET " + path.encode() + b" HTTP/1.0\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    print(data.split(b"\r\n\r\n", 1)[1].decode())
-except OSError as e:
-    print(json.dumps({"error": repr(e)}))
-"""
-
 
 def serve(pod: Pod, name: str, *ports: int, uid: int | None = None):
     """Starts the JSON server in `pod` on `ports` (all interfaces) and waits for it."""
-    proc = pod.popen([PY_ANY_UID, "-c", SERVER, name, ",".join(map(str, ports))], uid=uid, name=f"{pod.ns}-{name}")
+    proc = pod.popen([PY_ANY_UID, "-c", PROG, "serve", name, ",".join(map(str, ports))], uid=uid, name=f"{pod.ns}-{name}")
     for port in ports:
-        pod.net.wait_listening(pod, port)
+        pod.wait_listening(port)
     proc.ensure_alive()
     return proc
 
 
 def get(pod: Pod, host: str, port: int, path: str = "/", uid: int | None = None) -> dict:
     """An HTTP GET from `pod` (as `uid`, root by default): the server's JSON, or {"error"}."""
-    out = pod.run([PY_ANY_UID, "-c", CLIENT, host, port, path], uid=uid, timeout=15).stdout.decode()
+    out = pod.run([PY_ANY_UID, "-c", PROG, "get", host, port, path], uid=uid, timeout=15).stdout.decode()
     return json.loads(out)
 
 
