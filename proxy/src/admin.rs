@@ -64,6 +64,11 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
         "/ready" => {
             if shared.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if shared.tls.enabled() && !shared.tls.ready() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for a certificate from the control plane's CA\n",
+                )
             } else if let ConfigSource::ControlPlane(cp) = &shared.settings.source {
                 match shared.version() {
                     Some(v) if shared.is_ready() => {
@@ -93,6 +98,7 @@ fn handle<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
                 "no configuration loaded yet\n",
             ),
         },
+        "/identity" => json(&shared.tls.json()),
         "/control" => match &shared.settings.source {
             ConfigSource::ControlPlane(cp) => json(&shared.control.json(&cp.addresses)),
             ConfigSource::Dir(dir) => json(&serde_json::json!({
