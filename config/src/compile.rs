@@ -2675,6 +2675,9 @@ ports: [{port: 8080}]
         // An address of two Services: the first by namespace/name.
         assert_eq!(at("10.1.0.3:8080").as_deref(), Some("dev/c:8080"));
         assert_eq!(at("10.9.9.9:80"), None);
+        // From a dual-stack socket; IPv6 scope ids do not matter.
+        assert_eq!(at("[::ffff:10.96.0.10]:80").as_deref(), Some("shop/a:80"));
+        assert_eq!(at("[fd00::10%3]:8080").as_deref(), Some("dev/c:8080"));
         assert_eq!(s.by_addr.len(), 3 + 6);
 
         // mTLS modes (permissive by default).

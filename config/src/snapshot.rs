@@ -7,7 +7,7 @@
 //! proxy, keyed by [`Backend::index`] or [`Backend::name`].
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -723,9 +723,15 @@ pub struct Matched<'a> {
 impl Snapshot {
     /// The Service port a connection to `addr` is for: a Service's clusterIP and port,
     /// else an endpoint address (pod IP and target port) of a Service port. `None`: not
-    /// in the mesh. One hash lookup, no allocation.
+    /// in the mesh. An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, from a dual-stack
+    /// socket) counts as its IPv4 address; IPv6 flow info and scope ids are ignored. A hash
+    /// lookup or two, no allocation.
     pub fn resolve_addr(&self, addr: SocketAddr) -> Option<&Arc<ServicePort>> {
-        self.by_addr.get(&addr)
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        self.by_addr.get(&SocketAddr::new(ip, addr.port()))
     }
 
     /// Resolves a request authority to a Service port.
