@@ -160,6 +160,12 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The trust domain must be one a SPIFFE ID can carry.
+fn check_trust_domain(trust_domain: &str) -> Result<(), CaError> {
+    SpiffeId::new(trust_domain, "ns", "sa")?;
+    Ok(())
+}
+
 fn unix(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -231,8 +237,7 @@ impl Ca {
         lifetime: Duration,
         now: SystemTime,
     ) -> Result<Ca, CaError> {
-        // The trust domain must be one a SPIFFE ID can carry.
-        SpiffeId::new(trust_domain, "ns", "sa")?;
+        check_trust_domain(trust_domain)?;
         let now = unix(now);
         let anchors_der = certs(ANCHORS_FILE, &files.anchors)?;
         let anchors = anchors_der
@@ -526,7 +531,7 @@ pub fn generate(
     lifetimes: Lifetimes,
     now: SystemTime,
 ) -> Result<Generated, CaError> {
-    SpiffeId::new(trust_domain, "ns", "sa")?;
+    check_trust_domain(trust_domain)?;
     let now = unix(now);
     let tag = {
         let mut b = [0u8; 4];

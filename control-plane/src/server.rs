@@ -99,7 +99,7 @@ pub struct IdentityView {
 
 impl IdentityView {
     fn from_status(s: IdentityStatus) -> Option<IdentityView> {
-        (!s.spiffe_id.is_empty()).then(|| IdentityView {
+        (!s.spiffe_id.is_empty()).then_some(IdentityView {
             spiffe_id: s.spiffe_id,
             not_after_unix: s.not_after_unix,
             issuer_id: s.issuer_id,

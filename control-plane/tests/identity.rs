@@ -11,12 +11,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use tern_api::v1::control_plane_client::ControlPlaneClient;
 use tern_api::v1::sidecar_message::Kind;
 use tern_api::v1::{CertifyRequest, CertifyResponse, ConfigPush, Hello, IdentityStatus};
 use tern_control::auth::{Subject, append_token};
 use tern_control::ca::{self, Generated, Lifetimes};
 use tern_control::server::Settings;
+use tonic::Code;
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
 use common::*;
@@ -98,10 +98,27 @@ async fn certify(
     grpc: std::net::SocketAddr,
     req: CertifyRequest,
 ) -> Result<CertifyResponse, tonic::Status> {
-    let mut client = ControlPlaneClient::connect(format!("http://{grpc}"))
+    client(grpc)
         .await
-        .unwrap();
-    client.certify(req).await.map(|r| r.into_inner())
+        .certify(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Certify, expecting a refusal with `code`.
+async fn refused(grpc: std::net::SocketAddr, req: CertifyRequest, code: Code) -> String {
+    let e = certify(grpc, req).await.expect_err("a refusal");
+    assert_eq!(e.code(), code, "{e}");
+    e.message().to_string()
+}
+
+/// A CSR for shop/web, as a sidecar makes it.
+fn web_csr() -> Vec<u8> {
+    csr(&[WEB_ID], None)
+}
+
+fn assert_has(text: &str, line: &str) {
+    assert!(text.contains(line), "no {line:?} in:\n{text}");
 }
 
 fn web_hello(token: &str) -> Hello {
@@ -167,7 +184,7 @@ async fn certify_signs_the_token_identity_and_trust_changes_reach_streams() {
     let run = start(&m.config, settings(&m, true)).await;
 
     // A good request: the chain verifies against the anchor and names the identity.
-    let resp = certify(run.grpc, request(&m.web, "web", csr(&[WEB_ID], None)))
+    let resp = certify(run.grpc, request(&m.web, "web", web_csr()))
         .await
         .unwrap();
     let trust = resp.trust.clone().unwrap();
@@ -190,56 +207,57 @@ async fn certify_signs_the_token_identity_and_trust_changes_reach_streams() {
     );
     assert_eq!(ca::issuer_id(&resp.chain_der[1]), trust.issuer_id);
 
-    // Refusals, each with its code.
-    let e = certify(run.grpc, request("nope", "web", csr(&[WEB_ID], None)))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    // Refusals, each with its code and reason.
     let admin_id = "spiffe://cluster.local/ns/shop/sa/admin";
-    let e = certify(run.grpc, request(&m.web, "admin", csr(&[admin_id], None)))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
-    let e = certify(run.grpc, request(&m.web, "web", csr(&[admin_id], None)))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-    let e = certify(
-        run.grpc,
-        request(&m.web, "web", csr(&[WEB_ID], Some("web.shop"))),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-    assert!(e.message().contains("DNS web.shop"), "{e}");
-    let e = certify(run.grpc, request(&m.web, "web", b"junk".to_vec()))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    let cases = [
+        (
+            request("nope", "web", web_csr()),
+            Code::Unauthenticated,
+            "unknown token",
+        ),
+        (
+            request(&m.web, "admin", csr(&[admin_id], None)),
+            Code::PermissionDenied,
+            "service account",
+        ),
+        (
+            request(&m.web, "web", csr(&[admin_id], None)),
+            Code::InvalidArgument,
+            "sa/admin",
+        ),
+        (
+            request(&m.web, "web", csr(&[WEB_ID], Some("web.shop"))),
+            Code::InvalidArgument,
+            "DNS web.shop",
+        ),
+        (
+            request(&m.web, "web", b"junk".to_vec()),
+            Code::InvalidArgument,
+            "does not parse",
+        ),
+    ];
+    for (req, code, reason) in cases {
+        let e = refused(run.grpc, req, code).await;
+        assert!(e.contains(reason), "{e}");
+    }
     let text = metrics(run.admin).await;
-    assert!(
-        text.contains("tern_control_certificates_issued_total 1"),
-        "{text}"
+    assert_has(&text, "tern_control_certificates_issued_total 1");
+    assert_has(
+        &text,
+        "tern_control_certify_refusals_total{reason=\"bad_csr\"} 3",
     );
-    assert!(
-        text.contains("tern_control_certify_refusals_total{reason=\"bad_csr\"} 3"),
-        "{text}"
+    assert_has(
+        &text,
+        "tern_control_certify_refusals_total{reason=\"unauthenticated\"} 1",
     );
-    assert!(
-        text.contains("tern_control_certify_refusals_total{reason=\"unauthenticated\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("tern_control_issuer_not_after_seconds"),
-        "{text}"
-    );
+    assert_has(&text, "tern_control_issuer_not_after_seconds");
 
     // Streams need a token good for the Hello's identity.
     let e = Sidecar::connect(run.grpc, web_hello(""))
         .await
         .err()
         .unwrap();
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
     let e = Sidecar::connect(
         run.grpc,
         Hello {
@@ -250,7 +268,7 @@ async fn certify_signs_the_token_identity_and_trust_changes_reach_streams() {
     .await
     .err()
     .unwrap();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
 
     // Pushes carry the trust; the sidecar's identity shows in /sidecars.
     let mut web = Sidecar::connect(run.grpc, web_hello(&m.web)).await.unwrap();
@@ -291,7 +309,7 @@ async fn certify_signs_the_token_identity_and_trust_changes_reach_streams() {
         assert!(tokio::time::Instant::now() < deadline, "no refused reload");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let resp = certify(run.grpc, request(&m.web, "web", csr(&[WEB_ID], None)))
+    let resp = certify(run.grpc, request(&m.web, "web", web_csr()))
         .await
         .unwrap();
     assert_eq!(resp.trust.as_ref(), Some(&t2));
@@ -306,7 +324,7 @@ async fn certify_signs_the_token_identity_and_trust_changes_reach_streams() {
     assert_ne!(t3.issuer_id, trust.issuer_id);
     let s = sidecars(run.admin).await;
     assert!(!s[0].identity.as_ref().unwrap().current_issuer);
-    let resp = certify(run.grpc, request(&m.web, "web", csr(&[WEB_ID], None)))
+    let resp = certify(run.grpc, request(&m.web, "web", web_csr()))
         .await
         .unwrap();
     verify_chain(&resp.chain_der, &t3.anchors_der);
@@ -321,10 +339,12 @@ async fn certify_signs_the_token_identity_and_trust_changes_reach_streams() {
 async fn without_a_ca_certify_is_refused_and_pushes_carry_no_trust() {
     let m = mesh("noca");
     let run = start(&m.config, settings(&m, false)).await;
-    let e = certify(run.grpc, request(&m.web, "web", csr(&[WEB_ID], None)))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    refused(
+        run.grpc,
+        request(&m.web, "web", web_csr()),
+        Code::FailedPrecondition,
+    )
+    .await;
     let mut web = Sidecar::connect(run.grpc, web_hello(&m.web)).await.unwrap();
     let push = web.next().await;
     assert!(push.trust.is_none());

@@ -35,9 +35,7 @@ async fn hello_push_edit_ack_nack() {
 
     // The first message must be a Hello.
     {
-        let mut client = ControlPlaneClient::connect(format!("http://{grpc_addr}"))
-            .await
-            .unwrap();
+        let mut client = client(grpc_addr).await;
         let (tx, rx) = mpsc::channel(1);
         tx.send(SidecarMessage {
             kind: Some(Kind::Ack(Ack {

@@ -67,6 +67,13 @@ pub async fn wait_for(
     }
 }
 
+/// A gRPC client of the tern-control at `addr`.
+pub async fn client(addr: std::net::SocketAddr) -> ControlPlaneClient<tonic::transport::Channel> {
+    ControlPlaneClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
 pub struct Sidecar {
     pub tx: mpsc::Sender<SidecarMessage>,
     pub pushes: Streaming<ConfigPush>,
@@ -77,9 +84,7 @@ impl Sidecar {
         addr: std::net::SocketAddr,
         hello: Hello,
     ) -> Result<Sidecar, tonic::Status> {
-        let mut client = ControlPlaneClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+        let mut client = client(addr).await;
         let (tx, rx) = mpsc::channel(4);
         tx.send(SidecarMessage {
             kind: Some(Kind::Hello(hello)),
