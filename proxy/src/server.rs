@@ -263,7 +263,7 @@ async fn serve_outbound(
                 .as_ref()
                 .is_some_and(|a| a.snapshot.resolve_addr(dst).is_some());
             if !known {
-                return opaque::passthrough(stream, dst).await;
+                return Box::pin(opaque::passthrough(stream, dst)).await;
             }
             (OPAQUE_DETECT_TIMEOUT, true)
         }
@@ -271,7 +271,7 @@ async fn serve_outbound(
     let conn = Arc::new(conn);
     match detect(&stream, timeout, false, opaque).await {
         Proto::Http2 => Box::pin(serve_h2(worker, stream, conn, direction, limits, drain)).await,
-        Proto::Opaque => opaque::outbound(worker, stream, &conn).await,
+        Proto::Opaque => Box::pin(opaque::outbound(worker, stream, &conn)).await,
         _ => Box::pin(serve_h1(worker, stream, conn, direction, limits, drain)).await,
     }
 }
@@ -293,7 +293,8 @@ async fn serve_inbound(
     };
     let proto = detect(&stream, timeout, tls, opaque).await;
     if proto == Proto::Tls {
-        let (stream, id, alpn) = match shared.tls.accept(stream).await {
+        // Boxed: the handshake state is large and short-lived.
+        let (stream, id, alpn) = match Box::pin(shared.tls.accept(stream)).await {
             Ok(accepted) => accepted,
             Err(err) => {
                 shared.metrics.tls_handshake(direction, err.reason());
@@ -309,7 +310,7 @@ async fn serve_inbound(
         return match alpn {
             Alpn::H2 => Box::pin(serve_h2(worker, stream, conn, direction, limits, drain)).await,
             Alpn::Http1 => Box::pin(serve_h1(worker, stream, conn, direction, limits, drain)).await,
-            Alpn::Opaque => opaque::inbound(worker, stream, &conn).await,
+            Alpn::Opaque => Box::pin(opaque::inbound(worker, stream, &conn)).await,
         };
     }
     if tls && inbound::requires_mtls(worker, &conn) {
@@ -321,7 +322,7 @@ async fn serve_inbound(
     let conn = Arc::new(conn);
     match proto {
         Proto::Http2 => Box::pin(serve_h2(worker, stream, conn, direction, limits, drain)).await,
-        Proto::Opaque => opaque::inbound(worker, stream, &conn).await,
+        Proto::Opaque => Box::pin(opaque::inbound(worker, stream, &conn)).await,
         _ => Box::pin(serve_h1(worker, stream, conn, direction, limits, drain)).await,
     }
 }
@@ -632,10 +633,24 @@ mod size_tests {
             limits,
             rx.clone(),
         );
+        let inbound = serve_inbound(
+            &worker,
+            stream().await.unwrap(),
+            Conn::new(peer, None, addr),
+            rx.clone(),
+        );
+        let outbound = serve_outbound(
+            &worker,
+            stream().await.unwrap(),
+            Conn::new(peer, None, addr),
+            rx.clone(),
+        );
         let outer = serve(worker.clone(), stream().await.unwrap(), peer, out, rx);
         let sizes = [
             ("HTTP/1.1 state", size_of_val(&h1), 2048),
             ("HTTP/2 state", size_of_val(&h2), 4096),
+            ("inbound detection and TLS", size_of_val(&inbound), 2048),
+            ("outbound detection", size_of_val(&outbound), 1024),
             ("before detection", size_of_val(&outer), 1024),
         ];
         for (what, size, limit) in sizes {
