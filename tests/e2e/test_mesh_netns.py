@@ -1,0 +1,430 @@
+"""The mesh in network namespaces (issue 8): tern-control in the root namespace on the
+bridge address, and per "pod" an application, its sidecar (tern-proxy in managed mode, as
+uid 2102) and tern-init's rules. Client applications call the server's real pod IP and port,
+unaware of the mesh.
+
+Pods of the shared `mesh` (module scope): A (client, service account `a`), B (server `b`:
+HTTP on 8080, a client-first echo on 9000, a server-first banner on 9001), C (another
+meshed client, service account `c`) and D (no sidecar, no tern-init: a plain client).
+Certificates for the refusal tests are made with `cryptography` and presented from the
+root namespace (no tern-init there). Renewal and anchor rotation run on meshes of their own
+(two pods each) because they change the CA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import Metrics, binary, free_port, http_get, wait_until, write_config
+from netns import PROXY_UID, Netns, Pod, require_tools, skip_unless_netns, sweep_stale
+
+NS = "mesh"
+TD = "cluster.local"
+MARKER = "tern-secret-body-7f3a9c"  # in B's HTTP answers: must never be on the wire in clear
+CLUSTER_IP_WRONG = "10.96.77.20"  # Service b-wrong: B's pod, but the wrong service account
+
+# A Python any uid can run (pyenv builds may live under /root); the apps run as root anyway.
+PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+def spiffe(sa: str) -> str:
+    return f"spiffe://{TD}/ns/{NS}/sa/{sa}"
+
+
+# --------------------------------------------------------------------------------------
+# the applications: one program, `serve NAME` (B's app) and client modes
+
+APP = r"""
+import http.client, json, socket, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MARKER = "%MARKER%"
+
+def serve(name):
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            body = json.dumps({"name": name, "path": self.path, "peer": "%s:%d" % self.client_address,
+                               "marker": MARKER}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    ThreadingHTTPServer.daemon_threads = True
+    ThreadingHTTPServer.allow_reuse_address = True
+    httpd = ThreadingHTTPServer(("0.0.0.0", 8080), H)
+
+    def lines(conn, banner):
+        with conn:
+            conn.settimeout(30)
+            if banner:
+                conn.sendall(b"BANNER " + name.encode() + b"\r\n")
+            f = conn.makefile("rb")
+            for line in f:
+                conn.sendall((b"got:" if banner else b"echo:") + line)
+
+    def accept(port, banner):
+        srv = socket.create_server(("0.0.0.0", port), backlog=64)
+        while True:
+            c, _ = srv.accept()
+            threading.Thread(target=lines, args=(c, banner), daemon=True).start()
+
+    threading.Thread(target=accept, args=(9000, False), daemon=True).start()
+    threading.Thread(target=accept, args=(9001, True), daemon=True).start()
+    print("ready", flush=True)
+    httpd.serve_forever()
+
+def get(host, port, path):
+    try:
+        c = http.client.HTTPConnection(host, int(port), timeout=10)
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read().decode(errors="replace")
+        return {"status": r.status, "headers": {k.lower(): v for k, v in r.getheaders()}, "body": body}
+    except Exception as e:
+        return {"error": repr(e)}
+
+def load(host, port, seconds):
+    # New connection per request (the app side), bounded in time and rate.
+    ok, failed, errors, statuses = 0, 0, [], {}
+    end = time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        r = get(host, port, "/load")
+        if r.get("status") == 200 and MARKER in r.get("body", ""):
+            ok += 1
+        else:
+            failed += 1
+            if len(errors) < 10:
+                errors.append(r)
+        time.sleep(0.02)
+    return {"ok": ok, "failed": failed, "errors": errors}
+
+def line_client(host, port, banner, msg):
+    out = {}
+    try:
+        s = socket.create_connection((host, int(port)), timeout=10)
+        f = s.makefile("rb")
+        if banner:
+            out["banner"] = f.readline().decode()
+        s.sendall(msg.encode() + b"\n")
+        out["reply"] = f.readline().decode()
+        s.close()
+    except Exception as e:
+        out["error"] = repr(e)
+    return out
+
+mode = sys.argv[1]
+if mode == "serve":
+    serve(sys.argv[2])
+elif mode == "get":
+    print(json.dumps(get(*sys.argv[2:5])))
+elif mode == "load":
+    print(json.dumps(load(*sys.argv[2:5])))
+elif mode in ("echo", "banner"):
+    print(json.dumps(line_client(sys.argv[2], sys.argv[3], mode == "banner", sys.argv[4])))
+""".replace("%MARKER%", MARKER)
+
+
+_app_file: Path | None = None
+
+
+def app_file() -> Path:
+    """APP in a file anyone may read (short argv in the logs)."""
+    global _app_file
+    if _app_file is None or not _app_file.exists():
+        fd, name = tempfile.mkstemp(prefix="tern-mesh-app-", suffix=".py")
+        os.write(fd, APP.encode())
+        os.close(fd)
+        os.chmod(name, 0o644)
+        _app_file = Path(name)
+    return _app_file
+
+
+def app_run(pod: Pod, *args, timeout: float = 25) -> dict:
+    out = pod.run([PY, app_file(), *args], timeout=timeout).stdout
+    try:
+        return json.loads(out)
+    except ValueError:
+        return {"error": f"client printed {out!r}"}
+
+
+def app_get(pod: Pod, host: str, port: int, path: str = "/") -> dict:
+    """An HTTP/1.1 GET by the pod's application (root: redirected by tern-init)."""
+    return app_run(pod, "get", host, port, path)
+
+
+def app_line(pod: Pod, mode: str, host: str, port: int, msg: str) -> dict:
+    """`echo` (client-first) or `banner` (server-first) line exchange."""
+    return app_run(pod, mode, host, port, msg)
+
+
+# --------------------------------------------------------------------------------------
+# the mesh
+
+
+def docs_for(b_ip: str, mode: str | None = None, extra: list | None = None) -> list[dict]:
+    svc_meta = {"name": "b", "namespace": NS}
+    if mode:
+        svc_meta["annotations"] = {"tern.dev/mtls-mode": mode}
+    ports = [("http", 8080), ("echo", 9000), ("banner", 9001)]
+    docs = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": svc_meta,
+         "spec": {"ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in ports]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "b-1", "namespace": NS, "labels": {"kubernetes.io/service-name": "b"},
+                      "annotations": {"tern.dev/service-account": "b"}},
+         "addressType": "IPv4",
+         "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
+         "endpoints": [{"addresses": [b_ip]}]},
+        # the same pod under a clusterIP, but the slice names the wrong service account
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b-wrong", "namespace": NS},
+         "spec": {"clusterIP": CLUSTER_IP_WRONG, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "b-wrong-1", "namespace": NS, "labels": {"kubernetes.io/service-name": "b-wrong"},
+                      "annotations": {"tern.dev/service-account": "not-b"}},
+         "addressType": "IPv4",
+         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+         "endpoints": [{"addresses": [b_ip]}]},
+    ]
+    return docs + (extra or [])
+
+
+def authz(name: str, allow: list[dict], target: str = "b") -> dict:
+    return {"apiVersion": "policy.tern.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": target}], "allow": allow}}
+
+
+class Sidecar:
+    def __init__(self, mesh: "Mesh", pod: Pod, sa: str):
+        self.pod, self.sa, self.mesh = pod, sa, mesh
+        token = mesh.ternctl("ca", "token", "--tokens", mesh.tokens, "--namespace", NS,
+                             "--service-account", sa).stdout.decode().strip()
+        self.token_file = mesh.shared / f"{sa}-{pod.index}.token"
+        self.token_file.write_text(token + "\n")
+        self.token_file.chmod(0o644)
+        self.state_dir = mesh.shared / f"state-{pod.index}"
+        self.state_dir.mkdir()
+        os.chown(self.state_dir, PROXY_UID, PROXY_UID)
+        self.proc = pod.popen([
+            mesh.bin("tern-proxy"), "--control-plane", mesh.control_addr, "--namespace", NS,
+            "--service-account", sa, "--token-file", self.token_file, "--state-dir", self.state_dir,
+            "--workload", f"{sa}-{pod.index}", "--outbound", "127.0.0.1:4140", "--inbound", "0.0.0.0:4143",
+            "--admin", "0.0.0.0:4191", "--workers", "1",
+        ], uid=PROXY_UID, name=f"sidecar-{sa}")
+
+    @property
+    def admin(self) -> str:
+        return f"{self.pod.ip}:4191"
+
+    def get(self, path: str) -> tuple[int, str]:
+        return http_get(self.admin, path, timeout=5)
+
+    def metrics(self) -> Metrics:
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        return Metrics(body)
+
+    def identity(self) -> dict:
+        status, body = self.get("/identity")
+        assert status == 200, body
+        return json.loads(body)
+
+    def applied_version(self):
+        status, body = self.get("/control")
+        return json.loads(body).get("applied_version") if status == 200 else None
+
+    def wait_ready(self, timeout: float = 30):
+        def ready():
+            self.proc.ensure_alive()
+            return self.get("/ready")[0] == 200
+        wait_until(ready, timeout, f"sidecar {self.sa} /ready (a certificate)", interval=0.1)
+
+    def handshakes(self, result: str, direction: str | None = None) -> float:
+        kw = {"result": result} if direction is None else {"result": result, "direction": direction}
+        return self.metrics().sum("tern_tls_handshakes_total", **kw)
+
+    def log(self) -> str:
+        return self.proc.stderr_path.read_text(errors="replace") + self.proc.stdout_path.read_text(errors="replace")
+
+    def dump(self) -> str:
+        try:
+            m = "\n".join(line for line in self.get("/metrics")[1].splitlines()
+                          if line.startswith(("tern_tls", "tern_inbound_clients", "tern_authz", "tern_identity")))
+        except OSError as e:
+            m = repr(e)
+        return f"--- sidecar {self.sa} ({self.pod.ip}) metrics ---\n{m}\n{self.proc.logs(60)}"
+
+
+class Mesh:
+    """tern-control (with a CA and tokens) in the root namespace, sidecars in pods."""
+
+    def __init__(self, net: Netns, lifetime: str = "24h"):
+        require_tools("iptables-nft-restore", "setpriv", "ss", "tcpdump")
+        self.net = net
+        # everything uid 2102 reads or writes: outside pytest's root-only tmp dirs
+        self.shared = Path(tempfile.mkdtemp(prefix="tern-mesh-"))
+        self.shared.chmod(0o755)
+        self.bin_dir = self._binaries()
+        self.ca_dir = self.shared / "ca"
+        self.ternctl("ca", "init", "--dir", self.ca_dir, "--trust-domain", TD)
+        self.tokens = self.shared / "tokens.yaml"
+        # tern-control needs the file to exist: a first token nobody uses
+        self.ternctl("ca", "token", "--tokens", self.tokens, "--namespace", NS, "--service-account", "unused")
+        self.config_dir = self.shared / "config"
+        self.config_dir.mkdir()
+        self.control_addr = f"{net.host_ip}:{free_port()}"
+        self.control_admin = f"{net.host_ip}:{free_port()}"
+        self.sidecars: dict[str, Sidecar] = {}
+        self.lifetime = lifetime
+        self.control = None
+
+    def _binaries(self) -> Path:
+        """target/debug if uid 2102 can run tern-proxy from there, else a 0755 copy."""
+        src = binary("tern-proxy")
+        r = subprocess.run(["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups", "--",
+                            str(src), "--version"], capture_output=True, timeout=20)
+        if r.returncode == 0:
+            return src.parent
+        copy = self.shared / "bin"
+        copy.mkdir()
+        shutil.copy2(src, copy / "tern-proxy")
+        (copy / "tern-proxy").chmod(0o755)
+        return copy
+
+    def bin(self, name: str) -> Path:
+        return self.bin_dir / name if name == "tern-proxy" else binary(name)
+
+    def ternctl(self, *args) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(binary("ternctl")), *map(str, args)], capture_output=True, timeout=30)
+        assert r.returncode == 0, f"ternctl {args}: {r.stderr.decode(errors='replace')}"
+        return r
+
+    def start_control(self, docs: list[dict]):
+        write_config(self.config_dir, "mesh.yaml", docs)
+        self.docs = docs
+        self.control = self.net.popen([
+            binary("tern-control"), "--config-dir", self.config_dir, "--listen", self.control_addr,
+            "--admin", self.control_admin, "--ca-dir", self.ca_dir, "--tokens", self.tokens,
+            "--cert-lifetime", self.lifetime, "--debounce", "50ms", "--max-delay", "300ms",
+        ], name="tern-control")
+        wait_until(lambda: self.control.ensure_alive() or http_get(self.control_admin, "/ready")[0] == 200,
+                   20, "tern-control /ready", interval=0.1)
+
+    def add(self, pod: Pod, sa: str) -> Sidecar:
+        pod.tern_init()
+        s = Sidecar(self, pod, sa)
+        self.sidecars[sa] = s
+        return s
+
+    def wait_all_ready(self):
+        for s in self.sidecars.values():
+            s.wait_ready()
+
+    def push(self, docs: list[dict], timeout: float = 20):
+        """Writes the config and waits until every sidecar applied the new version."""
+        before = {sa: s.applied_version() for sa, s in self.sidecars.items()}
+        write_config(self.config_dir, "mesh.yaml", docs)
+        self.docs = docs
+
+        def applied():
+            now = {sa: s.applied_version() for sa, s in self.sidecars.items()}
+            return all(now[sa] != before[sa] for sa in now) and len(set(now.values())) == 1
+        wait_until(applied, timeout, "every sidecar to apply the new config", interval=0.1)
+
+    def dump(self) -> str:
+        parts = [s.dump() for s in self.sidecars.values()]
+        if self.control:
+            parts.append(self.control.logs(40))
+        return "\n".join(parts)
+
+    def close(self):
+        shutil.rmtree(self.shared, ignore_errors=True)
+
+
+def start_app(pod: Pod, name: str):
+    proc = pod.popen([PY, app_file(), "serve", name], name=f"app-{name}")
+    for port in (8080, 9000, 9001):
+        pod.wait_listening(port)
+    proc.ensure_alive()
+    return proc
+
+
+def make_net(tmp_path_factory, n_pods: int) -> Netns:
+    skip_unless_netns()
+    sweep_stale()
+    return Netns(n_pods=n_pods, log_dir=tmp_path_factory.mktemp("netns"))
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    net = make_net(tmp_path_factory, 4)
+    m = None
+    try:
+        a, b, c, d = net.pods
+        m = Mesh(net)
+        m.start_control(docs_for(b.ip))
+        start_app(b, "B")
+        m.add(a, "a")
+        m.add(b, "b")
+        m.add(c, "c")
+        m.wait_all_ready()
+        yield m
+    finally:
+        net.close()
+        if m:
+            m.close()
+        if _app_file:
+            _app_file.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def base_config(mesh):
+    """Restores the module's base config after a test that changes it."""
+    yield
+    mesh.push(docs_for(mesh.net.pods[1].ip, extra=[{"apiVersion": "v1", "kind": "Service", "metadata": {
+        "name": f"restore-{time.monotonic_ns()}", "namespace": "other"}, "spec": {"ports": [{"port": 1}]}}]))
+
+
+# --------------------------------------------------------------------------------------
+# 1. HTTP through the mesh
+
+
+def test_http_through_the_mesh_is_mtls_on_the_wire(mesh: Mesh):
+    a, b = mesh.net.pods[0], mesh.net.pods[1]
+    sb = mesh.sidecars["b"]
+    with a.capture(f"tcp and host {b.ip}") as cap:
+        r = app_get(a, b.ip, 8080, "/hello-through-the-mesh")
+    assert r.get("status") == 200, f"{r}\n{mesh.dump()}"
+    body = json.loads(r["body"])
+    assert body["name"] == "B" and body["path"] == "/hello-through-the-mesh", body
+    # B's app sees its own sidecar (loopback to the pod IP), not A
+    assert body["peer"].split(":")[0] in (b.ip, "127.0.0.1"), body
+
+    m = sb.metrics()
+    assert m.sum("tern_inbound_clients_total", tls="mtls", client_id=spiffe("a")) >= 1, mesh.dump()
+    assert m.sum("tern_tls_handshakes_total", direction="inbound", result="ok") >= 1, mesh.dump()
+
+    segs = cap.segments()
+    assert cap.tls_records(), f"no TLS records between {a.ip} and {b.ip}: {segs[:5]}"
+    assert all(s.dport == 8080 or s.sport == 8080 for s in segs), "the sidecar dials the original port"
+    assert not cap.plaintext(b"GET /hello-through-the-mesh"), "the request line went in clear"
+    assert not cap.plaintext(MARKER.encode()), "the response body went in clear"
+    assert not cap.plaintext(b"HTTP/1.1"), "HTTP/1.1 in clear on the wire"
