@@ -93,15 +93,27 @@ pub enum CaError {
     },
 }
 
-/// Why a certificate request was refused (INVALID_ARGUMENT).
+/// Why a certificate request was refused: INVALID_ARGUMENT for the CSR's faults
+/// ([`CsrError::is_callers_fault`]), FAILED_PRECONDITION for the CA's.
 #[derive(Debug, thiserror::Error)]
 pub enum CsrError {
     #[error("the CSR does not parse or its signature is wrong: {0}")]
     Parse(rcgen::Error),
     #[error("the CSR must carry exactly one SAN, the URI {want}; it carries {got}")]
     Sans { want: String, got: String },
+    #[error(
+        "the issuer certificate expired (not_after {not_after_unix}): replace issuer.crt and issuer.key"
+    )]
+    IssuerExpired { not_after_unix: i64 },
     #[error("signing: {0}")]
     Sign(rcgen::Error),
+}
+
+impl CsrError {
+    /// True when the request itself is wrong (not the CA).
+    pub fn is_callers_fault(&self) -> bool {
+        matches!(self, CsrError::Parse(_) | CsrError::Sans { .. })
+    }
 }
 
 /// A loaded, checked CA.
@@ -367,6 +379,12 @@ impl Ca {
         id: &SpiffeId,
         now: SystemTime,
     ) -> Result<Vec<Vec<u8>>, CsrError> {
+        let now = unix(now);
+        if now >= self.issuer_not_after {
+            return Err(CsrError::IssuerExpired {
+                not_after_unix: self.issuer_not_after,
+            });
+        }
         let csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
                 .map_err(CsrError::Parse)?;
@@ -397,7 +415,6 @@ impl Ca {
         ];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        let now = unix(now);
         let backdate = i64::try_from(BACKDATE.as_secs()).unwrap_or(0);
         let lifetime = i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX / 2);
         params.not_before = datetime(now - backdate);
@@ -619,7 +636,12 @@ pub async fn watch(
     loop {
         tokio::time::sleep(POLL).await;
         let d = dir.clone();
-        let Ok(read) = tokio::task::spawn_blocking(move || read_settled(&d)).await else {
+        let unchanged = seen.clone();
+        let read = tokio::task::spawn_blocking(move || match CaFiles::read(&d) {
+            Ok(files) if files == unchanged => Ok(files),
+            _ => read_settled(&d),
+        });
+        let Ok(read) = read.await else {
             return;
         };
         let loaded = match read {
@@ -795,6 +817,12 @@ mod tests {
         let later = SystemTime::now() + Duration::from_secs(400 * 24 * 3600);
         let e = Ca::from_files(&a.files(), TD, DEFAULT_CERT_LIFETIME, later).unwrap_err();
         assert!(matches!(e, CaError::NotValidNow { .. }), "{e}");
+        // A CA loaded while valid stops signing once its issuer expired.
+        let ca = load(&a.files()).unwrap();
+        let id = ca.spiffe_id("shop", "web").unwrap();
+        let (_, good) = csr(vec![uri(&id.to_string())]);
+        let e = ca.sign(&good, &id, later).unwrap_err();
+        assert!(matches!(e, CsrError::IssuerExpired { .. }) && !e.is_callers_fault());
         // Empty and garbage files.
         let mut f = a.files();
         f.anchors = b"".to_vec();

@@ -78,7 +78,7 @@ impl Metrics {
         );
         registry.register(
             "certify_refusals",
-            "Certify requests refused, by reason (unauthenticated, permission_denied, no_ca, bad_csr, unavailable)",
+            "Certify requests refused, by reason (unauthenticated, permission_denied, no_ca, bad_csr, ca_error, unavailable)",
             certify_refusals.clone(),
         );
         registry.register(

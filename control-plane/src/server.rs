@@ -470,9 +470,14 @@ impl ControlPlane {
         let id = ca
             .spiffe_id(&subject.namespace, &subject.service_account)
             .map_err(|e| refuse("bad_csr", Status::invalid_argument(e.to_string())))?;
-        let chain_der = ca
-            .sign(&req.csr_der, &id, SystemTime::now())
-            .map_err(|e| refuse("bad_csr", Status::invalid_argument(e.to_string())))?;
+        let chain_der = ca.sign(&req.csr_der, &id, SystemTime::now()).map_err(|e| {
+            if e.is_callers_fault() {
+                refuse("bad_csr", Status::invalid_argument(e.to_string()))
+            } else {
+                tracing::error!("the CA cannot sign: {e}");
+                refuse("ca_error", Status::failed_precondition(e.to_string()))
+            }
+        })?;
         self.metrics.certificates_issued.inc();
         tracing::info!(workload = %req.workload, %id, issuer_id = ca.issuer_id(), "certificate issued");
         Ok(CertifyResponse {
