@@ -219,32 +219,9 @@ mod tests {
         assert_eq!(renew_at(0, day, 7.0), day * 75 / 100);
     }
 
-    /// A throwaway CA: anchor -> issuer -> leaf, as tern-control issues them.
     fn issue(pending: &Pending, uri: &str) -> (Vec<Vec<u8>>, Trust) {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
-        let anchor_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let anchor = p.self_signed(&anchor_key).unwrap();
-        let anchor_issuer = rcgen::Issuer::new(p, &anchor_key);
-        let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let issuer_cert = p.signed_by(&issuer_key, &anchor_issuer).unwrap();
-        let issuer = rcgen::Issuer::new(p, &issuer_key);
-        let csr = rcgen::CertificateSigningRequestParams::from_der(&pending.csr_der.clone().into())
-            .unwrap();
-        let mut params = csr.params;
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            rcgen::string::Ia5String::try_from(uri).unwrap(),
-        )];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let leaf = params.signed_by(&csr.public_key, &issuer).unwrap();
-        let trust = Trust::new("cluster.local", &[anchor.der().to_vec()], "abc").unwrap();
-        (vec![leaf.der().to_vec(), issuer_cert.der().to_vec()], trust)
+        let ca = crate::tls::testca::TestCa::new();
+        (ca.sign(pending, uri), ca.trust("abc"))
     }
 
     #[test]

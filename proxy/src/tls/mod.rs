@@ -261,6 +261,11 @@ impl Tls {
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
         server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_OPAQUE.to_vec()];
+        // No resumption: every connection verifies the peer's current chain (a resumed
+        // session would skip it, past an expiry or an anchor's removal). Connections
+        // between sidecars are pooled and long-lived, so handshakes are rare anyway.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
         let verifier = verify::MeshServerVerifier::new(trust.roots.clone(), provider.clone());
         let base = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&TLS13])?
@@ -270,6 +275,7 @@ impl Tls {
         let client = |alpn: Alpn| {
             let mut c = base.clone();
             c.alpn_protocols = vec![alpn.bytes().to_vec()];
+            c.resumption = rustls::client::Resumption::disabled();
             Arc::new(c)
         };
         Ok(Configs {
@@ -395,4 +401,198 @@ impl Tls {
 fn handshake_error(source: std::io::Error) -> TlsError {
     let reason = verify::rustls_error(&source).map_or("io", verify::reason);
     TlsError::Handshake { reason, source }
+}
+
+#[cfg(test)]
+pub(crate) mod testca {
+    //! A throwaway CA for tests: anchor -> issuer -> leaf, as tern-control issues them.
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
+
+    pub struct TestCa {
+        anchor: rcgen::Certificate,
+        issuer_cert: rcgen::Certificate,
+        issuer: rcgen::Issuer<'static, KeyPair>,
+    }
+
+    impl TestCa {
+        pub fn new() -> Self {
+            // Names unique per CA, as `ternctl ca init` makes them.
+            let tag = fastrand::u64(..);
+            let ca_params = |cn: &str| {
+                let mut p = CertificateParams::default();
+                p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                p.distinguished_name = rcgen::DistinguishedName::new();
+                p.distinguished_name
+                    .push(rcgen::DnType::CommonName, format!("{cn} {tag:x}"));
+                p
+            };
+            let anchor_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+            let p = ca_params("test anchor");
+            let anchor = p.self_signed(&anchor_key).unwrap();
+            let anchor_issuer = rcgen::Issuer::new(p, anchor_key);
+            let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+            let p = ca_params("test issuer");
+            let issuer_cert = p.signed_by(&issuer_key, &anchor_issuer).unwrap();
+            TestCa {
+                anchor,
+                issuer_cert,
+                issuer: rcgen::Issuer::new(p, issuer_key),
+            }
+        }
+
+        pub fn trust(&self, issuer_id: &str) -> Trust {
+            Trust::new("cluster.local", &[self.anchor.der().to_vec()], issuer_id).unwrap()
+        }
+
+        /// Signs the CSR of `pending` for `uri`: [leaf, issuer].
+        pub fn sign(&self, pending: &certify::Pending, uri: &str) -> Vec<Vec<u8>> {
+            let csr =
+                rcgen::CertificateSigningRequestParams::from_der(&pending.csr_der.clone().into())
+                    .unwrap();
+            let mut params = csr.params;
+            params.subject_alt_names = vec![rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(uri).unwrap(),
+            )];
+            params.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let leaf = params.signed_by(&csr.public_key, &self.issuer).unwrap();
+            vec![leaf.der().to_vec(), self.issuer_cert.der().to_vec()]
+        }
+
+        /// A sidecar's TLS state holding a certificate for `ns/sa` from this CA.
+        pub fn sidecar(&self, ns: &str, sa: &str) -> Tls {
+            let id = SpiffeId::new("cluster.local", ns, sa).unwrap();
+            let pending = certify::Pending::new(id.clone()).unwrap();
+            let chain = self.sign(&pending, &id.to_string());
+            let tls = Tls::default();
+            tls.set_trust(self.trust("i1")).unwrap();
+            let creds = pending.finish(chain, &self.trust("i1")).unwrap();
+            tls.install(creds).unwrap();
+            tls
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testca::TestCa;
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn expect(ns: &str, sa: &str) -> EndpointIdentity {
+        EndpointIdentity {
+            namespace: ns.into(),
+            service_account: sa.into(),
+        }
+    }
+
+    /// Runs one handshake over loopback: the client's result and the server's.
+    async fn handshake(
+        client: &Tls,
+        server: &Tls,
+        expected: EndpointIdentity,
+    ) -> (Result<(), TlsError>, Result<(SpiffeId, Alpn), TlsError>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (c, s) = tokio::join!(
+            async {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let mut tls = client.connect(tcp, &expected, Alpn::H2).await?;
+                tls.write_all(b"ping").await.unwrap();
+                let mut buf = [0u8; 4];
+                tls.read_exact(&mut buf).await.unwrap();
+                assert_eq!(&buf, b"pong");
+                Ok(())
+            },
+            async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (mut tls, id, alpn) = server.accept(tcp).await?;
+                let mut buf = [0u8; 4];
+                // The client may hang up after checking the identity.
+                if tls.read_exact(&mut buf).await.is_ok() {
+                    tls.write_all(b"pong").await.unwrap();
+                    tls.flush().await.unwrap();
+                }
+                Ok((id, alpn))
+            }
+        );
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_carries_both_identities() {
+        let ca = TestCa::new();
+        let (web, checkout) = (ca.sidecar("shop", "web"), ca.sidecar("shop", "checkout"));
+        let (c, s) = handshake(&web, &checkout, expect("shop", "checkout")).await;
+        c.unwrap();
+        let (id, alpn) = s.unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(alpn, Alpn::H2);
+    }
+
+    #[tokio::test]
+    async fn the_client_refuses_an_unexpected_server_identity() {
+        let ca = TestCa::new();
+        let (web, other) = (ca.sidecar("shop", "web"), ca.sidecar("shop", "other"));
+        let (c, _) = handshake(&web, &other, expect("shop", "checkout")).await;
+        let err = c.unwrap_err();
+        assert_eq!(err.reason(), "identity_mismatch", "{err}");
+        assert!(err.to_string().contains("sa/other"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_server_refuses_a_client_from_another_ca() {
+        let (ca, rogue_ca) = (TestCa::new(), TestCa::new());
+        let (rogue, checkout) = (
+            rogue_ca.sidecar("shop", "web"),
+            ca.sidecar("shop", "checkout"),
+        );
+        let (c, s) = handshake(&rogue, &checkout, expect("shop", "checkout")).await;
+        // Each side distrusts the other's chain: the client sees an unknown CA first.
+        let err = c.unwrap_err();
+        assert_eq!(err.reason(), "unknown_ca", "{err}");
+        assert!(s.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_sidecar_without_a_certificate_refuses_to_connect() {
+        let ca = TestCa::new();
+        let bare = Tls::default();
+        bare.set_trust(ca.trust("i1")).unwrap();
+        assert!(bare.enabled() && !bare.ready());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let err = bare
+            .connect(tcp, &expect("shop", "web"), Alpn::H2)
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "no_identity");
+    }
+
+    #[tokio::test]
+    async fn a_new_issuer_asks_for_renewal_and_keeps_serving_meanwhile() {
+        let ca = TestCa::new();
+        let web = ca.sidecar("shop", "web");
+        let renew = web.renew.notified();
+        tokio::pin!(renew);
+        renew.as_mut().enable();
+        assert!(web.set_trust(ca.trust("i2")).unwrap());
+        assert!(
+            !web.set_trust(ca.trust("i2")).unwrap(),
+            "unchanged trust is no change"
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(1), renew)
+            .await
+            .expect("renewal asked for");
+        // The old certificate still serves until a new one is installed.
+        let checkout = ca.sidecar("shop", "checkout");
+        let (c, s) = handshake(&checkout, &web, expect("shop", "web")).await;
+        c.unwrap();
+        s.unwrap();
+    }
 }
