@@ -70,8 +70,10 @@ pub struct Pool {
     shared: Arc<Shared>,
     // FxHash: the keys are endpoint addresses from the config, not attacker input.
     h1_idle: Mutex<FxHashMap<SocketAddr, Vec<(H1Conn, Instant)>>>,
-    /// Shared HTTP/2 connections by endpoint and whether they are mTLS.
-    h2: Mutex<FxHashMap<(SocketAddr, bool), H2Sender>>,
+    /// Shared HTTP/2 connections by endpoint and whether they are mTLS, with the
+    /// identity an mTLS connection's server was verified as: a connection is only
+    /// reused for the same expected identity (the config may change it).
+    h2: Mutex<FxHashMap<(SocketAddr, bool), (H2Sender, Option<EndpointIdentity>)>>,
 }
 
 impl Pool {
@@ -218,10 +220,12 @@ impl Pool {
         let key = (addr, mtls.is_some());
         {
             let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(s) = map.get(&key) {
-                if !s.is_closed() {
+            if let Some((s, verified)) = map.get(&key) {
+                if !s.is_closed() && verified.as_ref() == mtls {
                     return Ok(s.clone());
                 }
+                // Closed, or verified as another identity than now expected: replaced
+                // (requests in flight on the old one finish there).
                 map.remove(&key);
             }
         }
@@ -272,7 +276,7 @@ impl Pool {
         self.h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((addr, mtls.is_some()), sender.clone());
+            .insert((addr, mtls.is_some()), (sender.clone(), mtls.cloned()));
         Ok(sender)
     }
 
