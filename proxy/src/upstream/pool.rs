@@ -37,6 +37,8 @@ pub struct H1Conn {
     _slot: Option<Slot>,
 }
 pub type H2Sender = http2::SendRequest<RequestBody>;
+/// A shared HTTP/2 connection and, over mTLS, the identity its server was verified as.
+type SharedH2 = (H2Sender, Option<EndpointIdentity>);
 /// An HTTP/1.1 connection's task, over plain TCP or mTLS.
 type H1Task = Pin<Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>>;
 
@@ -73,7 +75,7 @@ pub struct Pool {
     /// Shared HTTP/2 connections by endpoint and whether they are mTLS, with the
     /// identity an mTLS connection's server was verified as: a connection is only
     /// reused for the same expected identity (the config may change it).
-    h2: Mutex<FxHashMap<(SocketAddr, bool), (H2Sender, Option<EndpointIdentity>)>>,
+    h2: Mutex<FxHashMap<(SocketAddr, bool), SharedH2>>,
 }
 
 impl Pool {
