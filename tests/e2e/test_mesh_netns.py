@@ -441,8 +441,9 @@ def plain_log(s: Sidecar) -> str:
 
 
 def make_certs(mesh: Mesh, out: Path) -> dict[str, tuple[Path, Path]]:
-    """Client certificates for spiffe(a): `wrong_ca` (a self-made CA) and `expired` (the
-    mesh's own issuer, expired an hour ago). Returns {kind: (chain.pem, key.pem)}."""
+    """Client certificates for spiffe(a): `wrong_ca` (a self-made CA), `expired` (the
+    mesh's own issuer, expired an hour ago) and `valid` (the mesh's issuer, valid now).
+    Returns {kind: (chain.pem, key.pem)}."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -490,8 +491,10 @@ def make_certs(mesh: Mesh, out: Path) -> dict[str, tuple[Path, Path]]:
     issuer = x509.load_pem_x509_certificate((mesh.ca_dir / "issuer.crt").read_bytes())
     issuer_key = serialization.load_pem_private_key((mesh.ca_dir / "issuer.key").read_bytes(), None)
     expired, expired_key = leaf(issuer, issuer_key, now - datetime.timedelta(hours=2), now - datetime.timedelta(hours=1))
+    valid, valid_key = leaf(issuer, issuer_key, now - datetime.timedelta(minutes=5), now + datetime.timedelta(hours=1))
     return {"wrong_ca": write("wrong_ca", wrong, wrong_key, [ca]),
-            "expired": write("expired", expired, expired_key, [issuer])}
+            "expired": write("expired", expired, expired_key, [issuer]),
+            "valid": write("valid", valid, valid_key, [issuer])}
 
 
 def tls_attempt(addr: tuple[str, int], chain: Path, key: Path) -> str:
@@ -666,3 +669,56 @@ def test_destination_outside_the_mesh_is_passed_through(mesh: Mesh):
     assert r.get("status") == 200 and r["body"] == "outside-the-mesh-ok", f"{r}\n{mesh.dump()}"
     assert len(seen) == 1 and seen[0][0] == a.ip and seen[0][1] == "/outside", seen
     assert "tern-error" not in r["headers"]
+
+
+# --------------------------------------------------------------------------------------
+# 8. testssl.sh against B's inbound
+
+TESTSSL_TIMEOUT = 75  # per run; a scan takes 10-30 s here
+
+
+def test_testssl_inbound_offers_tls13_only(mesh: Mesh, tmp_path):
+    testssl = shutil.which("testssl") or shutil.which("testssl.sh")
+    if testssl is None:
+        pytest.fail("testssl not installed: tests/run.sh installs it (apt-get install testssl.sh)")
+    b = mesh.net.pods[1]
+    # testssl 3.0 cannot present a client certificate, and its connectivity check (openssl
+    # s_client) then races B's "certificate required" alert. An openssl wrapper gives
+    # s_client a valid mesh certificate; testssl's own socket probes (protocols, ciphers)
+    # still go without one: the server's hello is what they read.
+    chain, key = make_certs(mesh, tmp_path)["valid"]
+    wrapper = tmp_path / "openssl"
+    wrapper.write_text(f"""#!/bin/sh
+if [ "$1" = s_client ]; then shift; exec {shutil.which("openssl")} s_client -cert {chain} -cert_chain {chain} -key {key} "$@"; fi
+exec {shutil.which('openssl')} "$@"
+""")
+    wrapper.chmod(0o755)
+    out = tmp_path / "testssl.json"
+    # protocols, cipher categories and forward secrecy; no vulnerability scans (slow, and a
+    # TLS 1.3-only server has none of the old protocols they probe)
+    cmd = [testssl, "--openssl", str(wrapper), "--protocols", "--std", "--fs", "--warnings", "batch", "--color", "0",
+           "--quiet", "--connect-timeout", "5", "--openssl-timeout", "5", "--jsonfile", str(out), f"{b.ip}:4143"]
+    t0 = time.monotonic()
+    for attempt in range(2):  # one more go if its connectivity check alone failed
+        out.unlink(missing_ok=True)
+        r = subprocess.run(cmd, capture_output=True, timeout=TESTSSL_TIMEOUT)
+        if b"cannot connect" not in r.stdout:
+            break
+    took = time.monotonic() - t0
+    report = r.stdout.decode(errors="replace")[-4000:]
+    assert out.exists(), f"testssl wrote no JSON (exit {r.returncode}):\n{report}\n{r.stderr.decode(errors='replace')}"
+    findings = {f["id"]: f for f in json.loads(out.read_text()) if isinstance(f, dict) and "id" in f}
+    sev = lambda i: findings.get(i, {}).get("finding", "")  # noqa: E731
+    print(f"testssl took {took:.1f}s: " + json.dumps({k: v.get("finding") for k, v in findings.items()}, indent=1))
+    assert "scanProblem" not in findings or findings["scanProblem"]["severity"] != "FATAL", findings.get("scanProblem")
+    for proto in ("SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2"):
+        assert sev(proto).startswith("not offered"), f"{proto}: {findings.get(proto)}\n{report}"
+    assert sev("TLS1_3").startswith("offered"), f"TLS1_3: {findings.get('TLS1_3')}\n{report}"
+    for weak in ("cipherlist_NULL", "cipherlist_aNULL", "cipherlist_EXPORT", "cipherlist_LOW",
+                 "cipherlist_3DES_IDEA", "cipherlist_OBSOLETED"):
+        if weak in findings:
+            assert findings[weak]["finding"].startswith("not offered"), f"{weak}: {findings[weak]}"
+    assert "cipherlist_STRONG" in findings and findings["cipherlist_STRONG"]["finding"].startswith("offered"), \
+        findings.get("cipherlist_STRONG")
+    fs = findings.get("FS") or findings.get("PFS") or {}  # the id depends on the testssl version
+    assert fs.get("finding", "").startswith("offered") and fs.get("severity") in ("OK", "INFO"), fs
