@@ -547,17 +547,15 @@ def check_identity_mismatch(mesh: Mesh, client: str):
 
 
 def test_outbound_refuses_a_server_with_the_wrong_identity(mesh: Mesh):
-    # C's sidecar has no connection to B's address yet (see the next test for why it matters)
+    # C's sidecar has no connection to B's address yet: a fresh handshake is checked
     assert mesh.sidecars["c"].handshakes("ok", direction="outbound") == 0, "C talked to B before this test"
     check_identity_mismatch(mesh, "c")
     # and B itself, under its right identity, is still reached
     assert app_get(mesh.net.pods[2], mesh.net.pods[1].ip, 8080).get("status") == 200, mesh.dump()
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: the upstream pool keys HTTP/2 connections by (address, mtls) "
-                   "only (proxy/src/upstream/pool.rs), so a connection verified as spiffe .../sa/b is reused for "
-                   "an endpoint whose EndpointSlice names another service account: no identity check, 200")
 def test_pooled_connection_is_not_reused_for_another_identity(mesh: Mesh):
+    # regression (fixed in 806b72b): the HTTP/2 pool was keyed by (address, mtls) only
     a, b = mesh.net.pods[:2]
     assert app_get(a, b.ip, 8080).get("status") == 200  # a pooled mTLS connection to B, verified as b
     check_identity_mismatch(mesh, "a")
