@@ -720,3 +720,94 @@ exec {shutil.which('openssl')} "$@"
         findings.get("cipherlist_STRONG")
     fs = findings.get("FS") or findings.get("PFS") or {}  # the id depends on the testssl version
     assert fs.get("finding", "").startswith("offered") and fs.get("severity") in ("OK", "INFO"), fs
+
+
+# --------------------------------------------------------------------------------------
+# 3 and 4. certificates renewed and anchors rotated under steady load (meshes of their own)
+
+
+@pytest.fixture
+def pair_factory(tmp_path_factory):
+    made = []
+
+    def make(lifetime: str) -> Mesh:
+        net = make_net(tmp_path_factory, 2)
+        made.append(net)
+        a, b = net.pods
+        m = Mesh(net, accounts=("a", "b"), lifetime=lifetime)
+        made.append(m)
+        m.start_control(docs_for(b.ip))
+        start_app(b, "B")
+        m.add(a, "a")
+        m.add(b, "b")
+        m.wait_all_ready()
+        return m
+
+    yield make
+    for x in made:
+        x.close()
+    if _app_file:
+        _app_file.unlink(missing_ok=True)
+
+
+class Load:
+    """A's application calling B's pod IP for `seconds` (new connection per request), in
+    the background; `result()` is {"ok", "failed", "errors"}."""
+
+    def __init__(self, mesh: Mesh, seconds: float):
+        a, b = mesh.net.pods[:2]
+        self.seconds = seconds
+        self.proc = a.popen([PY, app_file(), "load", b.ip, 8080, seconds], name=f"load-{time.monotonic_ns()}")
+
+    def result(self) -> dict:
+        self.proc.wait(timeout=self.seconds + 60)
+        out = self.proc.output()
+        try:
+            return json.loads(out)
+        except ValueError:
+            pytest.fail(f"load client printed {out!r}\n{self.proc.logs()}")
+
+
+RENEW_LIFETIME = 10  # seconds; --cert-lifetime
+
+
+def test_certificates_renewed_under_steady_load(pair_factory):
+    mesh = pair_factory(f"{RENEW_LIFETIME}s")
+    sa, sb = mesh.sidecars["a"], mesh.sidecars["b"]
+    first = {s.sa: s.identity() for s in (sa, sb)}
+    r0 = {s.sa: s.metrics().sum("tern_identity_renewals_total", result="ok") for s in (sa, sb)}
+    seconds = 2 * RENEW_LIFETIME + 2
+    load = Load(mesh, seconds)
+    not_afters = {s.sa: {first[s.sa]["not_after_unix"]} for s in (sa, sb)}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for s in (sa, sb):
+            not_afters[s.sa].add(s.identity()["not_after_unix"])
+        time.sleep(0.5)
+    res = load.result()
+    assert res["ok"] > 50 and res["failed"] == 0, f"{res}\n{mesh.dump()}"
+    for s in (sa, sb):
+        renewed = s.metrics().sum("tern_identity_renewals_total", result="ok") - r0[s.sa]
+        assert renewed >= 2, f"{s.sa}: {renewed} renewals in {seconds}s\n{mesh.dump()}"
+        assert len(not_afters[s.sa]) >= 3, f"{s.sa}: not_after seen {sorted(not_afters[s.sa])}"
+        assert s.metrics().sum("tern_identity_renewals_total", result="failed") == 0, mesh.dump()
+        ident = s.identity()
+        assert ident["spiffe_id"] == spiffe(s.sa), ident
+        assert ident["not_after_unix"] > time.time(), ident
+        print(f"{s.sa}: {renewed} renewals in {seconds}s, not_after values {sorted(not_afters[s.sa])}")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: tern-control backdates not_before by 60 s (control-plane/src/ca.rs BACKDATE) and the sidecar "
+    "renews at not_before + 70 % of (not_after - not_before) (proxy/src/tls/certify.rs renew_at): with "
+    "--cert-lifetime 10s that moment is already past when the certificate arrives, so each sidecar renews in a "
+    "busy loop (~90 Certify calls per second); any lifetime under ~26 s does, and up to a few minutes they "
+    "renew well before 70 % of the configured lifetime"))
+def test_short_lived_certificates_renewed_at_seventy_percent(pair_factory):
+    mesh = pair_factory(f"{RENEW_LIFETIME}s")
+    sa = mesh.sidecars["a"]
+    r0 = sa.metrics().sum("tern_identity_renewals_total", result="ok")
+    time.sleep(RENEW_LIFETIME)
+    renewed = sa.metrics().sum("tern_identity_renewals_total", result="ok") - r0
+    # one renewal per 6.5-7.5 s (70 % +- 5 % of 10 s); 3 leaves room for a slow start
+    assert 1 <= renewed <= 3, f"{renewed} renewals in {RENEW_LIFETIME}s with a {RENEW_LIFETIME}s lifetime"
