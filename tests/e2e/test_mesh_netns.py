@@ -440,7 +440,7 @@ def plain_log(s: Sidecar) -> str:
     return _ANSI.sub("", s.log())
 
 
-def make_certs(mesh: Mesh, out: Path) -> dict[str, tuple[Path, Path]]:
+def make_certs(mesh: Mesh, out: Path, issuer_dir: Path | None = None) -> dict[str, tuple[Path, Path]]:
     """Client certificates for spiffe(a): `wrong_ca` (a self-made CA), `expired` (the
     mesh's own issuer, expired an hour ago) and `valid` (the mesh's issuer, valid now).
     Returns {kind: (chain.pem, key.pem)}."""
@@ -488,8 +488,9 @@ def make_certs(mesh: Mesh, out: Path) -> dict[str, tuple[Path, Path]]:
           .sign(ca_key, hashes.SHA256()))
     wrong, wrong_key = leaf(ca, ca_key, now - datetime.timedelta(minutes=5), now + datetime.timedelta(hours=1))
 
-    issuer = x509.load_pem_x509_certificate((mesh.ca_dir / "issuer.crt").read_bytes())
-    issuer_key = serialization.load_pem_private_key((mesh.ca_dir / "issuer.key").read_bytes(), None)
+    issuer_dir = issuer_dir or mesh.ca_dir
+    issuer = x509.load_pem_x509_certificate((issuer_dir / "issuer.crt").read_bytes())
+    issuer_key = serialization.load_pem_private_key((issuer_dir / "issuer.key").read_bytes(), None)
     expired, expired_key = leaf(issuer, issuer_key, now - datetime.timedelta(hours=2), now - datetime.timedelta(hours=1))
     valid, valid_key = leaf(issuer, issuer_key, now - datetime.timedelta(minutes=5), now + datetime.timedelta(hours=1))
     return {"wrong_ca": write("wrong_ca", wrong, wrong_key, [ca]),
@@ -811,3 +812,63 @@ def test_short_lived_certificates_renewed_at_seventy_percent(pair_factory):
     renewed = sa.metrics().sum("tern_identity_renewals_total", result="ok") - r0
     # one renewal per 6.5-7.5 s (70 % +- 5 % of 10 s); 3 leaves room for a slow start
     assert 1 <= renewed <= 3, f"{renewed} renewals in {RENEW_LIFETIME}s with a {RENEW_LIFETIME}s lifetime"
+
+
+def replace_file(path: Path, data: bytes):
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(data)
+    tmp.chmod(0o600)
+    os.rename(tmp, path)
+
+
+def test_trust_anchor_rotation_under_steady_load(pair_factory, tmp_path):
+    """The rotation: anchors old -> old+new (`ternctl ca bundle`), then the new issuer, then
+    anchors new only; each step waits until both sidecars have it."""
+    mesh = pair_factory("24h")
+    a, b = mesh.net.pods
+    sides = [mesh.sidecars["a"], mesh.sidecars["b"]]
+    old_issuer = sides[0].identity()["issuer_id"]
+    old_dir, new_dir = tmp_path / "old-ca", tmp_path / "new-ca"
+    shutil.copytree(mesh.ca_dir, old_dir)
+    mesh.ternctl("ca", "init", "--dir", new_dir, "--trust-domain", TD)
+
+    def all_have(pred, what):
+        wait_until(lambda: all(pred(s.identity()) for s in sides), 20,
+                   f"both sidecars: {what}\n{[s.identity() for s in sides]}\n{mesh.dump()}", interval=0.2)
+
+    seconds = 20
+    load = Load(mesh, seconds)
+    t0 = time.monotonic()
+    time.sleep(2)
+    # 1. both anchors; the old issuer keeps signing
+    mesh.ternctl("ca", "bundle", mesh.ca_dir / "anchors.pem", mesh.ca_dir / "anchors.pem", new_dir / "anchors.pem")
+    all_have(lambda i: i["trust_anchors"] == 2 and i["issuer_id"] == old_issuer, "two anchors")
+    time.sleep(1)
+    # 2. the new issuer (key first; the CA keeps the last good pair in between)
+    replace_file(mesh.ca_dir / "issuer.key", (new_dir / "issuer.key").read_bytes())
+    replace_file(mesh.ca_dir / "issuer.crt", (new_dir / "issuer.crt").read_bytes())
+    all_have(lambda i: i["issuer_id"] != old_issuer and i["certificate_issuer_id"] == i["issuer_id"],
+             "a certificate from the new issuer")
+    new_issuer = sides[0].identity()["issuer_id"]
+    time.sleep(1)
+    # 3. the new anchor only
+    replace_file(mesh.ca_dir / "anchors.pem", (new_dir / "anchors.pem").read_bytes())
+    all_have(lambda i: i["trust_anchors"] == 1, "the new anchor only")
+    steps = time.monotonic() - t0
+    res = load.result()
+    assert steps < seconds - 1, f"the rotation took {steps:.1f}s, longer than the load ({seconds}s)"
+    assert res["ok"] > 50 and res["failed"] == 0, f"{res}\n{mesh.dump()}"
+
+    for s in sides:
+        i = s.identity()
+        assert i["issuer_id"] == new_issuer and i["certificate_issuer_id"] == new_issuer, i
+        assert i["trust_anchors"] == 1 and i["spiffe_id"] == spiffe(s.sa), i
+    # the old anchor is gone: a certificate from the old issuer is refused, the new chain works
+    certs = make_certs(mesh, tmp_path, issuer_dir=old_dir)
+    before = sides[1].handshakes("unknown_ca", direction="inbound")
+    outcome = tls_attempt((b.ip, 8080), *certs["valid"])
+    assert outcome.startswith("refused") or outcome == "read b''", outcome
+    wait_until(lambda: sides[1].handshakes("unknown_ca", direction="inbound") == before + 1, 5,
+               f"B to refuse the old issuer's certificate (unknown_ca)\n{mesh.dump()}")
+    r = app_get(a, b.ip, 8080, "/after-rotation")
+    assert r.get("status") == 200, f"{r}\n{mesh.dump()}"
