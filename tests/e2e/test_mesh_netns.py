@@ -798,12 +798,6 @@ def test_certificates_renewed_under_steady_load(pair_factory):
         print(f"{s.sa}: {renewed} renewals in {seconds}s, not_after values {sorted(not_afters[s.sa])}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: tern-control backdates not_before by 60 s (control-plane/src/ca.rs BACKDATE) and the sidecar "
-    "renews at not_before + 70 % of (not_after - not_before) (proxy/src/tls/certify.rs renew_at): with "
-    "--cert-lifetime 10s that moment is already past when the certificate arrives, so each sidecar renews in a "
-    "busy loop (~90 Certify calls per second); any lifetime under ~26 s does, and up to a few minutes they "
-    "renew well before 70 % of the configured lifetime"))
 def test_short_lived_certificates_renewed_at_seventy_percent(pair_factory):
     mesh = pair_factory(f"{RENEW_LIFETIME}s")
     sa = mesh.sidecars["a"]

@@ -77,13 +77,16 @@ impl Pending {
             key,
             not_before,
             not_after,
+            received: now_unix(),
             issuer_id: trust.issuer_id.clone(),
         })
     }
 }
 
 /// When to renew a certificate valid from `not_before` to `not_after` (Unix seconds):
-/// at 70 % of its lifetime, moved by `jitter` in [-1, 1] times 5 % of it.
+/// at 70 % of its lifetime, moved by `jitter` in [-1, 1] times 5 % of it. Pass the time
+/// it was received as `not_before` when that is later (a backdated `not_before` would
+/// make a short-lived certificate due at once).
 pub fn renew_at(not_before: i64, not_after: i64, jitter: f64) -> i64 {
     let life = (not_after - not_before).max(0) as f64;
     let at = life * (0.70 + 0.05 * jitter.clamp(-1.0, 1.0));
@@ -118,7 +121,11 @@ pub async fn run(shared: Arc<Shared>, cfg: ControlSettings) {
             (None, _) => None,
             (Some(_), None) => Some(0),
             (Some(t), Some(c)) if c.issuer_id != t.issuer_id => Some(0),
-            (Some(_), Some(c)) => Some(renew_at(c.not_before, c.not_after, rng.f64() * 2.0 - 1.0)),
+            (Some(_), Some(c)) => Some(renew_at(
+                c.not_before.max(c.received),
+                c.not_after,
+                rng.f64() * 2.0 - 1.0,
+            )),
         };
         let wait = due.map(|at| Duration::from_secs((at - now_unix()).max(0) as u64));
         match wait {
@@ -175,7 +182,7 @@ async fn certify(
     )
     .map_err(|e| e.to_string())?;
     let pending = Pending::new(id).map_err(|e| e.to_string())?;
-    let channel = crate::control::connect(addr).await?;
+    let channel = crate::control::connect(addr, cfg.tls.as_ref(), Some(trust)).await?;
     let request = CertifyRequest {
         token: token(cfg),
         workload: cfg.workload.clone(),

@@ -10,6 +10,7 @@
 //! connections already open keep the one they were made with.
 
 pub mod certify;
+pub mod control_plane;
 pub mod verify;
 
 use std::sync::{Arc, Mutex};
@@ -152,6 +153,9 @@ pub struct Credentials {
     pub key: PrivateKeyDer<'static>,
     pub not_before: i64,
     pub not_after: i64,
+    /// When this sidecar got it (Unix seconds): renewal counts from here, since CAs
+    /// backdate `not_before` for clock skew.
+    pub received: i64,
     /// The `issuer_id` of the trust in force when it was issued.
     pub issuer_id: String,
 }
