@@ -335,6 +335,11 @@ impl Ca {
         &self.issuer_id
     }
 
+    /// Lifetime of the certificates signed (before clamping to the issuer's).
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
     pub fn issuer_der(&self) -> &[u8] {
         &self.issuer_der
     }
@@ -379,12 +384,7 @@ impl Ca {
         id: &SpiffeId,
         now: SystemTime,
     ) -> Result<Vec<Vec<u8>>, CsrError> {
-        let now = unix(now);
-        if now >= self.issuer_not_after {
-            return Err(CsrError::IssuerExpired {
-                not_after_unix: self.issuer_not_after,
-            });
-        }
+        self.check_issuer(now)?;
         let csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
                 .map_err(CsrError::Parse)?;
@@ -399,11 +399,54 @@ impl Ca {
             };
             return Err(CsrError::Sans { want, got });
         }
-        let uri = sans[0].clone();
+        self.issue(&csr.public_key, vec![sans[0].clone()], now)
+    }
 
+    /// A certificate for tern-control itself (its TLS server): a fresh ECDSA P-256 key,
+    /// the URI SAN `id` and the DNS names `dns`, signed like a sidecar's ([`Ca::sign`]).
+    /// Returns `([leaf DER, issuer DER], PKCS#8 key DER)`.
+    pub fn issue_own(
+        &self,
+        id: &SpiffeId,
+        dns: &[String],
+        now: SystemTime,
+    ) -> Result<(Vec<Vec<u8>>, Vec<u8>), CsrError> {
+        self.check_issuer(now)?;
+        let key = KeyPair::generate().map_err(CsrError::Sign)?;
+        let mut sans = vec![SanType::URI(
+            id.to_string().try_into().map_err(CsrError::Sign)?,
+        )];
+        for name in dns {
+            sans.push(SanType::DnsName(
+                name.as_str().try_into().map_err(CsrError::Sign)?,
+            ));
+        }
+        let chain = self.issue(&key, sans, now)?;
+        Ok((chain, key.serialize_der()))
+    }
+
+    fn check_issuer(&self, now: SystemTime) -> Result<(), CsrError> {
+        if unix(now) >= self.issuer_not_after {
+            return Err(CsrError::IssuerExpired {
+                not_after_unix: self.issuer_not_after,
+            });
+        }
+        Ok(())
+    }
+
+    /// The one place leaves are signed: `sans` only, an empty subject, a random serial,
+    /// backdated [`BACKDATE`], the configured lifetime clamped to the issuer's, usages for
+    /// mTLS. Returns `[leaf DER, issuer DER]`.
+    fn issue(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        sans: Vec<SanType>,
+        now: SystemTime,
+    ) -> Result<Vec<Vec<u8>>, CsrError> {
+        let now = unix(now);
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![uri];
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -420,7 +463,7 @@ impl Ca {
         params.not_before = datetime(now - backdate);
         params.not_after = datetime(now.saturating_add(lifetime).min(self.issuer_not_after));
         let leaf = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(CsrError::Sign)?;
         Ok(vec![leaf.der().to_vec(), self.issuer_der.clone()])
     }

@@ -16,6 +16,7 @@ pub mod index;
 pub mod metrics;
 pub mod scope;
 pub mod server;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,10 +43,15 @@ pub enum RunError {
     Ca(#[from] ca::CaError),
     #[error("--tokens: {0}")]
     Tokens(#[from] auth::TokensError),
+    #[error("--serve-tls needs a CA (--ca-dir) to issue tern-control's certificate")]
+    TlsWithoutCa,
+    #[error("--serve-tls: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A control plane on bound listeners, until `shutdown` is cancelled: the file source on
-/// `config_dir`, the gRPC server on `grpc`, the admin endpoint on `admin`.
+/// `config_dir`, the gRPC server on `grpc` (over TLS with `settings.serve_tls`), the admin
+/// endpoint on `admin` (plain HTTP).
 pub async fn run(
     settings: Settings,
     config_dir: PathBuf,
@@ -100,17 +106,40 @@ pub async fn run(
             Arc::new(move |ca| target.set_ca(ca)),
         ))));
     }
+    // tern-control's own certificate, re-issued as the CA changes.
+    let server_tls = if settings.serve_tls {
+        let Some(ca) = cp.ca() else {
+            return Err(RunError::TlsWithoutCa);
+        };
+        let tls = Arc::new(tls::ServerTls::new(&ca, &settings.namespace)?);
+        background.push(AbortOnDropHandle::new(tokio::spawn(tls::keep_fresh(
+            tls.clone(),
+            cp.watch_ca(),
+        ))));
+        Some(tls)
+    } else {
+        None
+    };
     let index = Index::new();
     let published = index.subscribe();
     let source = FileSource::new(config_dir, metrics);
     let mut source_task = tokio::spawn(source.run(index));
     tokio::spawn(cp.clone().run_distributor(published));
     tokio::spawn(admin::serve(cp.clone(), admin, shutdown.clone()));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
-    let grpc = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(Service(cp).into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        .add_service(Service(cp.clone()).into_server());
+    let stop = shutdown.clone().cancelled_owned();
+    let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match server_tls {
+            Some(tls) => {
+                Box::pin(server.serve_with_incoming_shutdown(tls::incoming(grpc, tls), stop))
+            }
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+                Box::pin(server.serve_with_incoming_shutdown(incoming, stop))
+            }
+        };
     tokio::select! {
         served = grpc => served?,
         ended = &mut source_task => {

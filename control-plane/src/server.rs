@@ -52,6 +52,11 @@ pub struct Settings {
     pub trust_domain: String,
     /// Lifetime of the certificates signed.
     pub cert_lifetime: Duration,
+    /// Serve the gRPC API over TLS with a certificate from the CA (needs `ca_dir`).
+    pub serve_tls: bool,
+    /// The namespace tern-control runs in: its own SPIFFE ID is
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/tern-control`.
+    pub namespace: String,
 }
 
 impl Default for Settings {
@@ -64,6 +69,8 @@ impl Default for Settings {
             tokens: None,
             trust_domain: crate::ca::DEFAULT_TRUST_DOMAIN.to_string(),
             cert_lifetime: crate::ca::DEFAULT_CERT_LIFETIME,
+            serve_tls: false,
+            namespace: crate::tls::DEFAULT_NAMESPACE.to_string(),
         }
     }
 }
@@ -260,6 +267,11 @@ impl ControlPlane {
     /// The current CA, if any.
     pub fn ca(&self) -> Option<Arc<Ca>> {
         self.ca.borrow().clone()
+    }
+
+    /// The CA as it changes (reloads).
+    pub fn watch_ca(&self) -> watch::Receiver<Option<Arc<Ca>>> {
+        self.ca.subscribe()
     }
 
     /// Replaces the CA (after a reload) and pushes the new trust to every scope.

@@ -2,7 +2,7 @@
 //! stability.
 //!
 //! One bidirectional gRPC stream at a time (`tern.control.v1.ControlPlane/Stream`, plain
-//! HTTP/2 for now). The sidecar says Hello (who it is, what it calls, the control-plane
+//! HTTP/2, or over TLS with `--control-plane-anchors`: see [`crate::tls::control_plane`]). The sidecar says Hello (who it is, what it calls, the control-plane
 //! version it serves), then compiles every `ConfigPush` exactly as it would a config
 //! directory: a push that compiles is applied (the same [`Shared::apply`] as a file
 //! reload), persisted to the state dir and acknowledged; one that does not is refused
@@ -58,6 +58,8 @@ pub struct ControlSettings {
     pub service_account: String,
     /// File holding the bootstrap token (local mode) or a ServiceAccount token.
     pub token_file: Option<PathBuf>,
+    /// TLS to the control plane; `None`: plain HTTP/2.
+    pub tls: Option<Arc<crate::tls::control_plane::ControlPlaneTls>>,
 }
 
 /// Where the config being served came from.
@@ -370,8 +372,13 @@ pub async fn run(shared: Arc<Shared>, cfg: ControlSettings) {
     }
 }
 
-/// A gRPC channel to one replica.
-pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, String> {
+/// A gRPC channel to one replica: plain HTTP/2, or with `tls` over TLS, checked against
+/// its anchors and those of `pushed` (the trust bundle the control plane last pushed).
+pub async fn connect(
+    addr: &str,
+    tls: Option<&crate::tls::control_plane::ControlPlaneTls>,
+    pushed: Option<&crate::tls::Trust>,
+) -> Result<tonic::transport::Channel, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("bad address: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -379,8 +386,15 @@ pub async fn connect(addr: &str) -> Result<tonic::transport::Channel, String> {
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
-    tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
-        .await
+    let connected = match tls {
+        None => tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await,
+        Some(settings) => {
+            let connector = crate::tls::control_plane::connector(settings, pushed)
+                .map_err(|e| e.to_string())?;
+            tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect_with_connector(connector)).await
+        }
+    };
+    connected
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {}", error_chain(&e)))
 }
@@ -410,7 +424,7 @@ fn apply_trust(shared: &Shared, trust: Option<&tern_api::v1::Trust>) -> Result<(
 
 /// One stream to one replica, until it ends.
 async fn session(shared: &Arc<Shared>, cfg: &ControlSettings, addr: &str) -> Result<(), String> {
-    let channel = connect(addr).await?;
+    let channel = connect(addr, cfg.tls.as_deref(), shared.tls.trust().as_deref()).await?;
     let mut client = ControlPlaneClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel::<SidecarMessage>(8);
     let _ = tx.send(hello(shared, cfg)).await;
@@ -717,6 +731,7 @@ mod tests {
             calls: vec!["default/b".into()],
             service_account: "sa".into(),
             token_file: None,
+            tls: None,
         };
         tokio::spawn(run(s.clone(), cfg));
         let sidecar_message::Kind::Hello(hello) = next(&mut seen).await else {

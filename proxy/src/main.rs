@@ -38,6 +38,21 @@ struct Args {
     /// requests (`ternctl ca token` makes one). Read at each request, so it may be rotated.
     #[arg(long, env = "TERN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM trust anchors for TLS to the control plane (e.g. the CA directory's anchors.pem):
+    /// with it, the control-plane connection is TLS, its certificate checked against these
+    /// anchors and the trust bundle the control plane last pushed.
+    #[arg(long, env = "TERN_CONTROL_PLANE_ANCHORS", value_name = "FILE")]
+    control_plane_anchors: Option<PathBuf>,
+    /// The SPIFFE ID the control plane must present over TLS (default:
+    /// spiffe://<trust domain>/ns/tern-system/sa/tern-control).
+    #[arg(
+        long,
+        env = "TERN_CONTROL_PLANE_IDENTITY",
+        value_name = "SPIFFE_ID",
+        requires = "control_plane_anchors",
+        value_parser = parse_spiffe_id
+    )]
+    control_plane_identity: Option<tern_config::identity::SpiffeId>,
     /// Where the application sends its outbound requests.
     #[arg(long, env = "TERN_OUTBOUND", default_value = "127.0.0.1:4140")]
     outbound: SocketAddr,
@@ -88,6 +103,10 @@ fn default_workload() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+fn parse_spiffe_id(s: &str) -> Result<tern_config::identity::SpiffeId, String> {
+    tern_config::identity::SpiffeId::parse(s).map_err(|e| e.to_string())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     tern_config::validate::parse_duration(s)
 }
@@ -105,6 +124,18 @@ fn main() -> ExitCode {
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let control_tls = args.control_plane_anchors.map(|anchors_file| {
+        std::sync::Arc::new(tern_proxy::tls::control_plane::ControlPlaneTls {
+            anchors_file,
+            identity: args.control_plane_identity,
+        })
+    });
+    if let Some(tls) = &control_tls
+        && let Err(err) = tern_proxy::tls::control_plane::read_anchors(&tls.anchors_file)
+    {
+        eprintln!("tern-proxy: {err}");
+        return ExitCode::FAILURE;
+    }
     let source = match args.config_dir {
         Some(dir) => {
             if args.state_dir.is_some() {
@@ -130,6 +161,7 @@ fn main() -> ExitCode {
                 .collect(),
             service_account: args.service_account,
             token_file: args.token_file,
+            tls: control_tls,
         }),
     };
     let settings = tern_proxy::Settings {
@@ -184,5 +216,41 @@ mod tests {
         assert_eq!(a.calls, ["shop/a", "shop/b"]);
         assert_eq!(a.service_account, "default");
         assert!(default_workload().ends_with(&format!("-{}", std::process::id())));
+        assert!(a.control_plane_anchors.is_none());
+        // The identity only makes sense with TLS, and must be a SPIFFE ID.
+        assert!(
+            parse(&[
+                "--control-plane",
+                "a:1",
+                "--control-plane-identity",
+                "spiffe://cluster.local/ns/mesh/sa/tern-control"
+            ])
+            .is_err()
+        );
+        let a = parse(&[
+            "--control-plane",
+            "a:1",
+            "--control-plane-anchors",
+            "ca/anchors.pem",
+            "--control-plane-identity",
+            "spiffe://cluster.local/ns/mesh/sa/tern-control",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.control_plane_anchors,
+            Some(PathBuf::from("ca/anchors.pem"))
+        );
+        assert!(a.control_plane_identity.unwrap().is("mesh", "tern-control"));
+        assert!(
+            parse(&[
+                "--control-plane",
+                "a:1",
+                "--control-plane-anchors",
+                "x.pem",
+                "--control-plane-identity",
+                "tern-control"
+            ])
+            .is_err()
+        );
     }
 }

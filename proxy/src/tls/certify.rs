@@ -182,7 +182,7 @@ async fn certify(
     )
     .map_err(|e| e.to_string())?;
     let pending = Pending::new(id).map_err(|e| e.to_string())?;
-    let channel = crate::control::connect(addr, cfg.tls.as_ref(), Some(trust)).await?;
+    let channel = crate::control::connect(addr, cfg.tls.as_deref(), Some(trust)).await?;
     let request = CertifyRequest {
         token: token(cfg),
         workload: cfg.workload.clone(),

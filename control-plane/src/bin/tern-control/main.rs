@@ -51,6 +51,14 @@ struct Args {
     /// Lifetime of sidecar certificates (e.g. 24h, 90m, 7d).
     #[arg(long, env = "TERN_CONTROL_CERT_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
     cert_lifetime: Duration,
+    /// Serve the gRPC API over TLS 1.3 with a certificate tern-control issues itself from
+    /// its CA (spiffe://<trust domain>/ns/<namespace>/sa/tern-control), re-issued when the
+    /// issuer changes. No client certificate is asked for. The admin endpoint stays HTTP.
+    #[arg(long, env = "TERN_SERVE_TLS", requires = "ca_dir")]
+    serve_tls: bool,
+    /// The namespace tern-control runs in, for its own SPIFFE ID (with --serve-tls).
+    #[arg(long, env = "TERN_CONTROL_NAMESPACE", default_value = tern_control::tls::DEFAULT_NAMESPACE)]
+    namespace: String,
     /// Log filter (tracing EnvFilter syntax): info, debug, tern_control=debug, ...
     #[arg(long, env = "TERN_CONTROL_LOG", default_value = "info")]
     log: String,
@@ -121,6 +129,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             tokens: args.tokens,
             trust_domain: args.trust_domain,
             cert_lifetime: args.cert_lifetime,
+            serve_tls: args.serve_tls,
+            namespace: args.namespace,
         };
         tern_control::run(settings, args.config_dir, grpc, admin, shutdown).await?;
         tracing::info!("tern-control stopped");
@@ -187,5 +197,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.cert_lifetime, Duration::from_secs(7200));
+        assert!(!a.serve_tls);
+        assert_eq!(a.namespace, "tern-system");
+        // TLS needs the CA to issue its certificate.
+        assert!(
+            Args::try_parse_from(["tern-control", "--config-dir", "/tmp", "--serve-tls"]).is_err()
+        );
+        let a = Args::try_parse_from([
+            "tern-control",
+            "--config-dir",
+            "/tmp",
+            "--ca-dir",
+            "/ca",
+            "--tokens",
+            "/t.yaml",
+            "--serve-tls",
+            "--namespace",
+            "mesh",
+        ])
+        .unwrap();
+        assert!(a.serve_tls);
+        assert_eq!(a.namespace, "mesh");
     }
 }

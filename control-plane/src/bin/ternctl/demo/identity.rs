@@ -69,19 +69,30 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 impl DemoIdentity {
-    /// tern-control's flags for the CA and the tokens.
+    /// tern-control's flags for the CA and the tokens, and its gRPC API over TLS.
     pub fn control_args(&self) -> Vec<String> {
         vec![
             "--ca-dir".into(),
             self.ca_dir.to_string_lossy().into_owned(),
             "--tokens".into(),
             self.tokens.to_string_lossy().into_owned(),
+            "--serve-tls".into(),
         ]
     }
 
-    /// A sidecar's flags: its token file and service account.
+    /// The anchors sidecars check tern-control's certificate against.
+    pub fn anchors(&self) -> PathBuf {
+        self.ca_dir.join(ca::ANCHORS_FILE)
+    }
+
+    /// A sidecar's flags: its token file and service account, and the anchors for TLS to
+    /// tern-control.
     pub fn sidecar_args(&self, app: &'static str) -> Vec<String> {
         let mut args = vec!["--service-account".into(), service_account(app).into()];
+        args.extend([
+            "--control-plane-anchors".into(),
+            self.anchors().to_string_lossy().into_owned(),
+        ]);
         if let Some(file) = self.token_files.get(app) {
             args.extend(["--token-file".into(), file.to_string_lossy().into_owned()]);
         }
@@ -118,8 +129,12 @@ mod tests {
         );
         let args = id.sidecar_args("checkout-v2");
         assert_eq!(args[..2], ["--service-account", "checkout"]);
-        let token = std::fs::read_to_string(&args[3]).unwrap();
+        assert_eq!(args[2], "--control-plane-anchors");
+        assert!(args[3].ends_with("ca/anchors.pem"));
+        assert_eq!(args[4], "--token-file");
+        let token = std::fs::read_to_string(&args[5]).unwrap();
         assert_eq!(token.len(), 64);
+        assert!(id.control_args().contains(&"--serve-tls".to_string()));
         std::fs::remove_dir_all(&work).unwrap();
     }
 }
