@@ -13,7 +13,6 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use tern_api::v1::sidecar_message::Kind;
 use tern_api::v1::{CertifyRequest, CertifyResponse, ConfigPush, Hello, IdentityStatus};
-use tern_control::auth::{Subject, append_token};
 use tern_control::ca::{self, Generated, Lifetimes};
 use tern_control::server::Settings;
 use tonic::Code;
@@ -34,29 +33,14 @@ struct Mesh {
 
 /// A config directory, a CA directory and a tokens file with a token for shop/web.
 fn mesh(tag: &str) -> Mesh {
-    let root = temp_dir(tag);
-    let config = root.join("config");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(config.join("mesh.yaml"), MESH).unwrap();
-    let ca_dir = root.join("ca");
     let ca = ca::generate("cluster.local", Lifetimes::default(), SystemTime::now()).unwrap();
-    ca::write_dir(&ca_dir, &ca).unwrap();
-    let tokens = root.join("tokens.yaml");
-    let web = append_token(
-        &tokens,
-        &Subject {
-            namespace: "shop".into(),
-            service_account: "web".into(),
-            workload: None,
-        },
-    )
-    .unwrap();
+    let f = identity_files(&temp_dir(tag), &ca);
     Mesh {
-        config,
-        ca_dir,
-        tokens,
+        config: f.config,
+        ca_dir: f.ca_dir,
+        tokens: f.tokens,
         ca,
-        web,
+        web: f.web,
     }
 }
 

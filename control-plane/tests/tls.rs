@@ -12,7 +12,6 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use tern_api::v1::control_plane_client::ControlPlaneClient;
 use tern_api::v1::{CertifyRequest, CertifyResponse};
 use tern_config::identity::SpiffeId;
-use tern_control::auth::{Subject, append_token};
 use tern_control::ca::{self, Generated, Lifetimes};
 use tern_control::server::Settings;
 use tern_proxy::tls::control_plane::{ControlPlaneTls, connector};
@@ -42,34 +41,20 @@ fn generate() -> Generated {
 /// token for shop/web.
 fn mesh(tag: &str) -> Mesh {
     let root = temp_dir(tag);
-    let config = root.join("config");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::write(config.join("mesh.yaml"), MESH).unwrap();
-    let ca_dir = root.join("ca");
     let (first, second) = (generate(), generate());
-    ca::write_dir(&ca_dir, &first).unwrap();
+    let f = identity_files(&root, &first);
     write_atomic(
-        &ca_dir.join(ca::ANCHORS_FILE),
+        &f.ca_dir.join(ca::ANCHORS_FILE),
         &format!("{}{}", first.anchor_cert, second.anchor_cert),
     );
-    let tokens = root.join("tokens.yaml");
-    let web = append_token(
-        &tokens,
-        &Subject {
-            namespace: "shop".into(),
-            service_account: "web".into(),
-            workload: None,
-        },
-    )
-    .unwrap();
     Mesh {
         root,
-        config,
-        ca_dir,
-        tokens,
+        config: f.config,
+        ca_dir: f.ca_dir,
+        tokens: f.tokens,
         first,
         second,
-        web,
+        web: f.web,
     }
 }
 
@@ -150,6 +135,33 @@ async fn certify_over_tls_with_the_anchors_and_nothing_else() {
     let resp = certify_on(channel, &m.web).await.unwrap();
     assert_eq!(resp.chain_der.len(), 2);
     assert_eq!(resp.chain_der[1], pem_der(&m.first.issuer_cert));
+    // The config stream works over TLS too.
+    let channel = tern_proxy::control::connect(&addr, Some(&tls(&anchors, None)), None)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(tern_api::v1::SidecarMessage {
+        kind: Some(tern_api::v1::sidecar_message::Kind::Hello(
+            tern_api::v1::Hello {
+                token: m.web.clone(),
+                ..hello("web-1", &["shop/checkout"], "")
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut pushes = ControlPlaneClient::new(channel)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let push = tokio::time::timeout(WAIT, pushes.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(push.trust.is_some() && !push.documents.is_empty());
+    drop(tx);
     // The server's own certificate names tern-control, issued by the same issuer.
     let chain = served_chain(run.grpc, &anchors).await;
     let id = tern_proxy::tls::verify::spiffe_of(&chain[0].clone().into()).unwrap();

@@ -111,6 +111,41 @@ impl Sidecar {
     }
 }
 
+/// What [`identity_files`] wrote.
+pub struct IdentityFiles {
+    pub config: PathBuf,
+    pub ca_dir: PathBuf,
+    pub tokens: PathBuf,
+    /// A token for shop/web.
+    pub web: String,
+}
+
+/// Under `root`: `config/mesh.yaml` (the test mesh), `ca/` holding `ca`, and
+/// `tokens.yaml` with a token for shop/web.
+pub fn identity_files(root: &std::path::Path, ca: &tern_control::ca::Generated) -> IdentityFiles {
+    let config = root.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("mesh.yaml"), MESH).unwrap();
+    let ca_dir = root.join("ca");
+    tern_control::ca::write_dir(&ca_dir, ca).unwrap();
+    let tokens = root.join("tokens.yaml");
+    let web = tern_control::auth::append_token(
+        &tokens,
+        &tern_control::auth::Subject {
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            workload: None,
+        },
+    )
+    .unwrap();
+    IdentityFiles {
+        config,
+        ca_dir,
+        tokens,
+        web,
+    }
+}
+
 /// Writes a file as editors and ConfigMap updates do: a temporary file renamed in place.
 pub fn write_atomic(path: &std::path::Path, text: &str) {
     let tmp = path.with_extension("tmp");
