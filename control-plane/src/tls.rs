@@ -152,7 +152,10 @@ pub async fn keep_fresh(tls: Arc<ServerTls>, mut cas: watch::Receiver<Option<Arc
     let mut retry_at: Option<i64> = None;
     loop {
         let due = retry_at.unwrap_or_else(|| tls.renew_at());
-        let wait = Duration::from_secs(u64::try_from(due - unix(SystemTime::now())).unwrap_or(0));
+        // At least a second apart: a certificate clamped to an issuer about to expire
+        // is due again at once.
+        let wait = Duration::from_secs(u64::try_from(due - unix(SystemTime::now())).unwrap_or(0))
+            .max(Duration::from_secs(1));
         tokio::select! {
             changed = cas.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(wait) => {}
