@@ -45,11 +45,20 @@ P = {
     "ternA": (18150, 18151, 18152),
     "ternB1": (18160, 18161, 18162),
     "ternB2": (18170, 18171, 18172),
+    # tern-mtls-pair: managed sidecars (outbound, inbound, admin) and their tern-control
+    "ternMA": (18240, 18241, 18242),
+    "ternMB1": (18250, 18251, 18252),
+    "ternMB2": (18260, 18261, 18262),
+    "control": (18230, 18231),           # gRPC, admin
     "mem_tern": (18200, 18201, 18202),
     "mem_nginx": 18210, "mem_haproxy": 18220,
 }
 HOST_H1 = "upstream.bench"
 HOST_H2C = "upstream-h2c.bench"
+MTLS_CLIENT_SA = "bench-client"   # sidecar A of tern-mtls-pair
+MTLS_SERVER_SA = "bench-server"   # sidecars B1/B2 (one service account, like two replicas)
+LINKERD_PAIR_CPU_US = 59.0        # reference (issue 8): linkerd2-proxy pair, 2-core loopback
+LINKERD_PAIR_ADDED_P99_MS = 1.3   # ... and its added p99 at 1,000 req/s
 
 
 # ---------------------------------------------------------------------------
@@ -310,7 +319,10 @@ backend be_h2c
     return d / "haproxy.cfg"
 
 
-def tern_yaml(h1_port: int, h2c_port: int) -> str:
+def tern_yaml(h1_port: int, h2c_port: int, sa: Optional[str] = None) -> str:
+    """sa: the service account the EndpointSlices' sidecars present (annotation
+    tern.dev/service-account), which makes a managed sidecar call them over mTLS."""
+    ann = f" annotations: {{tern.dev/service-account: {sa}}}," if sa else ""
     return f"""apiVersion: v1
 kind: Service
 metadata: {{name: upstream, namespace: bench}}
@@ -318,7 +330,7 @@ spec: {{ports: [{{name: http, port: 80}}]}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {{name: upstream-1, namespace: bench, labels: {{kubernetes.io/service-name: upstream}}}}
+metadata: {{name: upstream-1,{ann} namespace: bench, labels: {{kubernetes.io/service-name: upstream}}}}
 addressType: IPv4
 endpoints: [{{addresses: ["{ADDR}"], conditions: {{ready: true}}}}]
 ports: [{{name: http, port: {h1_port}}}]
@@ -330,7 +342,7 @@ spec: {{ports: [{{name: http, port: 80, appProtocol: kubernetes.io/h2c}}]}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {{name: upstream-h2c-1, namespace: bench, labels: {{kubernetes.io/service-name: upstream-h2c}}}}
+metadata: {{name: upstream-h2c-1,{ann} namespace: bench, labels: {{kubernetes.io/service-name: upstream-h2c}}}}
 addressType: IPv4
 endpoints: [{{addresses: ["{ADDR}"], conditions: {{ready: true}}}}]
 ports: [{{name: http, port: {h2c_port}}}]
@@ -434,6 +446,10 @@ def make_targets() -> dict[str, Target]:
         Target("tern-pair", P["ternA"][0], P["ternA"][0],
                {"h1": ["ternA", "ternB1"], "h2c": ["ternA", "ternB2"]}, "nginx-2hop", 2,
                "A outbound -> B inbound -> upstream; CPU/RSS of A+B"),
+        Target("tern-mtls-pair", P["ternMA"][0], P["ternMA"][0],
+               {"h1": ["ternMA", "ternMB1"], "h2c": ["ternMA", "ternMB2"]}, "nginx-2hop", 2,
+               "managed sidecars (tern-control with a CA): A outbound -> mTLS + HTTP/2 -> "
+               "B inbound -> upstream; CPU/RSS of A+B (tern-control not counted)"),
     ]
     return {x.name: x for x in t}
 
@@ -452,6 +468,119 @@ def start_tern(procs: Procs, conf_root: Path, name: str, ports, app: int, cfg_po
         raise RuntimeError(f"{name}: /ready not 200 within 20s (see logs/{name}.log)")
 
 
+def http_text(port: int, path: str, timeout: float = 2.0) -> Optional[str]:
+    """GET a small admin page (HTTP/1.0: the body ends at EOF); None on any failure."""
+    try:
+        with socket.create_connection((ADDR, port), timeout=timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        if b" 200 " not in head.split(b"\r\n", 1)[0] + b" ":
+            return None
+        return body.decode(errors="replace")
+    except OSError:
+        return None
+
+
+def start_mtls_pair(procs: Procs, conf_root: Path, tern_bin: str, control_bin: str,
+                    ternctl_bin: str, ready_timeout: float = 30):
+    """tern-mtls-pair: a fresh CA (`ternctl ca init`), two tokens (`ternctl ca token`:
+    client and server service accounts), tern-control with --ca-dir/--tokens serving the
+    plain pair's config with the server's EndpointSlices annotated, and three managed
+    sidecars: A (client), B1 (HTTP/1.1 app) and B2 (h2c app), which share the server's
+    token and service account like two replicas."""
+    d = conf_root / "mtls"
+    cfg = d / "config"
+    cfg.mkdir(parents=True, exist_ok=True)
+
+    def ctl(*argv: str) -> str:
+        r = subprocess.run([ternctl_bin, *argv], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"ternctl {' '.join(argv)} exited {r.returncode}: {r.stderr[-300:]}")
+        return r.stdout.strip()
+
+    ctl("ca", "init", "--dir", str(d / "ca"))
+    tokens = d / "tokens.yaml"
+    token_files = {}
+    for sa in (MTLS_CLIENT_SA, MTLS_SERVER_SA):
+        tok = ctl("ca", "token", "--tokens", str(tokens), "--namespace", "bench",
+                  "--service-account", sa).splitlines()[-1].strip()
+        f = d / f"{sa}.token"
+        f.write_text(tok + "\n")
+        f.chmod(0o600)
+        token_files[sa] = f
+    # A's services point at B's inbound listeners (h1 -> B1, h2c -> B2), now annotated
+    (cfg / "bench.yaml").write_text(tern_yaml(P["ternMB1"][1], P["ternMB2"][1], MTLS_SERVER_SA))
+    grpc, cadmin = P["control"]
+    # tern-control is idle during the measured windows; it stays off the proxy core
+    procs.start("tern-control", [control_bin, "--config-dir", str(cfg),
+                                 "--listen", f"{ADDR}:{grpc}", "--admin", f"{ADDR}:{cadmin}",
+                                 "--ca-dir", str(d / "ca"), "--tokens", str(tokens),
+                                 "--log", "warn"], LOAD_CPU)
+    if not wait_http(cadmin, "/ready", timeout=20):
+        raise RuntimeError("tern-control: /ready not 200 within 20s (see logs/tern-control.log)")
+    sidecars = [("ternMA", MTLS_CLIENT_SA, P["up_h1"]),
+                ("ternMB1", MTLS_SERVER_SA, P["up_h1"]),
+                ("ternMB2", MTLS_SERVER_SA, P["up_h2c"])]
+    for name, sa, app in sidecars:
+        out, inb, admin = P[name]
+        state = d / "state" / name
+        state.mkdir(parents=True, exist_ok=True)
+        procs.start(name, [tern_bin, "--control-plane", f"{ADDR}:{grpc}",
+                           "--service-account", sa, "--namespace", "bench",
+                           "--token-file", str(token_files[sa]), "--state-dir", str(state),
+                           "--workload", name,
+                           "--outbound", f"{ADDR}:{out}", "--inbound", f"{ADDR}:{inb}",
+                           "--app", f"{ADDR}:{app}", "--admin", f"{ADDR}:{admin}",
+                           "--workers", "1", "--drain-timeout", "1s", "--log", "warn"],
+                    PROXY_CPU)
+    for name, _, _ in sidecars:
+        # /ready is 503 until the sidecar has its config and its certificate
+        if not wait_http(P[name][2], "/ready", timeout=ready_timeout):
+            raise RuntimeError(f"{name}: /ready not 200 within {ready_timeout:g}s "
+                               f"(see logs/{name}.log)")
+        ident = http_text(P[name][2], "/identity") or ""
+        (procs.logs / f"{name}.identity").write_text(ident)
+    if not wait_http(P["ternMA"][0], "/", HOST_H1, timeout=ready_timeout / 2):
+        raise RuntimeError("tern-mtls-pair: no 200 through A for upstream.bench")
+    r = subprocess.run(["taskset", "-c", LOAD_CPU, "h2load", "-n", "20", "-c", "1",
+                        "-H", f":authority: {HOST_H2C}", f"http://{ADDR}:{P['ternMA'][0]}/"],
+                       capture_output=True, text=True, timeout=ready_timeout)
+    if "status codes: 20 2xx" not in r.stdout:
+        raise RuntimeError(f"tern-mtls-pair: h2c through A failed: {r.stdout[-400:]}")
+    for b in ("ternMB1", "ternMB2"):
+        check_mtls(b)
+
+
+def inbound_clients(admin_port: int) -> Optional[dict[str, float]]:
+    """tern_inbound_clients_total summed by its tls label, from a sidecar's /metrics."""
+    text = http_text(admin_port, "/metrics")
+    if text is None:
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("tern_inbound_clients_total{"):
+            labels, _, value = line.rpartition(" ")
+            tls = labels.split('tls="', 1)[1].split('"', 1)[0] if 'tls="' in labels else "?"
+            out[tls] = out.get(tls, 0.0) + float(value)
+    return out
+
+
+def check_mtls(name: str) -> dict[str, float]:
+    """Fails unless the server sidecar `name` accepted mTLS connections, and only those."""
+    c = inbound_clients(P[name][2])
+    if c is None:
+        raise RuntimeError(f"{name}: /metrics unreadable")
+    if c.get("mtls", 0) <= 0 or c.get("plaintext", 0) > 0:
+        raise RuntimeError(f"{name}: NOT mTLS: tern_inbound_clients_total by tls = {c}")
+    return c
+
+
 def start_nginx(procs: Procs, name: str, conf: Path, cpu: str, port: int):
     procs.start(name, ["nginx", "-c", str(conf), "-p", str(conf.parent)], cpu)
     if not wait_port(port):
@@ -465,7 +594,8 @@ def start_haproxy(procs: Procs, name: str, conf: Path, port: int):
 
 
 def start_all(procs: Procs, conf: Path, targets: dict[str, Target], tern_bin: Optional[str],
-              tern_error: Optional[str]):
+              tern_error: Optional[str], control_bin: Optional[str] = None,
+              ternctl_bin: Optional[str] = None):
     start_nginx(procs, "upstream", upstream_conf(conf / "upstream"), LOAD_CPU, P["up_h1"])
     if not wait_http(P["up_h1"]):
         raise RuntimeError("upstream nginx does not answer")
@@ -498,7 +628,7 @@ def start_all(procs: Procs, conf: Path, targets: dict[str, Target], tern_bin: Op
         procs, "haproxy", haproxy_conf(conf / "haproxy", P["haproxy_h1"], P["haproxy_h2c"]),
         P["haproxy_h1"]))
     if tern_bin is None:
-        for n in ("tern", "tern-pair"):
+        for n in ("tern", "tern-pair", "tern-mtls-pair"):
             if n in targets:
                 targets[n].error = tern_error or "tern-proxy not built"
         return
@@ -514,6 +644,14 @@ def start_all(procs: Procs, conf: Path, targets: dict[str, Target], tern_bin: Op
         start_tern(procs, conf, "ternA", P["ternA"], P["up_h1"],
                    (P["ternB1"][1], P["ternB2"][1]), tern_bin)
     guard(["tern-pair"], pair)
+    if "tern-mtls-pair" in targets:
+        missing = [f for f, b in (("tern-control", control_bin), ("ternctl", ternctl_bin))
+                   if not b or not os.access(b, os.X_OK)]
+        if missing:
+            targets["tern-mtls-pair"].error = f"{' and '.join(missing)} not built"
+        else:
+            guard(["tern-mtls-pair"], lambda: start_mtls_pair(procs, conf, tern_bin, control_bin,
+                                                              ternctl_bin))
 
 
 # ---------------------------------------------------------------------------
@@ -677,6 +815,16 @@ def mb(kb: Optional[float]) -> Optional[float]:
     return None if kb is None else kb * 1024 / 1e6
 
 
+def p99_spread(*cells: dict) -> float:
+    """Largest max - min of p99 across the reps of any of these cells (ms)."""
+    spread = 0.0
+    for cell in cells:
+        p = [r["p99_ms"] for r in cell.get("raw", []) if r.get("p99_ms") is not None]
+        if len(p) > 1:
+            spread = max(spread, max(p) - min(p))
+    return spread
+
+
 def goals(rows: list[dict], idle: list[dict]) -> list[tuple[str, str, str]]:
     """[(goal, measured, met/missed/not measured)]."""
     by = {(r["target"], r["test"]): r for r in rows}
@@ -699,11 +847,7 @@ def goals(rows: list[dict], idle: list[dict]) -> list[tuple[str, str, str]]:
         ok = None if a is None or b is None else (a - b) <= 0.05
         # p99 spread across reps of the three cells involved: when it dwarfs the 0.05 ms
         # threshold the verdict says so instead of pretending precision
-        spread = 0.0
-        for cell in (t, n, by.get(("direct", te), {})):
-            p = [r["p99_ms"] for r in cell.get("raw", []) if r.get("p99_ms") is not None]
-            if len(p) > 1:
-                spread = max(spread, max(p) - min(p))
+        spread = p99_spread(t, n, by.get(("direct", te), {}))
         v = verdict(ok)
         if ok is not None and spread > 0.1:
             v = f"inconclusive (would be {v}): p99 varies {spread:.2f} ms across reps"
@@ -733,6 +877,35 @@ def goals(rows: list[dict], idle: list[dict]) -> list[tuple[str, str, str]]:
         ok = None if a is None or b is None else a < b
         out.append((f"tern pair CPU/request < two nginx hops ({te})",
                     f"pair {fmt(a, '.1f')} µs vs 2×nginx {fmt(b, '.1f')} µs", verdict(ok)))
+    # issue 8: the mTLS pair against linkerd2-proxy's pair (reference figures, not measured here)
+    half = LINKERD_PAIR_CPU_US / 2
+    for te in ("h1-closed", "h2c-closed", "h1-rate-1k", "h1-rate-5k"):
+        r = by.get(("tern-mtls-pair", te))
+        if not r:
+            continue
+        a = r.get("cpu_us_per_req")
+        plain = by.get(("tern-pair", te), {}).get("cpu_us_per_req")
+        out.append((f"mTLS pair CPU/request < half of linkerd2-proxy's pair "
+                    f"({LINKERD_PAIR_CPU_US:g} µs / 2 = {half:g} µs) ({te})",
+                    f"mTLS pair {fmt(a, '.1f')} µs (plain pair {fmt(plain, '.1f')} µs)",
+                    verdict(None if a is None else a < half)))
+    for te in ("h1-rate-1k",):
+        r = by.get(("tern-mtls-pair", te))
+        if not r:
+            continue
+        a = r.get("added_p99_ms")
+        lim = LINKERD_PAIR_ADDED_P99_MS / 2
+        d = by.get(("direct", te), {})
+        spread = p99_spread(r, d)
+        ok = None if a is None else a < lim
+        v = verdict(ok)
+        if ok is not None and spread > 0.1:
+            v = f"inconclusive (would be {v}): p99 varies {spread:.2f} ms across reps"
+        plain = by.get(("tern-pair", te), {}).get("added_p99_ms")
+        out.append((f"mTLS pair added p99 < half of linkerd2-proxy's pair "
+                    f"({LINKERD_PAIR_ADDED_P99_MS:g} ms / 2 = {lim:g} ms) ({te})",
+                    f"mTLS pair {fmt(a, '+.3f')} ms over direct's p99 {fmt(d.get('p99_ms'), '.3f')} ms "
+                    f"(plain pair {fmt(plain, '+.3f')} ms)", v))
     return out
 
 
@@ -838,6 +1011,7 @@ def machine_meta(args) -> dict:
         "git_rev": cmd_out(["git", "-C", str(HERE), "describe", "--always", "--dirty"]),
         "reps": args.reps, "duration_s": args.duration, "warmup_s": args.warmup,
         "tern_bin": args.tern_bin, "tern_build": args.tern_error or "ok",
+        "tern_control_bin": args.tern_control_bin, "ternctl_bin": args.ternctl_bin,
     }
 
 
@@ -848,11 +1022,14 @@ def main():
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--tests", default=",".join(DEFAULT_TESTS))
-    ap.add_argument("--targets", default="direct,nginx,haproxy,tern,nginx-2hop,tern-pair")
+    ap.add_argument("--targets",
+                    default="direct,nginx,haproxy,tern,nginx-2hop,tern-pair,tern-mtls-pair")
     ap.add_argument("--idle", default="64,1000,10000", help="idle connection counts ('' = skip)")
     ap.add_argument("--idle-targets", default="tern,nginx")
     ap.add_argument("--tern-bin", default=None)
     ap.add_argument("--tern-error", default=None)
+    ap.add_argument("--tern-control-bin", default=None, help="for tern-mtls-pair")
+    ap.add_argument("--ternctl-bin", default=None, help="for tern-mtls-pair (ca init, ca token)")
     ap.add_argument("--latest", type=Path, default=None, help="directory for latest.md/.jsonl")
     ap.add_argument("--render", type=Path, default=None,
                     help="only re-render summary.md from an existing results.jsonl")
@@ -903,7 +1080,8 @@ def main():
     cells: dict = {}
     idle: list = []
     try:
-        start_all(procs, conf, targets, args.tern_bin, args.tern_error)
+        start_all(procs, conf, targets, args.tern_bin, args.tern_error, args.tern_control_bin,
+                  args.ternctl_bin)
         n_cells = len(tests) * len(targets) * args.reps
         done = 0
         for rep in range(1, args.reps + 1):
@@ -917,7 +1095,17 @@ def main():
                     try:
                         if args.warmup > 0:
                             run_load(load_cmd(t, test, args.warmup, None), args.warmup + 60)
+                        if tn == "tern-mtls-pair":
+                            try:  # after the warm-up: the server sidecar saw mTLS only
+                                check_mtls(t.procs[test.proto][1])
+                            except RuntimeError as e:
+                                t.error = str(e)
+                                print(f"ERROR: {e}", file=sys.stderr, flush=True)
+                                raise
                         r = measure(procs, t, test, args.duration, raw, rep)
+                        if tn == "tern-mtls-pair":
+                            # connections B accepted so far: pooled, so this stays small
+                            r["inbound_mtls_conns"] = check_mtls(t.procs[test.proto][1])["mtls"]
                         print(f"[{done}/{n_cells}] rep {rep} {te:12s} {tn:11s} "
                               f"{r['rps']:9,.0f} req/s  p99 {fmt(r['p99_ms'], '.3f')} ms  "
                               f"cpu {fmt(r['cpu_us_per_req'], '.1f')} µs/req  "
@@ -944,6 +1132,11 @@ def main():
                     print(f"idle {which} {n}: FAILED {e}", flush=True)
                 max_builds = max(max_builds, busy_note()["build_procs"])
     finally:
+        for name in ("ternMA", "ternMB1", "ternMB2"):  # handshake and connection counters
+            if name in procs.procs:
+                m = http_text(P[name][2], "/metrics")
+                if m:
+                    (procs.logs / f"{name}.metrics").write_text(m)
         procs.stop_all()
     meta["busy_end"] = busy_note()
     meta["max_build_procs"] = max_builds

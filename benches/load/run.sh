@@ -7,6 +7,8 @@
 #   benches/load/run.sh --reps 5 --duration 10
 #   options: --reps N --duration S --warmup S --tests a,b --targets a,b
 #            --idle 64,1000,10000 (or '' to skip) --no-build --no-install
+#   binaries: $CARGO_TARGET_DIR/release (default target/release): tern-proxy, and
+#   tern-control + ternctl for the tern-mtls-pair target
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
     --idle) IDLE="$2"; shift ;;
     --no-build) BUILD=0 ;;
     --no-install) INSTALL=0 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
   shift
@@ -60,15 +62,22 @@ if [ "$(nproc)" -lt 2 ]; then
   echo "warning: fewer than 2 CPUs: proxy and load generator share a core" >&2
 fi
 
-# --- tern-proxy ----------------------------------------------------------------
-TERN_BIN="$ROOT/target/release/tern-proxy"
+# --- tern-proxy, tern-control, ternctl ------------------------------------------
+# CARGO_TARGET_DIR is honoured (binaries built elsewhere: set it, add --no-build)
+BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+case "$BIN_DIR" in /*) ;; *) BIN_DIR="$ROOT/$BIN_DIR" ;; esac
+BIN_DIR="$BIN_DIR/release"
+TERN_BIN="$BIN_DIR/tern-proxy"
 TERN_ERR=""
 if [ "$BUILD" = 1 ]; then
-  echo "building tern-proxy (release)..."
+  echo "building tern-proxy and tern-control (release) in $BIN_DIR..."
   # pipefail: a failed cargo fails the pipeline
   if ! (cd "$ROOT" && cargo build --release -p tern-proxy 2>&1 | tail -n 3); then
     TERN_ERR="cargo build --release -p tern-proxy failed"
   fi
+  # tern-control and ternctl: only the tern-mtls-pair target needs them
+  (cd "$ROOT" && cargo build --release -p tern-control 2>&1 | tail -n 3) ||
+    echo "warning: cargo build --release -p tern-control failed; tern-mtls-pair will not run" >&2
 fi
 if [ -z "$TERN_ERR" ] && [ ! -x "$TERN_BIN" ]; then TERN_ERR="$TERN_BIN not found"; fi
 if [ -n "$TERN_ERR" ]; then
@@ -112,6 +121,7 @@ args=(--out "$OUT" --reps "$REPS" --duration "$DURATION" --warmup "$WARMUP"
 [ -n "$TESTS" ] && args+=(--tests "$TESTS")
 [ -n "$TARGETS" ] && args+=(--targets "$TARGETS")
 if [ -z "$TERN_ERR" ]; then args+=(--tern-bin "$TERN_BIN"); else args+=(--tern-error "$TERN_ERR"); fi
+args+=(--tern-control-bin "$BIN_DIR/tern-control" --ternctl-bin "$BIN_DIR/ternctl")
 
 echo "results: $OUT"
 # the driver (and so the asyncio idle-connection client) runs on the load CPU
