@@ -290,6 +290,14 @@ impl Tls {
         })
     }
 
+    /// The configs and trust in force, once there is a certificate.
+    fn loaded(&self) -> Result<(Arc<Configs>, Arc<Trust>), TlsError> {
+        match (self.configs.load_full(), self.trust.load_full()) {
+            (Some(c), Some(t)) => Ok((c, t)),
+            _ => Err(TlsError::NoIdentity),
+        }
+    }
+
     /// Opens mTLS to another sidecar over `tcp` and checks that the server is `expected`.
     pub async fn connect(
         &self,
@@ -297,10 +305,7 @@ impl Tls {
         expected: &EndpointIdentity,
         alpn: Alpn,
     ) -> Result<client::TlsStream<TcpStream>, TlsError> {
-        let (configs, trust) = match (self.configs.load_full(), self.trust.load_full()) {
-            (Some(c), Some(t)) => (c, t),
-            _ => return Err(TlsError::NoIdentity),
-        };
+        let (configs, trust) = self.loaded()?;
         let config = match alpn {
             Alpn::H2 => configs.h2.clone(),
             Alpn::Http1 => configs.http1.clone(),
@@ -323,11 +328,7 @@ impl Tls {
         .map_err(|_| TlsError::Timeout)?
         .map_err(handshake_error)?;
         let conn = stream.get_ref().1;
-        let peer = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(verify::spiffe_of)
-            .ok_or(TlsError::NoPeerIdentity)?;
+        let peer = peer_id(conn)?;
         if peer.trust_domain != trust.trust_domain || !expected.matches(&peer) {
             return Err(TlsError::IdentityMismatch {
                 expected: format!(
@@ -349,10 +350,7 @@ impl Tls {
         &self,
         tcp: TcpStream,
     ) -> Result<(server::TlsStream<TcpStream>, SpiffeId, Alpn), TlsError> {
-        let (configs, trust) = match (self.configs.load_full(), self.trust.load_full()) {
-            (Some(c), Some(t)) => (c, t),
-            _ => return Err(TlsError::NoIdentity),
-        };
+        let (configs, trust) = self.loaded()?;
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             TlsAcceptor::from(configs.server.clone()).accept(tcp),
@@ -361,11 +359,7 @@ impl Tls {
         .map_err(|_| TlsError::Timeout)?
         .map_err(handshake_error)?;
         let conn = stream.get_ref().1;
-        let peer = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(verify::spiffe_of)
-            .ok_or(TlsError::NoPeerIdentity)?;
+        let peer = peer_id(conn)?;
         if peer.trust_domain != trust.trust_domain {
             return Err(TlsError::IdentityMismatch {
                 expected: format!("an identity in {}", trust.trust_domain),
@@ -400,6 +394,14 @@ impl Tls {
             "certificate_issuer_id": creds.as_ref().map(|c| c.issuer_id.clone()),
         })
     }
+}
+
+/// The SPIFFE ID of the peer's leaf certificate.
+fn peer_id(conn: &rustls::CommonState) -> Result<SpiffeId, TlsError> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(verify::spiffe_of)
+        .ok_or(TlsError::NoPeerIdentity)
 }
 
 fn handshake_error(source: std::io::Error) -> TlsError {

@@ -251,28 +251,10 @@ impl Pool {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
         let sender = match mtls {
-            None => {
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(UpstreamError::Handshake)?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(slot);
-                });
-                sender
-            }
+            None => h2_handshake(&builder, tcp, slot).await?,
             Some(expected) => {
                 let tls = self.mtls(tcp, expected, Alpn::H2).await?;
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(UpstreamError::Handshake)?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(slot);
-                });
-                sender
+                h2_handshake(&builder, tls, slot).await?
             }
         };
         self.h2
@@ -313,6 +295,27 @@ impl Pool {
         stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
         Ok(stream)
     }
+}
+
+/// An HTTP/2 client handshake over `io`; the connection task holds the backend's
+/// connection `slot` for as long as it lives.
+async fn h2_handshake<T>(
+    builder: &http2::Builder<TokioExecutor>,
+    io: T,
+    slot: Option<Slot>,
+) -> Result<H2Sender, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = builder
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(UpstreamError::Handshake)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+        drop(slot);
+    });
+    Ok(sender)
 }
 
 /// An upstream response body that returns its HTTP/1.1 connection to the pool once the
