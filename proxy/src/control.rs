@@ -42,6 +42,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CURRENT: &str = "current";
 /// The control-plane version file inside a persisted config.
 const VERSION_FILE: &str = "version";
+/// The trust bundle of the persisted push (JSON), when the mesh runs mTLS.
+const TRUST_FILE: &str = "trust.json";
 
 /// Who the sidecar is to the control plane and where it keeps its last good config.
 #[derive(Debug, Clone)]
@@ -266,6 +268,18 @@ pub fn boot_from_state_dir(shared: &Shared, dir: &Path) {
             shared.apply(compiled.snapshot);
             shared.control.set_applied(&version, Source::StateDir);
             tracing::info!(%version, %content, dir = %dir.display(), "serving the config from the state dir");
+            // The trust too: a sidecar restarted while the control plane is away must not
+            // fall back to plaintext. It has no certificate until the CA answers, so
+            // meshed destinations fail closed (503 no-identity) meanwhile.
+            match load_trust(dir) {
+                Ok(None) => {}
+                Ok(Some(trust)) => {
+                    if let Err(err) = apply_trust(shared, Some(&trust)) {
+                        tracing::warn!("state dir trust bundle not loaded: {err}");
+                    }
+                }
+                Err(err) => tracing::warn!("state dir trust bundle not loaded: {err}"),
+            }
         }
         Err(err) => {
             tracing::warn!(dir = %dir.display(), "state dir config not loaded: {err}")
@@ -283,6 +297,46 @@ pub fn load_state(dir: &Path) -> Result<Option<(String, tern_config::Compiled)>,
         .map_err(|e| format!("reading {}: {e}", current.join(VERSION_FILE).display()))?;
     let compiled = tern_config::load_dir(&current).map_err(|e| e.to_string())?;
     Ok(Some((version.trim().to_string(), compiled)))
+}
+
+/// The trust bundle persisted with the config, if any.
+fn load_trust(dir: &Path) -> Result<Option<tern_api::v1::Trust>, String> {
+    let path = dir.join(CURRENT).join(TRUST_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    let anchors = v
+        .get("anchors_der_hex")
+        .and_then(|a| a.as_array())
+        .into_iter()
+        .flatten()
+        .map(|h| h.as_str().and_then(from_hex))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| format!("{}: bad anchors", path.display()))?;
+    Ok(Some(tern_api::v1::Trust {
+        trust_domain: field("trust_domain").unwrap_or_default(),
+        anchors_der: anchors,
+        issuer_id: field("issuer_id").unwrap_or_default(),
+    }))
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Writes a push to the state dir atomically (see the module docs).
@@ -309,6 +363,14 @@ pub fn persist(dir: &Path, push: &ConfigPush) -> std::io::Result<()> {
         )?;
     }
     write(target.join(VERSION_FILE), &format!("{}\n", push.version))?;
+    if let Some(t) = &push.trust {
+        let json = serde_json::json!({
+            "trust_domain": t.trust_domain,
+            "issuer_id": t.issuer_id,
+            "anchors_der_hex": t.anchors_der.iter().map(|a| to_hex(a)).collect::<Vec<_>>(),
+        });
+        write(target.join(TRUST_FILE), &json.to_string())?;
+    }
     std::fs::File::open(&target)?.sync_all()?;
     let link = dir.join(format!(".{CURRENT}.{stamp}.tmp"));
     std::os::unix::fs::symlink(&name, &link)?;
@@ -639,7 +701,34 @@ mod tests {
                 .ready_text("x")
                 .contains("from the state dir")
         );
+        assert!(!booted.tls.enabled(), "no trust was pushed");
+
+        // With a trust bundle: it is kept too, so a restarted sidecar stays on mTLS
+        // (failing closed until it has a certificate) rather than falling to plaintext.
+        let ca = crate::tls::testca::TestCa::new();
+        let t = ca.trust("i1");
+        let mut third = push("cp-3", &[service("c", 80)]);
+        third.trust = Some(tern_api::v1::Trust {
+            trust_domain: t.trust_domain.clone(),
+            anchors_der: t.anchors.iter().map(|a| a.to_vec()).collect(),
+            issuer_id: t.issuer_id.clone(),
+        });
+        persist(&dir, &third).unwrap();
+        let booted = shared();
+        boot_from_state_dir(&booted, &dir);
+        let trust = booted.tls.trust().expect("trust restored");
+        assert!(booted.tls.enabled() && !booted.tls.ready());
+        assert_eq!(trust.anchors, t.anchors);
+        assert_eq!(trust.issuer_id, "i1");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let bytes = [0u8, 1, 0x7f, 0x80, 0xff];
+        assert_eq!(from_hex(&to_hex(&bytes)).unwrap(), bytes);
+        assert!(from_hex("abc").is_none());
+        assert!(from_hex("zz").is_none());
     }
 
     /// A fake control plane: pushes the given configs one after the other, reporting
