@@ -32,9 +32,12 @@ struct Args {
     /// The UID the proxy runs as: its connections are not redirected.
     #[arg(long, env = "TERN_INIT_PROXY_UID", default_value_t = 2102)]
     proxy_uid: u32,
-    /// Inbound ports not redirected (comma-separated, ranges as 9000-9100). Replaces the
-    /// default, the admin port 4191: list it too.
-    #[arg(long, env = "TERN_INIT_SKIP_INBOUND_PORTS", default_value = "4191")]
+    /// The proxy's admin port: never redirected inbound, so Prometheus and probes reach
+    /// the sidecar itself (0: none).
+    #[arg(long, env = "TERN_INIT_ADMIN_PORT", default_value_t = 4191)]
+    admin_port: u16,
+    /// More inbound ports not redirected (comma-separated, ranges as 9000-9100).
+    #[arg(long, env = "TERN_INIT_SKIP_INBOUND_PORTS")]
     skip_inbound_ports: Vec<String>,
     /// Outbound destination ports not redirected (comma-separated, ranges as 9000-9100).
     #[arg(long, env = "TERN_INIT_SKIP_OUTBOUND_PORTS")]
@@ -98,12 +101,19 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
 
+    let mut skip_inbound_ports = init::parse_list::<PortRange>(&args.skip_inbound_ports)
+        .context("--skip-inbound-ports")?;
+    if args.admin_port != 0 {
+        let admin: PortRange = args.admin_port.to_string().parse()?;
+        if !skip_inbound_ports.contains(&admin) {
+            skip_inbound_ports.insert(0, admin);
+        }
+    }
     let rules = Rules {
         inbound_port: args.inbound_port,
         outbound_port: args.outbound_port,
         proxy_uid: args.proxy_uid,
-        skip_inbound_ports: init::parse_list::<PortRange>(&args.skip_inbound_ports)
-            .context("--skip-inbound-ports")?,
+        skip_inbound_ports,
         skip_outbound_ports: init::parse_list::<PortRange>(&args.skip_outbound_ports)
             .context("--skip-outbound-ports")?,
         skip_subnets: init::parse_list::<Ipv4Net>(&args.skip_subnets).context("--skip-subnets")?,
