@@ -133,7 +133,8 @@ pub async fn run(
     let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match server_tls {
             Some(tls) => {
-                Box::pin(server.serve_with_incoming_shutdown(tls::incoming(grpc, tls), stop))
+                let incoming = tls::incoming(grpc, tls, cp.metrics.clone());
+                Box::pin(server.serve_with_incoming_shutdown(incoming, stop))
             }
             None => {
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);

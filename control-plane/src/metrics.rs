@@ -22,6 +22,7 @@ pub struct Metrics {
     pub certificates_issued: Counter,
     certify_refusals: Family<Labels, Counter>,
     ca_reloads: Family<Labels, Counter>,
+    tls_handshakes: Family<Labels, Counter>,
     /// The current issuer's not_after, seconds since the Unix epoch (0: no CA).
     pub issuer_not_after: Gauge,
 }
@@ -48,6 +49,12 @@ impl Metrics {
         let certify_refusals = Family::<Labels, Counter>::default();
         let ca_reloads = Family::<Labels, Counter>::default();
         let issuer_not_after = Gauge::default();
+        let tls_handshakes = Family::<Labels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on the gRPC listener (--serve-tls), by result (ok, failed, timeout)",
+            tls_handshakes.clone(),
+        );
         registry.register(
             "sidecars_connected",
             "Sidecars with an open stream",
@@ -103,6 +110,7 @@ impl Metrics {
             certificates_issued,
             certify_refusals,
             ca_reloads,
+            tls_handshakes,
             issuer_not_after,
         }
     }
@@ -113,6 +121,11 @@ impl Metrics {
 
     pub fn ca_reload(&self, ok: bool) {
         inc(&self.ca_reloads, "result", if ok { "ok" } else { "error" });
+    }
+
+    /// One TLS handshake on the gRPC listener: `ok`, `failed` or `timeout`.
+    pub fn tls_handshake(&self, result: &str) {
+        inc(&self.tls_handshakes, "result", result);
     }
 
     /// A refused Certify, by reason.

@@ -234,11 +234,12 @@ impl tokio::io::AsyncWrite for TlsConn {
 }
 
 /// The TLS connections of `listener`, handshaken with the config in force when each
-/// arrives; failed handshakes are logged and dropped. The accept task ends when the
-/// stream is dropped.
+/// arrives; failed handshakes are logged, counted and dropped. The accept task ends when
+/// the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ServerTls>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -259,13 +260,21 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls.config());
             let tx = tx.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
+                        metrics.tls_handshake("ok");
                         let _ = tx.send(Ok(TlsConn { inner })).await;
                     }
-                    Ok(Err(e)) => tracing::info!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        metrics.tls_handshake("failed");
+                        tracing::info!(%peer, "TLS handshake failed: {e}");
+                    }
+                    Err(_) => {
+                        metrics.tls_handshake("timeout");
+                        tracing::info!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }

@@ -181,6 +181,12 @@ async fn certify_over_tls_with_the_anchors_and_nothing_else() {
         tokio::time::timeout(WAIT, plain).await.unwrap().is_err(),
         "plaintext must fail"
     );
+    // ... and is counted as a failed handshake.
+    let (_, metrics) = common::http_get(run.admin, "/metrics").await;
+    assert!(
+        metrics.contains("tern_control_tls_handshakes_total{result=\"failed\"}"),
+        "{metrics}"
+    );
 
     // Anchors of another CA: refused, and the error says why.
     let other = generate();
