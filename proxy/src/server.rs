@@ -590,6 +590,39 @@ mod tests {
     }
 
     #[test]
+    fn callers_are_keyed_by_identity_over_mtls_else_by_address() {
+        use tern_config::identity::SpiffeId;
+        let local: SocketAddr = "10.0.0.2:4143".parse().unwrap();
+        let conn = |ip: &str| Conn::new(format!("{ip}:40000").parse().unwrap(), None, local);
+        let web = || SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        // Plaintext: one bucket per source address.
+        assert_eq!(conn("10.0.0.7").caller_key, conn("10.0.0.7").caller_key);
+        assert_ne!(conn("10.0.0.7").caller_key, conn("10.0.0.8").caller_key);
+        // mTLS: one bucket per identity, whatever address it comes from.
+        let a = conn("10.0.0.7").with_client(web());
+        let b = conn("10.0.0.8").with_client(web());
+        assert_eq!(a.caller_key, b.caller_key);
+        assert_ne!(a.caller_key, conn("10.0.0.7").caller_key);
+        let other = conn("10.0.0.7")
+            .with_client(SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/admin").unwrap());
+        assert_ne!(a.caller_key, other.caller_key);
+        assert_eq!(a.client_id(), Some(&web()));
+        assert_eq!(a.target(), local);
+    }
+
+    #[test]
+    fn detection_tells_http_from_other_protocols() {
+        assert_eq!(looks_like_http1(b"GET / HTTP/1.1\r\n"), Some(true));
+        assert_eq!(looks_like_http1(b"OPTIONS * HTTP/1.1"), Some(true));
+        assert_eq!(looks_like_http1(b"GE"), None);
+        assert_eq!(looks_like_http1(b"\x16\x03\x01"), Some(false));
+        assert_eq!(looks_like_http1(b"hello\n"), Some(false));
+        assert_eq!(looks_like_http1(b"SSH-2.0-OpenSSH"), Some(false));
+        assert_eq!(looks_like_http1(b"AB CD"), Some(false));
+        assert_eq!(looks_like_http1(b"ABCDEFGHIJ /"), Some(false));
+    }
+
+    #[test]
     fn reset_guard_tolerates_a_few_cancellations_among_many_streams() {
         let g = ResetGuard::new(10);
         for _ in 0..100 {
