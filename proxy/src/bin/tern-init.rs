@@ -101,8 +101,8 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
 
-    let mut skip_inbound_ports = init::parse_list::<PortRange>(&args.skip_inbound_ports)
-        .context("--skip-inbound-ports")?;
+    let mut skip_inbound_ports =
+        init::parse_list::<PortRange>(&args.skip_inbound_ports).context("--skip-inbound-ports")?;
     if args.admin_port != 0 {
         let admin: PortRange = args.admin_port.to_string().parse()?;
         if !skip_inbound_ports.contains(&admin) {
