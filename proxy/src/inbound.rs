@@ -46,11 +46,9 @@ pub fn requires_mtls(worker: &Worker, conn: &Conn) -> bool {
     })
 }
 
-/// The Service port a request is for. Among the Service ports whose endpoints include
-/// the address the connection came in on (this sidecar's EndpointSlice address), the
-/// one the request's authority names, else the first; a client cannot pick another
-/// Service's (laxer) policies by naming it. Only when the address is no endpoint at all
-/// does the authority alone decide.
+/// The Service port a request is for: the one the address the connection came in on
+/// (this sidecar's EndpointSlice address) serves ([`Active::port_at`]). Only when the
+/// address is no Service's does the authority alone decide.
 fn service_port<'a, B>(
     active: &'a Active,
     req: &Request<B>,
@@ -61,14 +59,7 @@ fn service_port<'a, B>(
         let (host, port) = headers::split_host_port(headers::authority(req)?).ok()?;
         active.snapshot.resolve(host, port, namespace).ok()
     };
-    let candidates = active.ports_of(conn.target());
-    if candidates.is_empty() {
-        return named();
-    }
-    match named() {
-        Some(sp) if candidates.iter().any(|c| std::sync::Arc::ptr_eq(c, sp)) => Some(sp),
-        _ => candidates.first(),
-    }
+    active.port_at(conn.target(), named).or_else(named)
 }
 
 /// Authorization, then rate limits: the answer when the request may not go on. Costs a

@@ -148,6 +148,12 @@ struct ClientLabels {
     client_id: Arc<str>,
 }
 
+/// The empty label value, allocated once.
+fn empty_label() -> Arc<str> {
+    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from("")).clone()
+}
+
 const STATES: [&str; 3] = ["closed", "open", "half_open"];
 
 /// What finally happened to a request, as far as retries go.
@@ -561,10 +567,7 @@ impl Metrics {
 
     /// Counts one authorization decision where a policy applies.
     pub fn authz(&self, policy: Option<&Arc<str>>, allowed: bool) {
-        static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-        let policy = policy
-            .cloned()
-            .unwrap_or_else(|| NONE.get_or_init(|| Arc::from("")).clone());
+        let policy = policy.cloned().unwrap_or_else(empty_label);
         let decision = if allowed { "allow" } else { "deny" };
         self.authz
             .get_or_create(&AuthzLabels { policy, decision })
@@ -573,10 +576,9 @@ impl Metrics {
 
     /// Counts one inbound connection by transport and client identity.
     pub fn inbound_client(&self, client: Option<&Arc<str>>) {
-        static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
         let (tls, client_id) = match client {
             Some(id) => ("mtls", id.clone()),
-            None => ("plaintext", NONE.get_or_init(|| Arc::from("")).clone()),
+            None => ("plaintext", empty_label()),
         };
         self.inbound_clients
             .get_or_create(&ClientLabels { tls, client_id })

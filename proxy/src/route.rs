@@ -29,14 +29,8 @@ pub fn route<'a, B>(
         let (host, port) = headers::split_host_port(authority)?;
         Ok(active.snapshot.resolve(host, port, namespace)?)
     };
-    let parent = match original_dst.and_then(|dst| Some((dst, active.snapshot.resolve_addr(dst)?)))
-    {
-        // An endpoint may serve several Services: the one the authority names, if it is
-        // one of them.
-        Some((dst, by_addr)) => match named() {
-            Ok(sp) if active.ports_of(dst).iter().any(|c| Arc::ptr_eq(c, sp)) => sp,
-            _ => by_addr,
-        },
+    let parent = match original_dst.and_then(|dst| active.port_at(dst, || named().ok())) {
+        Some(sp) => sp,
         None => named()?,
     };
     let uri = req.uri();

@@ -159,6 +159,26 @@ impl Active {
         self.endpoint_ports.get(&addr).map_or(&[], Vec::as_slice)
     }
 
+    /// The Service port a connection to `addr` (a cluster IP or an endpoint address) is
+    /// for; `None` when `addr` is no Service's. An endpoint may serve several Service
+    /// ports: then the one `named` gives (the request's authority) if it is among them,
+    /// else the snapshot's deterministic choice. So a client cannot pick another
+    /// Service's (laxer) policies by naming it, and `named` runs only when it matters.
+    pub fn port_at<'a>(
+        &'a self,
+        addr: SocketAddr,
+        named: impl FnOnce() -> Option<&'a Arc<ServicePort>>,
+    ) -> Option<&'a Arc<ServicePort>> {
+        let candidates = self.ports_of(addr);
+        if candidates.len() > 1
+            && let Some(sp) = named()
+            && candidates.iter().any(|c| Arc::ptr_eq(c, sp))
+        {
+            return Some(sp);
+        }
+        self.snapshot.resolve_addr(addr)
+    }
+
     pub fn parent_label(&self, sp: &Arc<ServicePort>) -> Arc<str> {
         self.parent_labels
             .get(&(Arc::as_ptr(sp) as usize))
