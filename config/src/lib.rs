@@ -60,6 +60,11 @@ fn invalid_message(diags: &[Diagnostic]) -> String {
     s
 }
 
+/// Lowercase hex of `bytes` (content versions, issuer ids, digests).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `2 errors, 1 warning`.
 pub fn counts(diags: &[Diagnostic]) -> String {
     let errors = diags.iter().filter(|d| d.is_error()).count();

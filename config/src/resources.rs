@@ -77,6 +77,6 @@ impl Resources {
         // Serializing plain data structs to a string cannot fail.
         let text = serde_json::to_string(&canonical).unwrap_or_default();
         let digest = Sha256::digest(text.as_bytes());
-        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        crate::hex(&digest[..8])
     }
 }

@@ -168,9 +168,7 @@ pub fn issuer_id(der: &[u8]) -> String {
     hex(&Sha256::digest(der)[..8])
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use tern_config::hex;
 
 /// The trust domain must be one a SPIFFE ID can carry.
 fn check_trust_domain(trust_domain: &str) -> Result<(), CaError> {

@@ -150,11 +150,7 @@ pub fn version_of(documents: &[Document]) -> String {
         h.update((d.yaml.len() as u64).to_le_bytes());
         h.update(d.yaml.as_bytes());
     }
-    h.finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    tern_config::hex(&h.finalize()[..8])
 }
 
 type Targets = BTreeSet<(Kind, String)>;

@@ -325,10 +325,6 @@ fn load_trust(dir: &Path) -> Result<Option<tern_api::v1::Trust>, String> {
     }))
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn from_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -367,7 +363,7 @@ pub fn persist(dir: &Path, push: &ConfigPush) -> std::io::Result<()> {
         let json = serde_json::json!({
             "trust_domain": t.trust_domain,
             "issuer_id": t.issuer_id,
-            "anchors_der_hex": t.anchors_der.iter().map(|a| to_hex(a)).collect::<Vec<_>>(),
+            "anchors_der_hex": t.anchors_der.iter().map(|a| tern_config::hex(a)).collect::<Vec<_>>(),
         });
         write(target.join(TRUST_FILE), &json.to_string())?;
     }
@@ -726,7 +722,7 @@ mod tests {
     #[test]
     fn hex_round_trips() {
         let bytes = [0u8, 1, 0x7f, 0x80, 0xff];
-        assert_eq!(from_hex(&to_hex(&bytes)).unwrap(), bytes);
+        assert_eq!(from_hex(&tern_config::hex(&bytes)).unwrap(), bytes);
         assert!(from_hex("abc").is_none());
         assert!(from_hex("zz").is_none());
     }
