@@ -3,6 +3,8 @@
 //!
 //! - [`ProxyBody`], toward the client: an upstream's streaming response (holding the
 //!   backend's request-limit slot until it ends), or a small local one for errors.
+//! - [`ClientBody`], from the client: read by Tern's HTTP/1.1 server or by hyper's
+//!   HTTP/2 server.
 //! - [`RequestBody`], toward an upstream: the client's stream, a buffered copy that a
 //!   retry can replay, or what was read while trying to buffer followed by the rest.
 
@@ -88,8 +90,51 @@ impl Body for ProxyBody {
     }
 }
 
+/// A request body as the client sends it.
+pub enum ClientBody {
+    H1(crate::h1::Body),
+    H2(Incoming),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error(transparent)]
+    H1(#[from] crate::h1::BodyError),
+    #[error(transparent)]
+    H2(#[from] hyper::Error),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        match self.get_mut() {
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 pub enum RequestBody {
-    Stream(Incoming),
+    Stream(ClientBody),
     /// A complete body held in memory: data, then trailers.
     Buffered {
         data: Option<Bytes>,
@@ -98,18 +143,18 @@ pub enum RequestBody {
     /// The part read before the body proved too large to buffer, then the rest.
     Prefixed {
         prefix: Option<Bytes>,
-        rest: Incoming,
+        rest: ClientBody,
     },
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         match self.get_mut() {
             RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Buffered { data, trailers } => Poll::Ready(

@@ -4,10 +4,9 @@
 //! speaks.
 
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use tern_config::snapshot::{Decision, MtlsMode, Protocol, Rule, ServicePort, authorize};
 
-use crate::body::{Held, ProxyBody, RequestBody};
+use crate::body::{ClientBody, Held, ProxyBody, RequestBody};
 use crate::headers;
 use crate::metrics::{Direction, RequestRecorder};
 use crate::outbound::upstream_error;
@@ -17,7 +16,7 @@ use crate::state::Active;
 use crate::upstream::{self, Transport};
 use crate::worker::Worker;
 
-pub async fn handle(worker: &Worker, req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
+pub async fn handle(worker: &Worker, req: Request<ClientBody>, conn: &Conn) -> Response<ProxyBody> {
     let labels = || worker.unrouted(Direction::Inbound, &worker.app_label);
     let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels());
     recorder.route = Some(worker.inbound_metrics(labels));
@@ -130,7 +129,7 @@ fn rate_limit<B>(
 
 async fn serve(
     worker: &Worker,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     conn: &Conn,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // Intercepted: the application port the client dialled; else the configured one.

@@ -14,7 +14,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod control;
-pub mod framing;
+pub mod h1;
 pub mod headers;
 pub mod inbound;
 pub mod init;

@@ -8,13 +8,12 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tern_config::snapshot::{Backend, Protocol, Rule};
 use tokio::time::Instant;
 
 use crate::access_log::{Entry, Trace};
 use crate::balance::{BackendState, PickError, hash};
-use crate::body::{Held, ProxyBody, RequestBody};
+use crate::body::{ClientBody, Held, ProxyBody, RequestBody};
 use crate::headers;
 use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics};
 use crate::policy::concurrency::Permit;
@@ -31,7 +30,7 @@ use crate::worker::Worker;
 /// Response header with the number of attempts a request took (when its route retries).
 pub const TERN_ATTEMPTS: &str = "tern-attempts";
 
-pub async fn handle(worker: &Worker, req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
+pub async fn handle(worker: &Worker, req: Request<ClientBody>, conn: &Conn) -> Response<ProxyBody> {
     let mut recorder = RequestRecorder::new(
         &worker.shared.metrics,
         worker.unrouted(Direction::Outbound, &worker.empty),
@@ -67,7 +66,7 @@ pub async fn handle(worker: &Worker, req: Request<Incoming>, conn: &Conn) -> Res
 async fn serve(
     worker: &Worker,
     active: &Arc<Active>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     conn: &Conn,
     recorder: &mut RequestRecorder<'_>,
     trace: &mut Trace,
@@ -181,7 +180,7 @@ struct Attempts<'a> {
 impl Attempts<'_> {
     async fn run(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         trace: &mut Trace,
         fate: &mut Option<Fate>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -454,7 +453,7 @@ async fn forward_upgrade(
     worker: &Worker,
     backend: &Backend,
     state: &BackendState,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     hash: Option<u64>,
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {

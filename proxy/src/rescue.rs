@@ -84,7 +84,7 @@ pub enum ProxyError {
     #[error("rate limit of {0} exceeded")]
     RateLimited(Arc<str>),
     #[error("reading the request body: {0}")]
-    ClientBody(#[source] hyper::Error),
+    ClientBody(#[source] crate::body::ClientBodyError),
 }
 
 impl ProxyError {

@@ -1,21 +1,20 @@
 //! Serving one client connection: protocol detection, then HTTP/1.1 or HTTP/2 with limits
 //! set on purpose, graceful drain, and per-connection containment of HTTP/2 abuse.
 
-use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 
-use crate::body::ProxyBody;
-use crate::framing::{self, Verdict};
+use crate::body::{ClientBody, ProxyBody};
+use crate::h1;
 use crate::metrics::Direction;
 use crate::rescue::ProxyError;
 use crate::tls::Alpn;
@@ -31,6 +30,8 @@ pub struct Limits {
     pub max_headers: usize,
     /// Time allowed for a request head to arrive (also bounds protocol detection).
     pub header_read_timeout: Duration,
+    /// An idle HTTP/1.1 keep-alive connection is closed after this long.
+    pub idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
     pub h2_max_header_list_size: u32,
     pub h2_stream_window: u32,
@@ -59,6 +60,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
             h2_max_concurrent_streams: 100,
             h2_max_header_list_size: 64 * 1024,
             h2_stream_window: 1 << 20,
@@ -327,52 +329,29 @@ async fn serve_inbound(
     }
 }
 
-async fn serve_h1<S>(
+async fn serve_h1<S: h1::Io>(
     worker: &Arc<Worker>,
     stream: S,
     conn: Arc<Conn>,
     direction: Direction,
     limits: Limits,
     mut drain: watch::Receiver<bool>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let findings = Arc::new(framing::Findings::default());
-    let io = TokioIo::new(framing::Guarded::new(
+) {
+    let settings = h1::Settings {
+        max_head: limits.max_header_bytes,
+        max_headers: limits.max_headers,
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+    };
+    let conn = &*conn;
+    h1::serve(
         stream,
-        framing::Tracker::new(limits.max_header_bytes, findings.clone()),
-    ));
-    let w = worker.clone();
-    let next_index = Cell::new(0u64);
-    let svc = service_fn(move |req| {
-        let w = w.clone();
-        let conn = conn.clone();
-        let index = next_index.replace(next_index.get() + 1);
-        let verdict = findings.verdict(index);
-        async move {
-            let resp = match verdict {
-                Verdict::Ok => dispatch(&w, direction, &conn, req).await,
-                bad => refuse(&w, direction, bad),
-            };
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers)
-        .keep_alive(true);
-    let conn = builder.serve_connection(io, svc).with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => log_end(res),
-        _ = drained(&mut drain) => {
-            conn.as_mut().graceful_shutdown();
-            log_end(conn.await);
-        }
-    }
+        settings,
+        &mut drain,
+        |req: http::Request<h1::Body>| dispatch(worker, direction, conn, req.map(ClientBody::H1)),
+        |refusal| refuse(worker, direction, refusal),
+    )
+    .await;
 }
 
 async fn serve_h2<S>(
@@ -407,7 +386,7 @@ async fn serve_h2<S>(
         // request future into it and through the task's stages costs more than one
         // allocation (callgrind: ~5,000 instructions of memcpy per request).
         Box::pin(async move {
-            let resp = dispatch(&w, direction, &conn, req).await;
+            let resp = dispatch(&w, direction, &conn, req.map(ClientBody::H2)).await;
             stream.finish();
             Ok::<_, Infallible>(resp)
         })
@@ -449,8 +428,8 @@ async fn dispatch(
     worker: &Worker,
     direction: Direction,
     conn: &Conn,
-    req: http::Request<hyper::body::Incoming>,
-) -> http::Response<crate::body::ProxyBody> {
+    req: http::Request<ClientBody>,
+) -> http::Response<ProxyBody> {
     match direction {
         Direction::Outbound => outbound::handle(worker, req, conn).await,
         Direction::Inbound => inbound::handle(worker, req, conn).await,
@@ -462,12 +441,21 @@ pub async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }
 
-/// Answers a request the framing guard flagged, and closes the connection after it.
-fn refuse(worker: &Worker, direction: Direction, verdict: Verdict) -> http::Response<ProxyBody> {
+/// Answers a request whose head was refused; the connection closes after it.
+fn refuse(
+    worker: &Worker,
+    direction: Direction,
+    refusal: h1::Refusal,
+) -> http::Response<ProxyBody> {
     let limit = worker.shared.settings.limits.max_header_bytes;
-    let mut resp = match verdict {
-        Verdict::TooLarge => ProxyError::HeadTooLarge(limit).into_response(),
-        _ => ProxyError::BadRequest("both Content-Length and Transfer-Encoding").into_response(),
+    let mut resp = match refusal {
+        h1::Refusal::TooLarge | h1::Refusal::TooManyHeaders => {
+            ProxyError::HeadTooLarge(limit).into_response()
+        }
+        h1::Refusal::Conflict => {
+            ProxyError::BadRequest("both Content-Length and Transfer-Encoding").into_response()
+        }
+        h1::Refusal::Malformed(why) => ProxyError::BadRequest(why).into_response(),
     };
     resp.headers_mut().insert(
         http::header::CONNECTION,

@@ -13,10 +13,9 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Request, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tern_config::snapshot::RetryPolicy;
 
-use crate::body::RequestBody;
+use crate::body::{ClientBody, ClientBodyError, RequestBody};
 
 /// Without a route `retry`, a connect failure is retried this many times, on other
 /// endpoints.
@@ -120,7 +119,7 @@ pub enum Buffered {
 
 /// Reads the body of `req` into memory if it fits in `limit` bytes. A declared
 /// Content-Length over the limit is not read at all.
-pub async fn buffer(req: Request<Incoming>, limit: usize) -> Result<Buffered, hyper::Error> {
+pub async fn buffer(req: Request<ClientBody>, limit: usize) -> Result<Buffered, ClientBodyError> {
     let (parts, mut body) = req.into_parts();
     let declared = http_body::Body::size_hint(&body).exact();
     if declared.is_some_and(|n| n > limit as u64) {

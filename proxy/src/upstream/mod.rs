@@ -7,14 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tern_config::snapshot::Protocol;
 
 use pool::{Pool, PooledBody};
 use tern_config::snapshot::{EndpointIdentity, Limits};
 
-use crate::body::RequestBody;
+use crate::body::{ClientBody, RequestBody};
 use crate::policy::limits::{Counters, Limit, Slot};
 
 #[derive(Debug, thiserror::Error)]
@@ -192,10 +191,10 @@ pub async fn send_upgrade(
     pool: &Arc<Pool>,
     addr: SocketAddr,
     mtls: Option<&EndpointIdentity>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     admission: Option<Admission<'_>>,
 ) -> Result<Response<PooledBody>, UpstreamError> {
-    let client = hyper::upgrade::on(&mut req);
+    let client = req.extensions_mut().remove::<crate::h1::OnUpgrade>();
     let req = req.map(RequestBody::Stream);
     let mut conn = pool.connect_h1(addr, true, mtls, admission).await?;
     let mut resp = conn
@@ -203,13 +202,12 @@ pub async fn send_upgrade(
         .send_request(req)
         .await
         .map_err(UpstreamError::Request)?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    if let Some(client) = client.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
-            let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
+            let (Some(mut client), Ok(upstream)) = tokio::join!(client.upgraded(), upstream) else {
                 return;
             };
-            let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
             if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                 tracing::debug!(%err, "upgraded tunnel closed");

@@ -1,0 +1,473 @@
+//! Request heads in, response heads out.
+//!
+//! Parsing is httparse over the connection's read buffer; header values and the target
+//! are slices of that buffer (no copy). Framing follows RFC 9112 §6.3, stricter where
+//! leniency is a smuggling vector: both `Content-Length` and `Transfer-Encoding`, a
+//! transfer coding other than `chunked`, or disagreeing lengths are refused.
+
+use std::mem::MaybeUninit;
+
+use bytes::BytesMut;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
+
+/// Why a request head is refused. Each is answered, then the connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    #[error("both Content-Length and Transfer-Encoding")]
+    Conflict,
+    #[error("request head larger than the limit")]
+    TooLarge,
+    #[error("too many request headers")]
+    TooManyHeaders,
+}
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// What the connection needs to know about a request besides the request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub framing: Framing,
+    /// The client wants the connection kept open after this exchange.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue`: the client waits for a go-ahead before the body.
+    pub expect_continue: bool,
+    /// An `Upgrade` request (or CONNECT): on 101 the connection becomes a tunnel.
+    pub upgrade: bool,
+    /// `TE: trailers`: the client accepts trailers on a chunked response.
+    pub trailers: bool,
+}
+
+pub struct Parsed {
+    pub parts: http::request::Parts,
+    pub meta: Meta,
+}
+
+/// Parses one request head from the start of `buf`. `Ok(None)`: not complete yet. On
+/// success the head's bytes are split off `buf`.
+pub fn parse_request(
+    buf: &mut BytesMut,
+    max_head: usize,
+    max_headers: usize,
+) -> Result<Option<Parsed>, Refusal> {
+    // Raw headers borrow `buf`; their spans are kept so that, once the head is split off
+    // and frozen, values become slices of it. Neither array is initialised per request.
+    const MAX: usize = 128;
+    let mut raw = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut raw[..max_headers.min(MAX)]) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(Refusal::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooManyHeaders),
+        Err(_) => return Err(Refusal::Malformed("invalid request head")),
+    };
+    if len > max_head {
+        return Err(Refusal::TooLarge);
+    }
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Refusal::Malformed("invalid method"))?;
+    let version = match req.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let path = span(req.path.unwrap_or_default().as_bytes());
+
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut close_token = false;
+    let mut keep_alive_token = false;
+    let mut upgrade_token = false;
+    let mut has_upgrade = false;
+    let mut expect_continue = false;
+    let mut trailers = false;
+    let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX];
+    let count = req.headers.len();
+    for (h, slot) in req.headers.iter().zip(spans.iter_mut()) {
+        let (name, value) = (h.name.as_bytes(), h.value);
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if is("content-length") {
+            let n = parse_length(value).ok_or(Refusal::Malformed("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Refusal::Malformed("conflicting Content-Length values"));
+            }
+            length = Some(n);
+        } else if is("transfer-encoding") {
+            // Only `chunked`, once, as the last coding is understood.
+            let mut any = false;
+            for coding in tokens(value) {
+                if chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                    return Err(Refusal::Malformed("unsupported Transfer-Encoding"));
+                }
+                chunked = true;
+                any = true;
+            }
+            if !any {
+                return Err(Refusal::Malformed("unsupported Transfer-Encoding"));
+            }
+        } else if is("connection") {
+            for t in tokens(value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close_token = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive_token = true;
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    upgrade_token = true;
+                }
+            }
+        } else if is("expect") {
+            expect_continue |=
+                value.eq_ignore_ascii_case(b"100-continue") && version == Version::HTTP_11;
+        } else if is("upgrade") {
+            has_upgrade = true;
+        } else if is("te") {
+            trailers |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+        }
+        let (n, v) = (span(name), span(value));
+        *slot = ((n.0 as u32, n.1 as u32), (v.0 as u32, v.1 as u32));
+    }
+    let framing = if chunked {
+        if length.is_some() {
+            return Err(Refusal::Conflict);
+        }
+        if version == Version::HTTP_10 {
+            return Err(Refusal::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        Framing::Chunked
+    } else {
+        match length {
+            None | Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    // HTTP/1.0 keeps the connection only when asked to.
+    let keep_alive = !close_token && (version == Version::HTTP_11 || keep_alive_token);
+
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path.0..path.0 + path.1))
+        .map_err(|_| Refusal::Malformed("invalid request target"))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    for &((n_at, n_len), (v_at, v_len)) in &spans[..count] {
+        let (n_at, v_at) = (n_at as usize, v_at as usize);
+        let name = HeaderName::from_bytes(&head[n_at..n_at + n_len as usize])
+            .map_err(|_| Refusal::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v_at..v_at + v_len as usize))
+            .map_err(|_| Refusal::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let upgrade = (upgrade_token && has_upgrade) || method == Method::CONNECT;
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(Parsed {
+        parts,
+        meta: Meta {
+            framing,
+            keep_alive,
+            expect_continue,
+            upgrade,
+            trailers,
+        },
+    }))
+}
+
+/// A `Content-Length` value: digits, or a list of identical digit strings.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let mut found: Option<u64> = None;
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
+/// The comma-separated tokens of a header value, trimmed, empty ones skipped.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether a response to `method` with `status` carries no body whatever its headers say.
+pub fn bodiless(method: &Method, status: StatusCode) -> bool {
+    method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
+/// Writes a response head. `framing` is what the body will use: a chunked body gets
+/// `transfer-encoding: chunked`, a known length its `content-length` when the headers
+/// lack it. `close` adds `connection: close`; `keep_alive_10` adds
+/// `connection: keep-alive` (for an HTTP/1.0 client).
+pub fn encode_response(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    add_length: bool,
+    close: bool,
+    keep_alive_10: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    for (name, value) in headers {
+        if name == header::DATE {
+            has_date = true;
+        } else if close && name == header::CONNECTION {
+            // Replaced by `connection: close` below.
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Length(n) if add_length => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        _ => {}
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if keep_alive_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        super::date::with_now(|d| out.extend_from_slice(d));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes trailer fields (or nothing), then the blank line ending a chunked body.
+pub fn encode_trailers(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    for (name, value) in trailers.into_iter().flatten() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Decimal digits of `n`, without allocating.
+pub fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// The `Content-Length` a response declares, if valid.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| parse_length(v.as_bytes()))
+}
+
+#[cfg(test)]
+fn parse(s: &str) -> Result<Option<Parsed>, Refusal> {
+    let mut b = BytesMut::from(s.as_bytes());
+    parse_request(&mut b, 64 * 1024, 100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(s: &str) -> Parsed {
+        parse(s).unwrap().unwrap()
+    }
+
+    #[test]
+    fn parses_a_get_and_splits_it_off() {
+        let mut b =
+            BytesMut::from(&b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Y: z\r\n\r\nGET /next"[..]);
+        let p = parse_request(&mut b, 1024, 100).unwrap().unwrap();
+        assert_eq!(p.parts.method, Method::GET);
+        assert_eq!(p.parts.uri, "/a?b=1");
+        assert_eq!(p.parts.version, Version::HTTP_11);
+        assert_eq!(p.parts.headers["host"], "x");
+        assert_eq!(p.parts.headers["x-y"], "z");
+        assert_eq!(p.meta.framing, Framing::None);
+        assert!(p.meta.keep_alive);
+        assert_eq!(&b[..], b"GET /next");
+    }
+
+    #[test]
+    fn partial_heads_wait_and_oversized_ones_are_refused() {
+        assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        let mut big = BytesMut::from(&b"GET / HTTP/1.1\r\nX: "[..]);
+        big.extend_from_slice(&[b'a'; 200]);
+        assert_eq!(
+            parse_request(&mut big.clone(), 100, 100).err(),
+            Some(Refusal::TooLarge)
+        );
+        big.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            parse_request(&mut big, 100, 100).err(),
+            Some(Refusal::TooLarge)
+        );
+        let many: String = (0..5).map(|i| format!("h{i}: v\r\n")).collect();
+        let mut b = BytesMut::from(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes());
+        assert_eq!(
+            parse_request(&mut b, 1024, 4).err(),
+            Some(Refusal::TooManyHeaders)
+        );
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112_strictly() {
+        let p = ok("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(p.meta.framing, Framing::Length(5));
+        let p = ok("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(p.meta.framing, Framing::Length(5));
+        let p = ok("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(p.meta.framing, Framing::None);
+        let p = ok("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n");
+        assert_eq!(p.meta.framing, Framing::Chunked);
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: \r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(Refusal::Malformed(_))),
+                "{bad:?} was accepted"
+            );
+        }
+        let both = "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(parse(both).err(), Some(Refusal::Conflict));
+    }
+
+    #[test]
+    fn keep_alive_expect_upgrade_and_te() {
+        assert!(
+            !ok("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .meta
+                .keep_alive
+        );
+        assert!(!ok("GET / HTTP/1.0\r\n\r\n").meta.keep_alive);
+        assert!(
+            ok("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+                .meta
+                .keep_alive
+        );
+        assert!(
+            !ok("GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n")
+                .meta
+                .keep_alive
+        );
+        let p = ok("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n");
+        assert!(p.meta.expect_continue);
+        assert!(
+            !ok("PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n")
+                .meta
+                .expect_continue
+        );
+        let p = ok("GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(p.meta.upgrade);
+        assert!(
+            !ok("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+                .meta
+                .upgrade
+        );
+        assert!(ok("GET / HTTP/1.1\r\nTE: trailers\r\n\r\n").meta.trailers);
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        for bad in [
+            "GET\r\n\r\n",
+            "\x16\x03\x01\x02\x00",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert!(matches!(parse(bad), Err(Refusal::Malformed(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn response_heads_carry_framing_and_date() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        let mut out = Vec::new();
+        encode_response(
+            &mut out,
+            StatusCode::OK,
+            &h,
+            Framing::Length(1024),
+            true,
+            true,
+            false,
+        );
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.starts_with(
+                "HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 1024\r\nconnection: close\r\ndate: "
+            ),
+            "{s}"
+        );
+        assert!(s.ends_with(" GMT\r\n\r\n"));
+        let mut out = Vec::new();
+        h.insert("date", HeaderValue::from_static("then"));
+        encode_response(
+            &mut out,
+            StatusCode::NOT_FOUND,
+            &h,
+            Framing::Chunked,
+            false,
+            false,
+            false,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 404 Not Found\r\nx-a: 1\r\nconnection: keep-alive\r\ndate: then\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+    }
+}

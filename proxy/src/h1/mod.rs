@@ -1,0 +1,15 @@
+//! Tern's HTTP/1.1 server: a connection loop over httparse that holds no buffer while a
+//! keep-alive connection is idle, reads request bodies in the connection's own task, and
+//! refuses ambiguous framing outright (see [`head`]).
+//!
+//! Clients (toward upstreams) stay on hyper; HTTP/2 on both sides is hyper and h2.
+
+mod body;
+mod chunked;
+mod conn;
+mod date;
+pub mod head;
+
+pub use body::{Body, BodyError};
+pub use conn::{Io, OnUpgrade, Settings, Upgraded, serve};
+pub use head::Refusal;
