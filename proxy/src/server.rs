@@ -239,10 +239,34 @@ pub async fn serve(
     let conn = Conn::new(peer, original_dst, local);
     // Each kind of connection's state is boxed separately, so an HTTP/1.1 connection
     // does not carry the (larger) HTTP/2 or TLS state in its task, and vice versa.
-    match direction {
+    // Detection's own box is freed before a plaintext connection is served: an idle
+    // keep-alive connection holds only the state of the protocol it speaks.
+    let plain = match direction {
         Direction::Outbound => Box::pin(serve_outbound(&worker, stream, conn, drain)).await,
         Direction::Inbound => Box::pin(serve_inbound(&worker, stream, conn, drain)).await,
+    };
+    let Some(Plain {
+        proto,
+        stream,
+        conn,
+        drain,
+    }) = plain
+    else {
+        return;
+    };
+    let limits = worker.shared.settings.limits;
+    match proto {
+        Proto::Http2 => Box::pin(serve_h2(&worker, stream, conn, direction, limits, drain)).await,
+        _ => Box::pin(serve_h1(&worker, stream, conn, direction, limits, drain)).await,
     }
+}
+
+/// A plaintext HTTP connection, detected, for [`serve`] to serve.
+struct Plain {
+    proto: Proto,
+    stream: TcpStream,
+    conn: Arc<Conn>,
+    drain: watch::Receiver<bool>,
 }
 
 /// A connection from the local application.
@@ -251,9 +275,8 @@ async fn serve_outbound(
     stream: TcpStream,
     conn: Conn,
     drain: watch::Receiver<bool>,
-) {
+) -> Option<Plain> {
     let limits = worker.shared.settings.limits;
-    let direction = Direction::Outbound;
     let (timeout, opaque) = match conn.original_dst {
         None => (limits.header_read_timeout, false),
         Some(dst) => {
@@ -265,16 +288,24 @@ async fn serve_outbound(
                 .as_ref()
                 .is_some_and(|a| a.snapshot.resolve_addr(dst).is_some());
             if !known {
-                return Box::pin(opaque::passthrough(stream, dst)).await;
+                Box::pin(opaque::passthrough(stream, dst)).await;
+                return None;
             }
             (OPAQUE_DETECT_TIMEOUT, true)
         }
     };
     let conn = Arc::new(conn);
     match detect(&stream, timeout, false, opaque).await {
-        Proto::Http2 => Box::pin(serve_h2(worker, stream, conn, direction, limits, drain)).await,
-        Proto::Opaque => Box::pin(opaque::outbound(worker, stream, &conn)).await,
-        _ => Box::pin(serve_h1(worker, stream, conn, direction, limits, drain)).await,
+        Proto::Opaque => {
+            Box::pin(opaque::outbound(worker, stream, &conn)).await;
+            None
+        }
+        proto => Some(Plain {
+            proto,
+            stream,
+            conn,
+            drain,
+        }),
     }
 }
 
@@ -284,7 +315,7 @@ async fn serve_inbound(
     stream: TcpStream,
     conn: Conn,
     drain: watch::Receiver<bool>,
-) {
+) -> Option<Plain> {
     let shared = &worker.shared;
     let limits = shared.settings.limits;
     let direction = Direction::Inbound;
@@ -301,7 +332,7 @@ async fn serve_inbound(
             Err(err) => {
                 shared.metrics.tls_handshake(direction, err.reason());
                 tracing::warn!(peer = %conn.peer, reason = err.reason(), %err, "inbound mTLS refused");
-                return;
+                return None;
             }
         };
         shared.metrics.tls_handshake(direction, "ok");
@@ -309,23 +340,31 @@ async fn serve_inbound(
         shared
             .metrics
             .inbound_client(conn.client.as_ref().map(|c| &c.label));
-        return match alpn {
+        match alpn {
             Alpn::H2 => Box::pin(serve_h2(worker, stream, conn, direction, limits, drain)).await,
             Alpn::Http1 => Box::pin(serve_h1(worker, stream, conn, direction, limits, drain)).await,
             Alpn::Opaque => Box::pin(opaque::inbound(worker, stream, &conn)).await,
-        };
+        }
+        return None;
     }
     if tls && inbound::requires_mtls(worker, &conn) {
         shared.metrics.tls_handshake(direction, "plaintext_refused");
         tracing::warn!(peer = %conn.peer, target = %conn.target(), "plaintext refused: the Service's mtls-mode is strict");
-        return;
+        return None;
     }
     shared.metrics.inbound_client(None);
     let conn = Arc::new(conn);
     match proto {
-        Proto::Http2 => Box::pin(serve_h2(worker, stream, conn, direction, limits, drain)).await,
-        Proto::Opaque => Box::pin(opaque::inbound(worker, stream, &conn)).await,
-        _ => Box::pin(serve_h1(worker, stream, conn, direction, limits, drain)).await,
+        Proto::Opaque => {
+            Box::pin(opaque::inbound(worker, stream, &conn)).await;
+            None
+        }
+        proto => Some(Plain {
+            proto,
+            stream,
+            conn,
+            drain,
+        }),
     }
 }
 
@@ -348,7 +387,11 @@ async fn serve_h1<S: h1::Io>(
         stream,
         settings,
         &mut drain,
-        |req: http::Request<h1::Body>| dispatch(worker, direction, conn, req.map(ClientBody::H1)),
+        // Boxed once, here: the request's future is several KB, and every move of it
+        // (into the exchange's state, into a box) would copy all of it.
+        |req: http::Request<h1::Body>| {
+            Box::pin(dispatch(worker, direction, conn, req.map(ClientBody::H1)))
+        },
         |refusal| refuse(worker, direction, refusal),
     )
     .await;
@@ -671,7 +714,7 @@ mod size_tests {
         );
         let outer = serve(worker.clone(), stream().await.unwrap(), peer, out, rx);
         let sizes = [
-            ("HTTP/1.1 state", size_of_val(&h1), 2048),
+            ("HTTP/1.1 state", size_of_val(&h1), 1280),
             ("HTTP/2 state", size_of_val(&h2), 4096),
             ("inbound detection and TLS", size_of_val(&inbound), 2048),
             ("outbound detection", size_of_val(&outbound), 1024),

@@ -199,18 +199,9 @@ pub async fn serve<S, F, Fut, B, R>(
             Ok(None) | Err(HeadError::Closed) => return,
             Err(HeadError::Refused(refusal)) => {
                 tracing::debug!(%refusal, "request head refused");
-                let resp = refuse(refusal);
-                let _ = conn
-                    .respond(
-                        resp,
-                        &Method::GET,
-                        Version::HTTP_11,
-                        false,
-                        false,
-                        &mut None,
-                    )
-                    .await;
-                conn.close(true).await;
+                // Boxed, as are the other rare paths: an idle connection's task is as
+                // large as its largest state.
+                Box::pin(conn.refuse(refuse(refusal))).await;
                 return;
             }
         };
@@ -249,6 +240,25 @@ enum Next {
 }
 
 impl<S: Io> Conn<S> {
+    /// Answers a refused head and closes.
+    async fn refuse<B>(mut self, resp: Response<B>)
+    where
+        B: HttpBody<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let _ = self
+            .respond(
+                resp,
+                &Method::GET,
+                Version::HTTP_11,
+                false,
+                false,
+                &mut None,
+            )
+            .await;
+        self.close(true).await;
+    }
+
     /// One request and its response.
     async fn exchange<F, Fut, B>(
         &mut self,
@@ -553,7 +563,7 @@ impl<S: Io> Conn<S> {
             .await;
             let frame = match step {
                 None => {
-                    self.write(&wbuf).await?;
+                    self.write_pumping(&wbuf, reader, &mut pumping).await?;
                     wbuf.clear();
                     continue;
                 }
@@ -589,9 +599,9 @@ impl<S: Io> Conn<S> {
                 _ => {}
             }
             if data.len() >= COPY_LIMIT {
-                self.write(&wbuf).await?;
+                self.write_pumping(&wbuf, reader, &mut pumping).await?;
                 wbuf.clear();
-                self.write(&data).await?;
+                self.write_pumping(&data, reader, &mut pumping).await?;
             } else {
                 wbuf.extend_from_slice(&data);
             }
@@ -611,8 +621,34 @@ impl<S: Io> Conn<S> {
             }
             _ => {}
         }
-        self.write(&wbuf).await?;
+        self.write_pumping(&wbuf, reader, &mut pumping).await?;
         Ok(keep_alive && pumping)
+    }
+
+    /// Writes while still reading the request body for its reader: a client may send
+    /// its whole body before it reads any of a response that is already streaming back
+    /// (an echo), and both sides would otherwise wait on each other.
+    async fn write_pumping(
+        &mut self,
+        mut data: &[u8],
+        reader: &mut Option<Reader>,
+        pumping: &mut bool,
+    ) -> Result<(), ()> {
+        while !data.is_empty() {
+            let n = poll_fn(|cx| {
+                if *pumping && self.pump(cx, reader).is_err() {
+                    *pumping = false;
+                }
+                Pin::new(&mut self.io).poll_write(cx, data)
+            })
+            .await
+            .map_err(|_| ())?;
+            if n == 0 {
+                return Err(());
+            }
+            data = &data[n..];
+        }
+        self.io.flush().await.map_err(|_| ())
     }
 
     async fn write(&mut self, data: &[u8]) -> Result<(), ()> {
@@ -690,7 +726,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::net::TcpListener;
 
-    type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+    type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
 
     fn settings() -> Settings {
         Settings {
@@ -702,7 +738,7 @@ mod tests {
     }
 
     fn full(s: impl Into<Bytes>) -> TestBody {
-        Full::new(s.into()).boxed_unsync()
+        Full::new(s.into()).map_err(|e| match e {}).boxed_unsync()
     }
 
     /// The test service: `/echo` answers the body it read (and its trailers' names),
@@ -755,6 +791,8 @@ mod tests {
                     .body(full(""))
                     .unwrap()
             }
+            // The request body streamed back as it arrives.
+            "/duplex" => Response::new(req.into_body().boxed_unsync()),
             "/hang" => {
                 let _guard = OnDrop(dropped);
                 std::future::pending::<()>().await;
@@ -769,7 +807,7 @@ mod tests {
 
     impl HttpBody for Frames {
         type Data = Bytes;
-        type Error = std::convert::Infallible;
+        type Error = BodyError;
 
         fn poll_frame(
             self: Pin<&mut Self>,
@@ -1104,5 +1142,51 @@ mod tests {
         reserve(&mut b, READ_BUF);
         assert!(b.capacity() >= READ_BUF);
         assert_eq!(BytesMut::new().capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn reads_the_body_while_a_response_streams_back() {
+        // A response that is the request body, streamed back while it still arrives
+        // (the pipe's reader is the response writer itself); the client sends all 4 MB
+        // before it reads anything, which the socket buffers absorb.
+        let (addr, _) = start().await;
+        let c = TcpStream::connect(addr).await.unwrap();
+        let (mut rd, mut wr) = c.into_split();
+        const N: usize = 4 << 20;
+        let writer = tokio::spawn(async move {
+            let head = format!("POST /duplex HTTP/1.1\r\nHost: x\r\nContent-Length: {N}\r\n\r\n");
+            wr.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b'q'; 64 * 1024];
+            for _ in 0..N / chunk.len() {
+                wr.write_all(&chunk).await.unwrap();
+            }
+            wr
+        });
+        let _wr = tokio::time::timeout(Duration::from_secs(20), writer)
+            .await
+            .expect("the upload stalled")
+            .unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut head = Vec::new();
+        while got < N {
+            let n = tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0);
+            if head.is_empty() || !head.ends_with(b"\r\n\r\n") {
+                let mut i = 0;
+                while i < n && !head.ends_with(b"\r\n\r\n") {
+                    head.push(buf[i]);
+                    i += 1;
+                }
+                got += n - i;
+            } else {
+                got += n;
+            }
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert_eq!(got, N);
     }
 }
