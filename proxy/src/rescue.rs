@@ -25,6 +25,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request head larger than {0} bytes")]
     HeadTooLarge(usize),
+    #[error("more than {0} request headers")]
+    TooManyHeaders(usize),
     #[error("{0}")]
     UnknownService(#[from] LookupError),
     #[error("no rule of {parent} matches {method} {path}")]
@@ -93,7 +95,9 @@ impl ProxyError {
             ProxyError::MissingAuthority
             | ProxyError::BadRequest(_)
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
-            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::HeadTooLarge(_) | ProxyError::TooManyHeaders(_) => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UnknownService(_) | ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoints(_)
@@ -121,7 +125,7 @@ impl ProxyError {
             ProxyError::MissingAuthority
             | ProxyError::BadRequest(_)
             | ProxyError::ClientBody(_) => "bad-request",
-            ProxyError::HeadTooLarge(_) => "headers-too-large",
+            ProxyError::HeadTooLarge(_) | ProxyError::TooManyHeaders(_) => "headers-too-large",
             ProxyError::UnknownService(_) => "unknown-service",
             ProxyError::NoRoute { .. } => "no-route",
             ProxyError::NoEndpoints(_) => "no-endpoints",

@@ -490,10 +490,11 @@ fn refuse(
     direction: Direction,
     refusal: h1::Refusal,
 ) -> http::Response<ProxyBody> {
-    let limit = worker.shared.settings.limits.max_header_bytes;
+    let limits = &worker.shared.settings.limits;
     let mut resp = match refusal {
-        h1::Refusal::TooLarge | h1::Refusal::TooManyHeaders => {
-            ProxyError::HeadTooLarge(limit).into_response()
+        h1::Refusal::TooLarge => ProxyError::HeadTooLarge(limits.max_header_bytes).into_response(),
+        h1::Refusal::TooManyHeaders => {
+            ProxyError::TooManyHeaders(limits.max_headers).into_response()
         }
         h1::Refusal::Conflict => {
             ProxyError::BadRequest("both Content-Length and Transfer-Encoding").into_response()

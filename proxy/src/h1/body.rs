@@ -45,6 +45,16 @@ impl Body {
         }
     }
 
+    /// The whole body when it is already here: `Some(None)` for none, `None` while
+    /// (part of) it is still on the wire.
+    pub fn complete(&self) -> Option<Option<&Bytes>> {
+        match &self.kind {
+            Kind::Empty | Kind::Full(None) => Some(None),
+            Kind::Full(Some(d)) => Some(Some(d)),
+            Kind::Streaming { .. } => None,
+        }
+    }
+
     /// A body still to be read by the connection; `length` when declared.
     pub(super) fn streaming(length: Option<u64>) -> (Self, Arc<Pipe>) {
         let pipe = Arc::new(Pipe::default());

@@ -91,7 +91,7 @@ pub fn parse_request(
     let mut has_upgrade = false;
     let mut expect_continue = false;
     let mut trailers = false;
-    let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX];
+    let mut spans: [Span; MAX] = [((0, 0), (0, 0)); MAX];
     let count = req.headers.len();
     for (h, slot) in req.headers.iter().zip(spans.iter_mut()) {
         let (name, value) = (h.name.as_bytes(), h.value);
@@ -158,15 +158,7 @@ pub fn parse_request(
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.0 + path.1))
         .map_err(|_| Refusal::Malformed("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(count);
-    for &((n_at, n_len), (v_at, v_len)) in &spans[..count] {
-        let (n_at, v_at) = (n_at as usize, v_at as usize);
-        let name = HeaderName::from_bytes(&head[n_at..n_at + n_len as usize])
-            .map_err(|_| Refusal::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v_at..v_at + v_len as usize))
-            .map_err(|_| Refusal::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let headers = header_map(&head, &spans[..count]).map_err(Refusal::Malformed)?;
     let upgrade = (upgrade_token && has_upgrade) || method == Method::CONNECT;
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
@@ -183,6 +175,156 @@ pub fn parse_request(
             trailers,
         },
     }))
+}
+
+/// Where a header's name and value sit in a head: ((at, len), (at, len)).
+type Span = ((u32, u32), (u32, u32));
+
+/// The header map of a frozen head; values are slices of it.
+fn header_map(head: &bytes::Bytes, spans: &[Span]) -> Result<HeaderMap, &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &((n_at, n_len), (v_at, v_len)) in spans {
+        let (n_at, v_at) = (n_at as usize, v_at as usize);
+        let name = HeaderName::from_bytes(&head[n_at..n_at + n_len as usize])
+            .map_err(|_| "invalid header name")?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v_at..v_at + v_len as usize))
+            .map_err(|_| "invalid header value")?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// How an upstream's response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection (HTTP/1.0 style).
+    UntilClose,
+}
+
+/// An upstream's response head.
+pub struct ParsedResponse {
+    pub parts: http::response::Parts,
+    pub framing: ResponseFraming,
+    /// The upstream keeps the connection open after this response.
+    pub keep_alive: bool,
+}
+
+/// Parses one response head from the start of `buf` (an answer to a `HEAD` request when
+/// `head_request`); `Ok(None)`: not complete yet. The head is split off `buf`.
+pub fn parse_response(
+    buf: &mut BytesMut,
+    max_head: usize,
+    head_request: bool,
+) -> Result<Option<ParsedResponse>, &'static str> {
+    const MAX: usize = 100;
+    let mut raw = [httparse::EMPTY_HEADER; MAX];
+    let mut resp = httparse::Response::new(&mut raw);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+        Ok(httparse::Status::Partial) if buf.len() <= max_head => return Ok(None),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err("response head too large"),
+        Err(_) => return Err("malformed response head"),
+    };
+    let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| "invalid status")?;
+    let version = match resp.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX];
+    let (mut length, mut chunked, mut close, mut keep_alive_token) = (None, false, false, false);
+    for (h, slot) in resp.headers.iter().zip(spans.iter_mut()) {
+        let (name, value) = (h.name.as_bytes(), h.value);
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(value).ok_or("invalid Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length values");
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            chunked = tokens(value)
+                .last()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+            if !chunked {
+                return Err("unsupported Transfer-Encoding");
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in tokens(value) {
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        let (n, v) = (span(name), span(value));
+        *slot = ((n.0 as u32, n.1 as u32), (v.0 as u32, v.1 as u32));
+    }
+    let count = resp.headers.len();
+    let framing = if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        ResponseFraming::None
+    } else if chunked {
+        ResponseFraming::Chunked
+    } else {
+        match length {
+            Some(0) => ResponseFraming::None,
+            Some(n) => ResponseFraming::Length(n),
+            None => ResponseFraming::UntilClose,
+        }
+    };
+    let keep_alive = !close
+        && (version == Version::HTTP_11 || keep_alive_token)
+        && framing != ResponseFraming::UntilClose;
+    let head = buf.split_to(len).freeze();
+    let headers = header_map(&head, &spans[..count])?;
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = Version::HTTP_11;
+    parts.headers = headers;
+    Ok(Some(ParsedResponse {
+        parts,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// Writes a request head for an upstream. `body_len`: the length of a body sent with it
+/// (`None`: no body); a length is declared when the headers do not already.
+pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, body_len: Option<usize>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_length = false;
+    for (name, value) in &parts.headers {
+        if name == header::EXPECT {
+            // The body goes with the head: nothing to wait for.
+            continue;
+        }
+        has_length |= name == header::CONTENT_LENGTH;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let declare = match body_len {
+        Some(n) => Some(n as u64),
+        // Servers may refuse a body-carrying method without a length (411).
+        None if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => Some(0),
+        None => None,
+    };
+    if let Some(n) = declare.filter(|_| !has_length) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa(n, &mut [0; 20]));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A `Content-Length` value: digits, or a list of identical digit strings.
@@ -469,5 +611,81 @@ mod tests {
         );
         assert_eq!(itoa(0, &mut [0; 20]), b"0");
         assert_eq!(itoa(u64::MAX, &mut [0; 20]), b"18446744073709551615");
+    }
+
+    #[test]
+    fn parses_upstream_responses_and_their_framing() {
+        let mut b =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello"[..]);
+        let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
+        assert_eq!(r.parts.status, StatusCode::OK);
+        assert_eq!(r.parts.headers["x-a"], "1");
+        assert_eq!(r.framing, ResponseFraming::Length(5));
+        assert!(r.keep_alive);
+        assert_eq!(&b[..], b"hello");
+        let mut b = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"[..]);
+        let r = parse_response(&mut b, 1024, true).unwrap().unwrap();
+        assert_eq!(r.framing, ResponseFraming::None);
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"[..],
+        );
+        let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
+        assert_eq!(r.framing, ResponseFraming::Chunked);
+        assert!(!r.keep_alive);
+        let mut b = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\nbody"[..]);
+        let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
+        assert_eq!(r.framing, ResponseFraming::UntilClose);
+        assert!(!r.keep_alive);
+        let mut b = BytesMut::from(&b"HTTP/1.1 204 No Content\r\n\r\n"[..]);
+        assert_eq!(
+            parse_response(&mut b, 1024, false)
+                .unwrap()
+                .unwrap()
+                .framing,
+            ResponseFraming::None
+        );
+        assert!(
+            parse_response(
+                &mut BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]),
+                1024,
+                false
+            )
+            .unwrap()
+            .is_none()
+        );
+        assert!(
+            parse_response(
+                &mut BytesMut::from(
+                    &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..]
+                ),
+                1024,
+                false
+            )
+            .is_err()
+        );
+        assert!(parse_response(&mut BytesMut::from(&b"garbage\r\n\r\n"[..]), 1024, false).is_err());
+    }
+
+    #[test]
+    fn encodes_upstream_requests() {
+        let mut req = http::Request::post("http://svc/a?b").body(()).unwrap();
+        req.headers_mut()
+            .insert("host", HeaderValue::from_static("svc"));
+        req.headers_mut()
+            .insert("expect", HeaderValue::from_static("100-continue"));
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        encode_request(&mut out, &parts, Some(3));
+        assert_eq!(
+            out,
+            b"POST /a?b HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_request(&mut out, &parts, None);
+        assert!(out.ends_with(b"content-length: 0\r\n\r\n"));
+        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        let mut out = Vec::new();
+        encode_request(&mut out, &parts, None);
+        assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
     }
 }

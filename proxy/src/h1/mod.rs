@@ -5,7 +5,7 @@
 //! Clients (toward upstreams) stay on hyper; HTTP/2 on both sides is hyper and h2.
 
 mod body;
-mod chunked;
+pub(crate) mod chunked;
 mod conn;
 mod date;
 pub mod head;
