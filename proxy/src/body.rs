@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 
 use crate::policy::concurrency::Permit;
 use crate::policy::limits::Slot;
-use crate::upstream::pool::PooledBody;
+use crate::upstream::pool::{PooledBody, UpstreamBodyError};
 
 pub enum ProxyBody {
     /// With what the request holds until its response body ends or is dropped.
@@ -56,12 +56,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b, held) => {
                 let polled = Pin::new(b).poll_frame(cx);

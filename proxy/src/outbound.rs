@@ -562,7 +562,12 @@ pub fn upstream_error(
         UpstreamError::Handshake(source) | UpstreamError::Request(source) => ProxyError::Upstream {
             backend,
             addr,
-            source,
+            source: source.into(),
+        },
+        UpstreamError::Exchange(source) => ProxyError::Upstream {
+            backend,
+            addr,
+            source: source.into(),
         },
         UpstreamError::Tls(source) => ProxyError::Tls {
             backend,

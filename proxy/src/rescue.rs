@@ -49,7 +49,7 @@ pub enum ProxyError {
         backend: Arc<str>,
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("mTLS to {addr} for {backend}: {source}")]
     Tls {

@@ -295,14 +295,20 @@ pub fn parse_response(
 
 /// Writes a request head for an upstream. `body_len`: the length of a body sent with it
 /// (`None`: no body); a length is declared when the headers do not already.
-pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, body_len: Option<usize>) {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+pub fn encode_request(
+    out: &mut Vec<u8>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body_len: Option<usize>,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_length = false;
-    for (name, value) in &parts.headers {
+    for (name, value) in headers {
         if name == header::EXPECT {
             // The body goes with the head: nothing to wait for.
             continue;
@@ -316,7 +322,7 @@ pub fn encode_request(out: &mut Vec<u8>, parts: &http::request::Parts, body_len:
     let declare = match body_len {
         Some(n) => Some(n as u64),
         // Servers may refuse a body-carrying method without a length (411).
-        None if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => Some(0),
+        None if matches!(*method, Method::POST | Method::PUT | Method::PATCH) => Some(0),
         None => None,
     };
     if let Some(n) = declare.filter(|_| !has_length) {
@@ -675,17 +681,17 @@ mod tests {
             .insert("expect", HeaderValue::from_static("100-continue"));
         let (parts, ()) = req.into_parts();
         let mut out = Vec::new();
-        encode_request(&mut out, &parts, Some(3));
+        encode_request(&mut out, &parts.method, &parts.uri, &parts.headers, Some(3));
         assert_eq!(
             out,
             b"POST /a?b HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\n"
         );
         let mut out = Vec::new();
-        encode_request(&mut out, &parts, None);
+        encode_request(&mut out, &parts.method, &parts.uri, &parts.headers, None);
         assert!(out.ends_with(b"content-length: 0\r\n\r\n"));
         let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
         let mut out = Vec::new();
-        encode_request(&mut out, &parts, None);
+        encode_request(&mut out, &parts.method, &parts.uri, &parts.headers, None);
         assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
     }
 }

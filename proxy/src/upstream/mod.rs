@@ -1,6 +1,7 @@
 //! The last hop: send a request to one endpoint over a pooled connection and hand back the
 //! streaming response. Upgrades (WebSocket) get a dedicated connection and a byte tunnel.
 
+pub mod h1;
 pub mod pool;
 
 use std::net::SocketAddr;
@@ -24,6 +25,9 @@ pub enum UpstreamError {
     Handshake(#[source] hyper::Error),
     #[error("{0}")]
     Request(#[source] hyper::Error),
+    /// An exchange on Tern's own HTTP/1.1 client failed.
+    #[error("{0}")]
+    Exchange(#[source] h1::ClientError),
     #[error("{0}")]
     Tls(#[source] crate::tls::TlsError),
     /// A backend limit (connections or pending requests) is full: (limit, its maximum).
@@ -56,6 +60,7 @@ impl SendError {
             | UpstreamError::Tls(_)
             | UpstreamError::Overflow(..) => false,
             UpstreamError::Request(err) => self.request.is_none() && !is_refused_stream(err),
+            UpstreamError::Exchange(_) => true,
         }
     }
 }
@@ -146,6 +151,57 @@ pub async fn send(
 }
 
 async fn send_h1(
+    pool: &Arc<Pool>,
+    addr: SocketAddr,
+    req: Request<RequestBody>,
+    admission: Option<Admission<'_>>,
+) -> Result<Response<PooledBody>, SendError> {
+    match h1::Wire::new(&req) {
+        Some(wire) => send_h1_inline(pool, addr, req, wire, admission).await,
+        None => send_h1_hyper(pool, addr, req, admission).await,
+    }
+}
+
+/// A request whose body is complete, on Tern's own HTTP/1.1 client.
+async fn send_h1_inline(
+    pool: &Arc<Pool>,
+    addr: SocketAddr,
+    req: Request<RequestBody>,
+    wire: h1::Wire,
+    admission: Option<Admission<'_>>,
+) -> Result<Response<PooledBody>, SendError> {
+    let (mut conn, mut reused) = match pool.take_h1_inline(addr) {
+        Some(c) => (c, true),
+        None => match Box::pin(pool.connect_h1_inline(addr, admission)).await {
+            Ok(c) => (c, false),
+            Err(err) => return Err(SendError::new(err, Some(req))),
+        },
+    };
+    // From here the request is on the wire: `req` is only kept for its bytes in `wire`.
+    drop(req);
+    loop {
+        match h1::exchange(&mut conn, &wire).await {
+            Ok(resp) => {
+                let body = h1::ResponseBody::new(conn, resp.framing, resp.keep_alive, pool, addr);
+                return Ok(Response::from_parts(resp.parts, PooledBody::inline(body)));
+            }
+            // The upstream was closing this idle connection as the request went out:
+            // once more, on a new connection.
+            Err(err) if reused && err.nothing_received() && wire.resendable => {
+                conn = match Box::pin(pool.connect_h1_inline(addr, admission)).await {
+                    Ok(c) => c,
+                    Err(err) => return Err(SendError::new(err, None)),
+                };
+                reused = false;
+            }
+            Err(err) => return Err(SendError::new(UpstreamError::Exchange(err), None)),
+        }
+    }
+}
+
+/// A request whose body still streams, on hyper's HTTP/1.1 client (the body is sent
+/// while the response is read).
+async fn send_h1_hyper(
     pool: &Arc<Pool>,
     addr: SocketAddr,
     mut req: Request<RequestBody>,

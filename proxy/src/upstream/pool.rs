@@ -18,7 +18,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::{Admission, UpstreamError};
+use super::{Admission, UpstreamError, h1};
 use crate::body::RequestBody;
 use crate::metrics::Direction;
 use crate::policy::limits::{Limit, Slot};
@@ -72,6 +72,8 @@ pub struct Pool {
     shared: Arc<Shared>,
     // FxHash: the keys are endpoint addresses from the config, not attacker input.
     h1_idle: Mutex<FxHashMap<SocketAddr, Vec<(H1Conn, Instant)>>>,
+    /// Idle connections of Tern's own HTTP/1.1 client (requests with complete bodies).
+    h1_inline_idle: Mutex<FxHashMap<SocketAddr, Vec<(h1::Conn, Instant)>>>,
     /// Shared HTTP/2 connections by endpoint and whether they are mTLS, with the
     /// identity an mTLS connection's server was verified as: a connection is only
     /// reused for the same expected identity (the config may change it).
@@ -84,6 +86,7 @@ impl Pool {
             settings,
             shared,
             h1_idle: Mutex::default(),
+            h1_inline_idle: Mutex::default(),
             h2: Mutex::default(),
         })
     }
@@ -116,6 +119,44 @@ impl Pool {
         found
     }
 
+    /// An idle connection of Tern's own client to `addr` that can take a request now.
+    pub fn take_h1_inline(&self, addr: SocketAddr) -> Option<h1::Conn> {
+        let mut idle = self
+            .h1_inline_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some((conn, since)) = list.pop() {
+            if now.duration_since(since) < IDLE_TIMEOUT && conn.is_reusable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    pub(super) fn put_h1_inline(&self, addr: SocketAddr, conn: h1::Conn) {
+        let mut idle = self
+            .h1_inline_idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push((conn, Instant::now()));
+        }
+    }
+
+    /// A new connection for Tern's own client, within the backend's limits.
+    pub async fn connect_h1_inline(
+        &self,
+        addr: SocketAddr,
+        admission: Option<Admission<'_>>,
+    ) -> Result<h1::Conn, UpstreamError> {
+        let (_pending, slot) = self.connecting_slots(admission)?;
+        let tcp = self.connect_tcp(addr).await?;
+        Ok(h1::Conn::new(tcp, slot))
+    }
+
     fn put_h1(&self, addr: SocketAddr, conn: H1Conn) {
         if conn.sender.is_closed() {
             return;
@@ -129,13 +170,19 @@ impl Pool {
 
     /// Closes the oldest idle HTTP/1.1 connection to one of `addrs`, freeing its slot.
     fn evict_idle(&self, addrs: &[SocketAddr]) -> bool {
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        addrs.iter().any(|addr| {
-            idle.get_mut(addr)
-                .filter(|list| !list.is_empty())
-                .map(|list| drop(list.remove(0)))
-                .is_some()
-        })
+        fn oldest<C>(
+            idle: &Mutex<FxHashMap<SocketAddr, Vec<(C, Instant)>>>,
+            addrs: &[SocketAddr],
+        ) -> bool {
+            let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+            addrs.iter().any(|addr| {
+                idle.get_mut(addr)
+                    .filter(|list| !list.is_empty())
+                    .map(|list| drop(list.remove(0)))
+                    .is_some()
+            })
+        }
+        oldest(&self.h1_inline_idle, addrs) || oldest(&self.h1_idle, addrs)
     }
 
     /// The slots a new connection takes: a pending-request slot while it connects, and a
@@ -318,11 +365,28 @@ where
     Ok(sender)
 }
 
-/// An upstream response body that returns its HTTP/1.1 connection to the pool once the
-/// body has been read to the end.
+/// An upstream response body: from hyper's clients (HTTP/2, or HTTP/1.1 for streaming
+/// requests, returning the connection to the pool at its end), or from Tern's own
+/// HTTP/1.1 client.
 pub struct PooledBody {
-    inner: Incoming,
-    release: Option<Release>,
+    kind: Kind,
+}
+
+enum Kind {
+    Hyper {
+        inner: Incoming,
+        release: Option<Release>,
+    },
+    Inline(h1::ResponseBody),
+}
+
+/// Why an upstream response body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    H1(#[from] h1::ClientError),
 }
 
 struct Release {
@@ -334,54 +398,72 @@ struct Release {
 impl PooledBody {
     pub fn new(inner: Incoming) -> Self {
         PooledBody {
-            inner,
-            release: None,
+            kind: Kind::Hyper {
+                inner,
+                release: None,
+            },
+        }
+    }
+
+    pub fn inline(body: h1::ResponseBody) -> Self {
+        PooledBody {
+            kind: Kind::Inline(body),
         }
     }
 
     pub fn returning(inner: Incoming, pool: Arc<Pool>, addr: SocketAddr, conn: H1Conn) -> Self {
-        let mut body = PooledBody {
-            inner,
-            release: Some(Release { pool, addr, conn }),
-        };
-        if body.inner.is_end_stream() {
-            body.release_now();
+        let end = inner.is_end_stream();
+        let mut release = Some(Release { pool, addr, conn });
+        if end {
+            release_now(&mut release);
         }
-        body
+        PooledBody {
+            kind: Kind::Hyper { inner, release },
+        }
     }
+}
 
-    fn release_now(&mut self) {
-        if let Some(r) = self.release.take() {
-            r.pool.put_h1(r.addr, r.conn);
-        }
+fn release_now(release: &mut Option<Release>) {
+    if let Some(r) = release.take() {
+        r.pool.put_h1(r.addr, r.conn);
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.release_now(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release_now(),
-            // A broken body means a broken connection: never pool it.
-            Poll::Ready(Some(Err(_))) => this.release = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
+        match &mut self.kind {
+            Kind::Inline(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Kind::Hyper { inner, release } => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => release_now(release),
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => release_now(release),
+                    // A broken body means a broken connection: never pool it.
+                    Poll::Ready(Some(Err(_))) => *release = None,
+                    _ => {}
+                }
+                polled.map_err(Into::into)
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            Kind::Inline(b) => b.is_end_stream(),
+            Kind::Hyper { inner, .. } => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.kind {
+            Kind::Inline(b) => b.size_hint(),
+            Kind::Hyper { inner, .. } => inner.size_hint(),
+        }
     }
 }

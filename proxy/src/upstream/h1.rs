@@ -1,0 +1,316 @@
+//! Tern's HTTP/1.1 client, for requests whose body is complete when they are sent (most
+//! of them: no body, a body that came with its head, or one buffered for retries).
+//!
+//! The request is written and the response head read in the request's own task; the
+//! response body is read by whoever polls it, and the connection goes back to the pool
+//! when the body ends. No connection task, no channel, no wake-up between tasks: that
+//! is what hyper's client costs per request. Streaming request bodies and upgrades go
+//! through hyper's client instead (they need the body sent while the response is read).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request};
+use http_body::{Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
+
+use super::pool::Pool;
+use crate::body::{ClientBody, RequestBody};
+use crate::h1::chunked::{ChunkError, Decoder, Event};
+use crate::h1::head::{self, ResponseFraming};
+use crate::policy::limits::Slot;
+
+/// Largest response head accepted from an upstream.
+const MAX_HEAD: usize = 64 * 1024;
+const READ_BUF: usize = 8 * 1024;
+/// Bodies up to this size are copied behind the head and sent in one write.
+const COPY_LIMIT: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("writing the request: {0}")]
+    Write(#[source] io::Error),
+    #[error("reading the response: {0}")]
+    Read(#[source] io::Error),
+    #[error("the upstream closed the connection before responding")]
+    ClosedEarly,
+    #[error("the upstream closed the connection mid-response")]
+    Truncated,
+    #[error("invalid response: {0}")]
+    Malformed(&'static str),
+    #[error("invalid response body: {0}")]
+    Body(#[from] ChunkError),
+}
+
+impl ClientError {
+    /// The upstream said nothing at all: on a reused connection it was probably closing
+    /// it as the request went out.
+    pub fn nothing_received(&self) -> bool {
+        matches!(self, ClientError::Write(_) | ClientError::ClosedEarly)
+    }
+}
+
+/// An HTTP/1.1 connection to an upstream, idle in the pool or carrying one exchange.
+pub struct Conn {
+    io: TcpStream,
+    rbuf: BytesMut,
+    /// The backend's connection slot, held for the connection's life.
+    _slot: Option<Slot>,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream, slot: Option<Slot>) -> Self {
+        Conn {
+            io,
+            rbuf: BytesMut::new(),
+            _slot: slot,
+        }
+    }
+
+    /// Whether an idle connection can take a request: nothing arrived since its last
+    /// response (no close, no stray bytes). Costs no system call unless the socket
+    /// became readable.
+    pub fn is_reusable(&self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// The body of `req` when it is complete now (`Some(None)`: no body); `None` when it
+/// still streams, and the request must go through hyper.
+pub fn complete_body(body: &RequestBody) -> Option<Option<&Bytes>> {
+    match body {
+        RequestBody::Buffered {
+            data,
+            trailers: None,
+        } => Some(data.as_ref()),
+        RequestBody::Stream(ClientBody::H1(b)) => b.complete(),
+        RequestBody::Stream(ClientBody::H2(b)) if http_body::Body::is_end_stream(b) => Some(None),
+        _ => None,
+    }
+}
+
+/// A request as bytes: its head, and its body when there is one.
+pub struct Wire {
+    head: Vec<u8>,
+    /// A body too large to copy behind the head.
+    body: Option<Bytes>,
+    head_request: bool,
+    /// May be sent again after the upstream closed a reused connection without
+    /// answering (RFC 9110 §9.2.2: idempotent and safe to repeat).
+    pub resendable: bool,
+}
+
+impl Wire {
+    pub fn new(req: &Request<RequestBody>) -> Option<Wire> {
+        let body = complete_body(req.body())?;
+        let len = body.map(Bytes::len);
+        let mut head = Vec::with_capacity(256 + req.headers().len() * 48 + len.unwrap_or(0));
+        head::encode_request(&mut head, req.method(), req.uri(), req.headers(), len);
+        let body = match body {
+            Some(b) if b.len() > COPY_LIMIT => Some(b.clone()),
+            Some(b) => {
+                head.extend_from_slice(b);
+                None
+            }
+            None => None,
+        };
+        let method = req.method();
+        Some(Wire {
+            head,
+            body,
+            head_request: method == Method::HEAD,
+            resendable: matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS),
+        })
+    }
+}
+
+/// Sends `wire` on `conn` and reads the response head.
+pub async fn exchange(conn: &mut Conn, wire: &Wire) -> Result<head::ParsedResponse, ClientError> {
+    conn.io
+        .write_all(&wire.head)
+        .await
+        .map_err(ClientError::Write)?;
+    if let Some(body) = &wire.body {
+        conn.io.write_all(body).await.map_err(ClientError::Write)?;
+    }
+    let mut received = false;
+    loop {
+        if !conn.rbuf.is_empty() {
+            received = true;
+            if let Some(resp) = head::parse_response(&mut conn.rbuf, MAX_HEAD, wire.head_request)
+                .map_err(ClientError::Malformed)?
+            {
+                // Interim responses (100 Continue, 103 Early Hints) are skipped.
+                if resp.parts.status.is_informational() {
+                    continue;
+                }
+                return Ok(resp);
+            }
+        }
+        if conn.rbuf.capacity() - conn.rbuf.len() < READ_BUF / 4 {
+            conn.rbuf.reserve(READ_BUF);
+        }
+        let n =
+            std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rbuf))
+                .await
+                .map_err(ClientError::Read)?;
+        if n == 0 {
+            return Err(if received {
+                ClientError::Truncated
+            } else {
+                ClientError::ClosedEarly
+            });
+        }
+    }
+}
+
+/// A response body read straight from the upstream connection, which returns to the
+/// pool at the body's end.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    state: State,
+    keep_alive: bool,
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+}
+
+enum State {
+    Decoding(Decoder),
+    UntilClose,
+    Done,
+}
+
+impl ResponseBody {
+    pub fn new(
+        conn: Conn,
+        framing: ResponseFraming,
+        keep_alive: bool,
+        pool: &Arc<Pool>,
+        addr: SocketAddr,
+    ) -> Self {
+        let state = match framing {
+            ResponseFraming::None => State::Done,
+            ResponseFraming::Length(n) => State::Decoding(Decoder::length(n)),
+            ResponseFraming::Chunked => State::Decoding(Decoder::chunked()),
+            ResponseFraming::UntilClose => State::UntilClose,
+        };
+        let mut body = ResponseBody {
+            conn: Some(conn),
+            state,
+            keep_alive,
+            pool: pool.clone(),
+            addr,
+        };
+        if matches!(body.state, State::Done) {
+            body.release();
+        }
+        body
+    }
+
+    /// The body ended: the connection goes back to the pool if it can serve again.
+    fn release(&mut self) {
+        self.state = State::Done;
+        if let Some(mut conn) = self.conn.take() {
+            if self.keep_alive && conn.rbuf.is_empty() {
+                // Idle connections hold no buffer.
+                conn.rbuf = BytesMut::new();
+                self.pool.put_h1_inline(self.addr, conn);
+            }
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ClientError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Decoding(decoder) => match decoder.decode(&mut conn.rbuf, MAX_HEAD) {
+                    Ok(Some(Event::Data(data))) => {
+                        if decoder.is_done() {
+                            this.release();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Ok(Some(Event::Trailers(t))) => {
+                        this.release();
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Some(Event::End)) => {
+                        this.release();
+                        return Poll::Ready(None);
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(err.into())));
+                    }
+                },
+                State::UntilClose if !conn.rbuf.is_empty() => {
+                    return Poll::Ready(Some(Ok(Frame::data(conn.rbuf.split().freeze()))));
+                }
+                State::UntilClose => {}
+            }
+            if conn.rbuf.capacity() - conn.rbuf.len() < READ_BUF / 4 {
+                conn.rbuf.reserve(READ_BUF);
+            }
+            match poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rbuf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    let until_close = matches!(this.state, State::UntilClose);
+                    this.conn = None;
+                    this.state = State::Done;
+                    return Poll::Ready(if until_close {
+                        None
+                    } else {
+                        Some(Err(ClientError::Truncated))
+                    });
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(err)) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(ClientError::Read(err))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Decoding(Decoder::Length(n)) => SizeHint::with_exact(*n),
+            _ => SizeHint::new(),
+        }
+    }
+}
