@@ -227,12 +227,13 @@ impl ResponseBody {
     /// The body ended: the connection goes back to the pool if it can serve again.
     fn release(&mut self) {
         self.state = State::Done;
-        if let Some(mut conn) = self.conn.take() {
-            if self.keep_alive && conn.rbuf.is_empty() {
-                // Idle connections hold no buffer.
-                conn.rbuf = BytesMut::new();
-                self.pool.put_h1_inline(self.addr, conn);
-            }
+        if let Some(mut conn) = self.conn.take()
+            && self.keep_alive
+            && conn.rbuf.is_empty()
+        {
+            // Idle connections hold no buffer.
+            conn.rbuf = BytesMut::new();
+            self.pool.put_h1_inline(self.addr, conn);
         }
     }
 }
@@ -312,5 +313,196 @@ impl http_body::Body for ResponseBody {
             State::Decoding(Decoder::Length(n)) => SizeHint::with_exact(*n),
             _ => SizeHint::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::pool::{PoolSettings, PooledBody};
+    use crate::upstream::{Transport, send};
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tern_config::snapshot::Protocol;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// An upstream that answers each request (by head) on each connection with the next
+    /// scripted answer; `None` closes the connection without answering. Returns its
+    /// address and the number of connections it accepted.
+    async fn upstream(script: Vec<Option<&'static [u8]>>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut script = script.into_iter();
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut got = Vec::new();
+                'conn: loop {
+                    let mut buf = [0u8; 4096];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    // One answer per complete head (these requests have no bodies).
+                    while let Some(end) = memchr::memmem::find(&got, b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        match script.next().flatten() {
+                            Some(answer) => s.write_all(answer).await.unwrap(),
+                            // Closes the connection without answering.
+                            None => break 'conn,
+                        }
+                    }
+                }
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool() -> Arc<Pool> {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let shared = crate::Shared::new(crate::Settings::for_tests(addr));
+        Pool::new(PoolSettings::default(), shared)
+    }
+
+    fn get(method: Method, path: &str) -> Request<RequestBody> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "svc")
+            .body(RequestBody::Buffered {
+                data: None,
+                trailers: None,
+            })
+            .unwrap();
+        *req.version_mut() = http::Version::HTTP_11;
+        req
+    }
+
+    async fn call(
+        pool: &Arc<Pool>,
+        addr: SocketAddr,
+        req: Request<RequestBody>,
+    ) -> Result<(http::response::Parts, http_body_util::Collected<Bytes>), String> {
+        let resp = send(pool, addr, Transport::Plain(Protocol::Http1), req, None)
+            .await
+            .map_err(|e| e.error.to_string())?;
+        let (parts, body): (_, PooledBody) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?;
+        Ok((parts, body))
+    }
+
+    #[tokio::test]
+    async fn reuses_one_connection_across_framings() {
+        let (addr, accepted) = upstream(vec![
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+            Some(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\ngrpc-status: 0\r\n\r\n"),
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"),
+            Some(b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ])
+        .await;
+        let pool = pool();
+        let (parts, body) = call(&pool, addr, get(Method::GET, "/a")).await.unwrap();
+        assert_eq!(parts.status, 200);
+        assert_eq!(body.to_bytes(), "hello");
+        let (_, body) = call(&pool, addr, get(Method::GET, "/b")).await.unwrap();
+        assert_eq!(body.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(body.to_bytes(), "abc");
+        let (parts, body) = call(&pool, addr, get(Method::HEAD, "/c")).await.unwrap();
+        assert_eq!(parts.headers["content-length"], "99");
+        assert!(body.to_bytes().is_empty());
+        let (parts, _) = call(&pool, addr, get(Method::GET, "/d")).await.unwrap();
+        assert_eq!(parts.status, 204);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
+    }
+
+    #[tokio::test]
+    async fn resends_a_get_once_when_a_reused_connection_was_closing() {
+        // The upstream answers once, then closes the connection when the second request
+        // arrives (as a server timing out an idle connection does); a new connection
+        // answers.
+        let (addr, accepted) = upstream(vec![
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1"),
+            None,
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2"),
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n3"),
+            None,
+        ])
+        .await;
+        let pool = pool();
+        assert_eq!(
+            call(&pool, addr, get(Method::GET, "/"))
+                .await
+                .unwrap()
+                .1
+                .to_bytes(),
+            "1"
+        );
+        assert_eq!(
+            call(&pool, addr, get(Method::GET, "/"))
+                .await
+                .unwrap()
+                .1
+                .to_bytes(),
+            "2"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A POST is not sent twice: the failure is the caller's (whose retry policy
+        // knows whether it may repeat it).
+        assert_eq!(
+            call(&pool, addr, get(Method::GET, "/"))
+                .await
+                .unwrap()
+                .1
+                .to_bytes(),
+            "3"
+        );
+        let err = call(&pool, addr, get(Method::POST, "/")).await.unwrap_err();
+        assert!(
+            err.contains("closed the connection before responding"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_a_body_delimited_by_close_and_does_not_pool_it() {
+        let (addr, accepted) = upstream(vec![
+            Some(b"HTTP/1.0 200 OK\r\n\r\nuntil close"),
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ])
+        .await;
+        let pool = pool();
+        // The upstream keeps its side open here: read what came, then end with it.
+        let resp = send(
+            &pool,
+            addr,
+            Transport::Plain(Protocol::Http1),
+            get(Method::GET, "/"),
+            None,
+        )
+        .await
+        .map_err(|e| e.error.to_string())
+        .unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "until close");
+        drop(body);
+        assert_eq!(
+            call(&pool, addr, get(Method::GET, "/"))
+                .await
+                .unwrap()
+                .1
+                .to_bytes(),
+            "ok"
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the first connection was not reused"
+        );
     }
 }
