@@ -528,7 +528,10 @@ impl<S: Io> Conn<S> {
             Out::Chunked => Framing::Chunked,
             Out::UntilClose => Framing::None,
         };
-        let mut wbuf = Vec::with_capacity(256 + parts.headers.len() * 48);
+        // Room for the head and a body small enough to go in the same write.
+        let inline_body = body.size_hint().exact().filter(|&n| n < COPY_LIMIT as u64);
+        let capacity = 256 + parts.headers.len() * 48 + inline_body.unwrap_or(0) as usize;
+        let mut wbuf = Vec::with_capacity(capacity);
         head::encode_response(
             &mut wbuf,
             status,
