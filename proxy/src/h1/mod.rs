@@ -2,7 +2,8 @@
 //! keep-alive connection is idle, reads request bodies in the connection's own task, and
 //! refuses ambiguous framing outright (see [`head`]).
 //!
-//! Clients (toward upstreams) stay on hyper; HTTP/2 on both sides is hyper and h2.
+//! The head parser and the chunked decoder also serve Tern's HTTP/1.1 client
+//! (`upstream::h1`). HTTP/2 on both sides is hyper and h2.
 
 mod body;
 pub(crate) mod chunked;
