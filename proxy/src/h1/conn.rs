@@ -1134,20 +1134,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_idle_connection_holds_no_buffer() {
-        // The idle wait happens before any buffer exists; after a request the buffer
-        // is dropped (the serve future's size is checked in server.rs).
-        let (addr, _) = start().await;
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        let (out, closed) = exchange(&mut c, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n", 1).await;
-        assert!(!closed && out.ends_with("GET /x"));
-        let mut b = BytesMut::new();
-        reserve(&mut b, READ_BUF);
-        assert!(b.capacity() >= READ_BUF);
-        assert_eq!(BytesMut::new().capacity(), 0);
-    }
-
-    #[tokio::test]
     async fn reads_the_body_while_a_response_streams_back() {
         // A response that is the request body, streamed back while it still arrives
         // (the pipe's reader is the response writer itself); the client sends all 4 MB
