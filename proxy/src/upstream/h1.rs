@@ -28,7 +28,10 @@ use crate::policy::limits::Slot;
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
-const READ_BUF: usize = 8 * 1024;
+/// First read of a response: a head and a small body fit.
+const READ_BUF: usize = 4 * 1024;
+/// Later reads of a body that did not fit.
+const BODY_READ: usize = 16 * 1024;
 /// Bodies up to this size are copied behind the head and sent in one write.
 const COPY_LIMIT: usize = 16 * 1024;
 
@@ -280,7 +283,7 @@ impl http_body::Body for ResponseBody {
                 State::UntilClose => {}
             }
             if conn.rbuf.capacity() - conn.rbuf.len() < READ_BUF / 4 {
-                conn.rbuf.reserve(READ_BUF);
+                conn.rbuf.reserve(BODY_READ);
             }
             match poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rbuf) {
                 Poll::Pending => return Poll::Pending,
