@@ -503,7 +503,7 @@ impl<S: Io> Conn<S> {
         let (parts, mut body) = resp.into_parts();
         let status = parts.status;
         let mut add_head_length = None;
-        let out = if head::bodiless(method, status) {
+        let out = if head::bodiless(*method == Method::HEAD, status) {
             // A HEAD answered locally still says how long the body would be.
             let n = body.size_hint().exact().unwrap_or(0);
             if n > 0 && *method == Method::HEAD && head::declared_length(&parts.headers).is_none() {
@@ -696,11 +696,10 @@ enum Out {
 
 /// Whether a response's `Connection` header says the connection closes after it.
 fn closes(headers: &http::HeaderMap) -> bool {
-    headers.get_all(http::header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| head::tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")))
 }
 
 fn hex_len(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
@@ -716,7 +715,7 @@ fn hex_len(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
 }
 
 /// Makes room for a read of at least `want` bytes.
-fn reserve(buf: &mut BytesMut, want: usize) {
+pub(crate) fn reserve(buf: &mut BytesMut, want: usize) {
     if buf.capacity() - buf.len() < want / 4 {
         buf.reserve(want);
     }

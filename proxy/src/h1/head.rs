@@ -263,11 +263,7 @@ pub fn parse_response(
         *slot = ((n.0 as u32, n.1 as u32), (v.0 as u32, v.1 as u32));
     }
     let count = resp.headers.len();
-    let framing = if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    let framing = if bodiless(head_request, status) {
         ResponseFraming::None
     } else if chunked {
         ResponseFraming::Chunked
@@ -352,16 +348,17 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 }
 
 /// The comma-separated tokens of a header value, trimmed, empty ones skipped.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
 }
 
-/// Whether a response to `method` with `status` carries no body whatever its headers say.
-pub fn bodiless(method: &Method, status: StatusCode) -> bool {
-    method == Method::HEAD
+/// Whether a response with `status` (to a `HEAD` request when `head_request`) carries no
+/// body whatever its headers say.
+pub fn bodiless(head_request: bool, status: StatusCode) -> bool {
+    head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED

@@ -12,5 +12,6 @@ mod date;
 pub mod head;
 
 pub use body::{Body, BodyError};
+pub(crate) use conn::reserve;
 pub use conn::{Io, OnUpgrade, Settings, Upgraded, serve};
 pub use head::Refusal;

@@ -97,7 +97,7 @@ impl Conn {
 
 /// The body of `req` when it is complete now (`Some(None)`: no body); `None` when it
 /// still streams, and the request must go through hyper.
-pub fn complete_body(body: &RequestBody) -> Option<Option<&Bytes>> {
+fn complete_body(body: &RequestBody) -> Option<Option<&Bytes>> {
     match body {
         RequestBody::Buffered {
             data,
@@ -167,9 +167,7 @@ pub async fn exchange(conn: &mut Conn, wire: &Wire) -> Result<head::ParsedRespon
                 return Ok(resp);
             }
         }
-        if conn.rbuf.capacity() - conn.rbuf.len() < READ_BUF / 4 {
-            conn.rbuf.reserve(READ_BUF);
-        }
+        crate::h1::reserve(&mut conn.rbuf, READ_BUF);
         let n =
             std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rbuf))
                 .await
@@ -282,9 +280,7 @@ impl http_body::Body for ResponseBody {
                 }
                 State::UntilClose => {}
             }
-            if conn.rbuf.capacity() - conn.rbuf.len() < READ_BUF / 4 {
-                conn.rbuf.reserve(BODY_READ);
-            }
+            crate::h1::reserve(&mut conn.rbuf, BODY_READ);
             match poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.rbuf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => {

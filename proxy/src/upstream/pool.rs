@@ -71,9 +71,9 @@ pub struct Pool {
     /// For mTLS (the sidecar's identity) and handshake metrics.
     shared: Arc<Shared>,
     // FxHash: the keys are endpoint addresses from the config, not attacker input.
-    h1_idle: Mutex<FxHashMap<SocketAddr, Vec<(H1Conn, Instant)>>>,
+    h1_idle: IdleList<H1Conn>,
     /// Idle connections of Tern's own HTTP/1.1 client (requests with complete bodies).
-    h1_inline_idle: Mutex<FxHashMap<SocketAddr, Vec<(h1::Conn, Instant)>>>,
+    h1_inline_idle: IdleList<h1::Conn>,
     /// Shared HTTP/2 connections by endpoint and whether they are mTLS, with the
     /// identity an mTLS connection's server was verified as: a connection is only
     /// reused for the same expected identity (the config may change it).
@@ -136,14 +136,7 @@ impl Pool {
     }
 
     pub(super) fn put_h1_inline(&self, addr: SocketAddr, conn: h1::Conn) {
-        let mut idle = self
-            .h1_inline_idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(addr).or_default();
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push((conn, Instant::now()));
-        }
+        push_idle(&self.h1_inline_idle, addr, conn);
     }
 
     /// A new connection for Tern's own client, within the backend's limits.
@@ -158,22 +151,14 @@ impl Pool {
     }
 
     fn put_h1(&self, addr: SocketAddr, conn: H1Conn) {
-        if conn.sender.is_closed() {
-            return;
-        }
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(addr).or_default();
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push((conn, Instant::now()));
+        if !conn.sender.is_closed() {
+            push_idle(&self.h1_idle, addr, conn);
         }
     }
 
     /// Closes the oldest idle HTTP/1.1 connection to one of `addrs`, freeing its slot.
     fn evict_idle(&self, addrs: &[SocketAddr]) -> bool {
-        fn oldest<C>(
-            idle: &Mutex<FxHashMap<SocketAddr, Vec<(C, Instant)>>>,
-            addrs: &[SocketAddr],
-        ) -> bool {
+        fn oldest<C>(idle: &IdleList<C>, addrs: &[SocketAddr]) -> bool {
             let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
             addrs.iter().any(|addr| {
                 idle.get_mut(addr)
@@ -341,6 +326,18 @@ impl Pool {
             .map_err(UpstreamError::Connect)?;
         stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
         Ok(stream)
+    }
+}
+
+/// Idle connections of one kind, by endpoint, most recently returned last.
+type IdleList<C> = Mutex<FxHashMap<SocketAddr, Vec<(C, Instant)>>>;
+
+/// Parks an idle connection, unless its endpoint already has as many as are kept.
+fn push_idle<C>(idle: &IdleList<C>, addr: SocketAddr, conn: C) {
+    let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+    let list = idle.entry(addr).or_default();
+    if list.len() < MAX_IDLE_PER_ENDPOINT {
+        list.push((conn, Instant::now()));
     }
 }
 
