@@ -6,7 +6,7 @@
 #   benches/load/callgrind.sh [N] [--policies]        (default N=20000)
 #
 # --policies adds every outbound layer to tern's config (route retry and timeout,
-# BackendPolicy breaker, limits and a concurrency limit): run with and without to see
+# BackendPolicy breaker, limits and a concurrency limit, a rate limit: as bench.py): run with and without to see
 # what the layers cost.
 #
 # Each proxy runs under callgrind twice: with N and with N/10 requests (h2load --h1,
@@ -94,8 +94,16 @@ kind: BackendPolicy
 metadata: {name: upstream, namespace: bench}
 spec:
   targetRefs: [{group: "", kind: Service, name: upstream}]
+  circuitBreaker: {consecutiveFailures: 5}
   limits: {maxConnections: 100000, maxPendingRequests: 100000, maxRequests: 100000}
   concurrency: {maxConcurrent: 4096, maxQueue: 4096, queueTimeout: 1s}
+---
+apiVersion: policy.tern.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: upstream, namespace: bench}
+spec:
+  targetRefs: [{group: "", kind: Service, name: upstream}]
+  rate: {requests: 10000000, per: 1s}
 EOF
 fi
 

@@ -326,15 +326,21 @@ impl Attempts<'_> {
                     let load = picked.load;
                     load.observe(sent_at.elapsed().as_secs_f64() * 1e6, now);
                     drop(in_flight);
-                    let after = retry::retry_after(resp.headers(), SystemTime::now());
-                    if status == 429 || status == 503 {
+                    let not_now = status == 429 || status == 503;
+                    let wanted =
+                        retry.is_some_and(|p| retry::wants_retry(p, status, resp.headers()));
+                    // Read only when it matters (a header lookup and a clock read).
+                    let after = if not_now || wanted {
+                        retry::retry_after(resp.headers(), SystemTime::now())
+                    } else {
+                        None
+                    };
+                    if not_now {
                         // "Not now": steer new requests elsewhere for a while.
                         let pause = after.unwrap_or(BACK_OFF).min(MAX_BACK_OFF);
                         load.back_off(now + pause.as_millis() as u64);
                     }
                     self.state.record(picked, failed, now, &shared.metrics);
-                    let wanted =
-                        retry.is_some_and(|p| retry::wants_retry(p, status, resp.headers()));
                     if !wanted {
                         *fate = Some(match (status >= 500, n) {
                             (true, _) => Fate::NotRetryable,

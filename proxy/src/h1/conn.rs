@@ -24,6 +24,7 @@ use tokio_util::io::poll_read_buf;
 use super::body::{Body, BodyError, Pipe, Want};
 use super::chunked::{Decoder, Event};
 use super::head::{self, Framing, Meta, Refusal};
+use super::spare;
 
 /// A connection the HTTP/1.1 server can run on.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -181,8 +182,9 @@ pub async fn serve<S, F, Fut, B, R>(
     tokio::pin!(timer);
     loop {
         if conn.rbuf.is_empty() {
-            // Idle: give the buffer back before waiting.
-            conn.rbuf = BytesMut::new();
+            // Idle: give the buffer back before waiting (to the thread's spares, for
+            // the next request on any connection).
+            spare::give_read(std::mem::take(&mut conn.rbuf));
             timer.as_mut().reset(Instant::now() + settings.idle_timeout);
             let readable = tokio::select! {
                 biased;
@@ -207,7 +209,8 @@ pub async fn serve<S, F, Fut, B, R>(
         };
         // Boxed: the request's state (the service's future, the response) exists only
         // while a request does; an idle connection keeps only what is above.
-        let next = Box::pin(conn.exchange(parsed, &mut service, drain)).await;
+        // The async block: the box is filled at the first poll, not copied from the stack.
+        let next = Box::pin(async { conn.exchange(parsed, &mut service, drain).await }).await;
         match next {
             Next::Again => {}
             Next::Close { linger } => {
@@ -531,7 +534,7 @@ impl<S: Io> Conn<S> {
         // Room for the head and a body small enough to go in the same write.
         let inline_body = body.size_hint().exact().filter(|&n| n < COPY_LIMIT as u64);
         let capacity = 256 + parts.headers.len() * 48 + inline_body.unwrap_or(0) as usize;
-        let mut wbuf = Vec::with_capacity(capacity);
+        let mut wbuf = spare::write_buf(capacity);
         head::encode_response(
             &mut wbuf,
             status,
@@ -716,6 +719,11 @@ fn hex_len(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
 
 /// Makes room for a read of at least `want` bytes.
 pub(crate) fn reserve(buf: &mut BytesMut, want: usize) {
+    if buf.capacity() == 0
+        && let Some(spare) = spare::take_read(want)
+    {
+        *buf = spare;
+    }
     if buf.capacity() - buf.len() < want / 4 {
         buf.reserve(want);
     }

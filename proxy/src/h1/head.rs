@@ -92,10 +92,13 @@ pub fn parse_request(
     let mut expect_continue = false;
     let mut trailers = false;
     let mut spans: [Span; MAX] = [((0, 0), (0, 0)); MAX];
-    let count = req.headers.len();
-    for (h, slot) in req.headers.iter().zip(spans.iter_mut()) {
+    let mut count = 0;
+    for h in req.headers.iter() {
         let (name, value) = (h.name.as_bytes(), h.value);
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        // Hop-by-hop headers that say only what `Meta` already holds are not put in
+        // the header map: the proxy would strip them again on the way out.
+        let mut spent = false;
         if is("content-length") {
             let n = parse_length(value).ok_or(Refusal::Malformed("invalid Content-Length"))?;
             if length.is_some_and(|l| l != n) {
@@ -116,15 +119,21 @@ pub fn parse_request(
                 return Err(Refusal::Malformed("unsupported Transfer-Encoding"));
             }
         } else if is("connection") {
+            spent = true;
             for t in tokens(value) {
                 if t.eq_ignore_ascii_case(b"close") {
                     close_token = true;
                 } else if t.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive_token = true;
-                } else if t.eq_ignore_ascii_case(b"upgrade") {
-                    upgrade_token = true;
+                } else {
+                    // Names another header, or asks for an upgrade: kept for the
+                    // layers that act on it.
+                    spent = false;
+                    upgrade_token |= t.eq_ignore_ascii_case(b"upgrade");
                 }
             }
+        } else if is("keep-alive") {
+            spent = true;
         } else if is("expect") {
             expect_continue |=
                 value.eq_ignore_ascii_case(b"100-continue") && version == Version::HTTP_11;
@@ -133,8 +142,11 @@ pub fn parse_request(
         } else if is("te") {
             trailers |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         }
-        let (n, v) = (span(name), span(value));
-        *slot = ((n.0 as u32, n.1 as u32), (v.0 as u32, v.1 as u32));
+        if !spent {
+            let (n, v) = (span(name), span(value));
+            spans[count] = ((n.0 as u32, n.1 as u32), (v.0 as u32, v.1 as u32));
+            count += 1;
+        }
     }
     let framing = if chunked {
         if length.is_some() {
@@ -238,8 +250,12 @@ pub fn parse_response(
     let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
     let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX];
     let (mut length, mut chunked, mut close, mut keep_alive_token) = (None, false, false, false);
-    for (h, slot) in resp.headers.iter().zip(spans.iter_mut()) {
+    let mut count = 0;
+    for h in resp.headers.iter() {
         let (name, value) = (h.name.as_bytes(), h.value);
+        // As for requests: `Connection: keep-alive`/`close` and `Keep-Alive` are
+        // answered here (`keep_alive`) and not passed on.
+        let mut spent = false;
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_length(value).ok_or("invalid Content-Length")?;
             if length.is_some_and(|l| l != n) {
@@ -254,15 +270,25 @@ pub fn parse_response(
                 return Err("unsupported Transfer-Encoding");
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
+            spent = true;
             for t in tokens(value) {
-                close |= t.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive_token = true;
+                } else {
+                    spent = false;
+                }
             }
+        } else if name.eq_ignore_ascii_case(b"keep-alive") {
+            spent = true;
         }
-        let (n, v) = (span(name), span(value));
-        *slot = ((n.0 as u32, n.1 as u32), (v.0 as u32, v.1 as u32));
+        if !spent {
+            let (n, v) = (span(name), span(value));
+            spans[count] = ((n.0 as u32, n.1 as u32), (v.0 as u32, v.1 as u32));
+            count += 1;
+        }
     }
-    let count = resp.headers.len();
     let framing = if bodiless(head_request, status) {
         ResponseFraming::None
     } else if chunked {
@@ -562,6 +588,35 @@ mod tests {
                 .upgrade
         );
         assert!(ok("GET / HTTP/1.1\r\nTE: trailers\r\n\r\n").meta.trailers);
+    }
+
+    #[test]
+    fn connection_headers_that_only_frame_stay_out_of_the_map() {
+        let p = ok(
+            "GET / HTTP/1.0\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-A: 1\r\n\r\n",
+        );
+        assert!(p.meta.keep_alive);
+        assert!(!p.parts.headers.contains_key("connection"));
+        assert!(!p.parts.headers.contains_key("keep-alive"));
+        assert_eq!(p.parts.headers["x-a"], "1");
+        // Tokens the layers act on (an upgrade, a header to strip) keep the header.
+        let p = ok("GET / HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n\r\n");
+        assert_eq!(p.parts.headers["connection"], "keep-alive, X-Secret");
+        let p = ok("GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert_eq!(p.parts.headers["connection"], "Upgrade");
+
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"[..],
+        );
+        let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
+        assert!(!r.keep_alive);
+        assert!(!r.parts.headers.contains_key("connection"));
+        assert_eq!(r.parts.headers.len(), 1);
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\n"[..],
+        );
+        let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
+        assert_eq!(r.parts.headers["connection"], "keep-alive, X-Hop");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub(crate) mod chunked;
 mod conn;
 mod date;
 pub mod head;
+pub(crate) mod spare;
 
 pub use body::{Body, BodyError};
 pub(crate) use conn::reserve;

@@ -24,6 +24,7 @@ use super::pool::Pool;
 use crate::body::{ClientBody, RequestBody};
 use crate::h1::chunked::{ChunkError, Decoder, Event};
 use crate::h1::head::{self, ResponseFraming};
+use crate::h1::spare;
 use crate::policy::limits::Slot;
 
 /// Largest response head accepted from an upstream.
@@ -111,7 +112,7 @@ fn complete_body(body: &RequestBody) -> Option<Option<&Bytes>> {
 
 /// A request as bytes: its head, and its body when there is one.
 pub struct Wire {
-    head: Vec<u8>,
+    head: spare::WriteBuf,
     /// A body too large to copy behind the head.
     body: Option<Bytes>,
     head_request: bool,
@@ -124,7 +125,7 @@ impl Wire {
     pub fn new(req: &Request<RequestBody>) -> Option<Wire> {
         let body = complete_body(req.body())?;
         let len = body.map(Bytes::len);
-        let mut head = Vec::with_capacity(256 + req.headers().len() * 48 + len.unwrap_or(0));
+        let mut head = spare::write_buf(256 + req.headers().len() * 48 + len.unwrap_or(0));
         head::encode_request(&mut head, req.method(), req.uri(), req.headers(), len);
         let body = match body {
             Some(b) if b.len() > COPY_LIMIT => Some(b.clone()),
@@ -232,8 +233,8 @@ impl ResponseBody {
             && self.keep_alive
             && conn.rbuf.is_empty()
         {
-            // Idle connections hold no buffer.
-            conn.rbuf = BytesMut::new();
+            // Idle connections hold no buffer: it goes to the thread's spares.
+            spare::give_read(std::mem::take(&mut conn.rbuf));
             self.pool.put_h1_inline(self.addr, conn);
         }
     }
