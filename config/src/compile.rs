@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
+use rustc_hash::FxHashMap;
 use serde_json::{Value, json};
 
 use crate::identity::SpiffeId;
@@ -60,7 +61,7 @@ const DEFAULT_GRPC_RETRY_CODES: [u8; 1] = [14];
 pub fn compile(res: &Resources) -> Snapshot {
     let mut c = Compiler::new(res);
     let mut services = HashMap::new();
-    let mut by_name: HashMap<String, Vec<Arc<Service>>> = HashMap::new();
+    let mut by_name: FxHashMap<String, Vec<Arc<Service>>> = FxHashMap::default();
     let mut json_services = Vec::new();
     // Each Service (in namespace/name order) with its compiled ports, for `by_addr`.
     let mut addressed: Vec<Addressed> = Vec::new();
@@ -621,8 +622,8 @@ impl Compiler<'_> {
 
     /// [`Snapshot::by_addr`]: clusterIP:port of every Service port, then every endpoint
     /// address not already taken, Services in namespace/name order, ports by number.
-    fn by_addr(&self, services: &mut [Addressed]) -> HashMap<SocketAddr, Arc<ServicePort>> {
-        let mut by_addr = HashMap::new();
+    fn by_addr(&self, services: &mut [Addressed]) -> FxHashMap<SocketAddr, Arc<ServicePort>> {
+        let mut by_addr = FxHashMap::default();
         services.sort_by(|a, b| {
             (&a.0.meta.namespace, &a.0.meta.name).cmp(&(&b.0.meta.namespace, &b.0.meta.name))
         });

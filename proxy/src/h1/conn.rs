@@ -544,7 +544,7 @@ impl<S: Io> Conn<S> {
             !keep_alive,
             keep_alive && version == Version::HTTP_10,
         );
-        drop(parts);
+        spare::give_map(parts.headers);
         if matches!(out, Out::Nothing) {
             drop(body);
             self.write(&wbuf).await?;

@@ -195,7 +195,7 @@ type Span = ((u32, u32), (u32, u32));
 /// The header map of a frozen head; values are slices of it.
 fn header_map(head: &bytes::Bytes, spans: &[Span]) -> Result<HeaderMap, &'static str> {
     // A few more than parsed: the proxy adds some of its own on the way.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    let mut headers = super::spare::take_map(spans.len() + 4);
     for &((n_at, n_len), (v_at, v_len)) in spans {
         let (n_at, v_at) = (n_at as usize, v_at as usize);
         let name = HeaderName::from_bytes(&head[n_at..n_at + n_len as usize])

@@ -6,6 +6,8 @@
 //! sizes over 1 KiB from its bins rather than its per-thread cache: callgrind counted
 //! ~500 instructions per buffer for malloc and free. A connection going idle now hands
 //! its buffers to its thread's spares, and the next request takes them from there.
+//! Header maps (two allocations each, two per exchange) are recycled the same way once
+//! their head has been written out.
 //!
 //! Bounded: at most [`KEEP_READ`] and [`KEEP_WRITE`] buffers per thread, and none larger than
 //! [`MAX_CAPACITY`] is reused, so a worker keeps a few hundred KiB at most whatever its
@@ -15,6 +17,7 @@ use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 
 use bytes::BytesMut;
+use http::HeaderMap;
 
 /// Read buffers a thread keeps: a closed-loop client on 64 connections has many
 /// requests in flight on one worker, each with a buffer on both sides.
@@ -27,9 +30,43 @@ const MIN_WRITE: usize = 2048;
 /// Larger buffers (a connection that read or wrote a large body) are freed.
 const MAX_CAPACITY: usize = 20 * 1024;
 
+/// Header maps a thread keeps (a request's and a response's per exchange in flight).
+const KEEP_MAPS: usize = 16;
+/// Maps grown past this many entries (a request with many headers) are freed.
+const MAX_MAP_CAPACITY: usize = 64;
+
 thread_local! {
     static READ: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     static WRITE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty header map with room for `n` entries: a spare one when this thread has
+/// one (a map is two allocations, and every exchange parses two heads).
+pub(crate) fn take_map(n: usize) -> HeaderMap {
+    match MAPS.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
+        Some(mut map) => {
+            map.reserve(n);
+            map
+        }
+        None => HeaderMap::with_capacity(n),
+    }
+}
+
+/// Takes back a header map that is done with (its head was written out).
+pub(crate) fn give_map(mut map: HeaderMap) {
+    if map.capacity() == 0 || map.capacity() > MAX_MAP_CAPACITY {
+        return;
+    }
+    // Drops the values (and with them the last references to their read buffer),
+    // keeps the allocations.
+    map.clear();
+    let _ = MAPS.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < KEEP_MAPS {
+            s.push(map);
+        }
+    });
 }
 
 /// A spare read buffer with room for `want` bytes, if this thread has one.
@@ -130,6 +167,26 @@ mod tests {
             WRITE.with(|s| s.borrow().len()),
             before,
             "an oversized buffer was kept"
+        );
+    }
+
+    #[test]
+    fn header_maps_come_back_empty_with_their_room() {
+        MAPS.with(|s| s.borrow_mut().clear());
+        let mut map = take_map(8);
+        map.insert("x-a", http::HeaderValue::from_static("1"));
+        let room = map.capacity();
+        give_map(map);
+        let again = take_map(4);
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), room);
+
+        let mut big = HeaderMap::with_capacity(MAX_MAP_CAPACITY * 2);
+        big.insert("x-a", http::HeaderValue::from_static("1"));
+        give_map(big);
+        assert!(
+            MAPS.with(|s| s.borrow().is_empty()),
+            "an oversized map was kept"
         );
     }
 

@@ -178,7 +178,7 @@ async fn send_h1_inline(
         },
     };
     // From here the request is on the wire: `req` is only kept for its bytes in `wire`.
-    drop(req);
+    crate::h1::spare::give_map(req.into_parts().0.headers);
     loop {
         match h1::exchange(&mut conn, &wire).await {
             Ok(resp) => {
