@@ -388,13 +388,9 @@ async fn serve_h1<S: h1::Io>(
         settings,
         &mut drain,
         // Boxed once, here: the request's future is several KB, and every move of it
-        // (into the exchange's state, into a box) would copy all of it. The async block
-        // makes the box hold only the arguments at first; the request's future is then
-        // built in place at the first poll instead of on the stack and copied in.
+        // (into the exchange's state, into a box) would copy all of it.
         |req: http::Request<h1::Body>| {
-            Box::pin(
-                async move { dispatch(worker, direction, conn, req.map(ClientBody::H1)).await },
-            )
+            Box::pin(dispatch(worker, direction, conn, req.map(ClientBody::H1)))
         },
         |refusal| refuse(worker, direction, refusal),
     )

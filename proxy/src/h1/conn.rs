@@ -209,8 +209,7 @@ pub async fn serve<S, F, Fut, B, R>(
         };
         // Boxed: the request's state (the service's future, the response) exists only
         // while a request does; an idle connection keeps only what is above.
-        // The async block: the box is filled at the first poll, not copied from the stack.
-        let next = Box::pin(async { conn.exchange(parsed, &mut service, drain).await }).await;
+        let next = Box::pin(conn.exchange(parsed, &mut service, drain)).await;
         match next {
             Next::Again => {}
             Next::Close { linger } => {
