@@ -24,7 +24,7 @@ use tokio_util::io::poll_read_buf;
 use super::body::{Body, BodyError, Pipe, Want};
 use super::chunked::{Decoder, Event};
 use super::head::{self, Framing, Meta, Refusal};
-use super::spare;
+use super::{COPY_LIMIT, spare};
 
 /// A connection the HTTP/1.1 server can run on.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -60,8 +60,6 @@ pub struct Settings {
 const READ_BUF: usize = 4096;
 /// Read size while a body streams.
 const BODY_READ: usize = 16 * 1024;
-/// Data frames at least this large are written as they are, not copied.
-const COPY_LIMIT: usize = 16 * 1024;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// Closing with unread input makes the kernel reset the connection, which can destroy a
 /// response the client has not read yet: read and discard this much, this long, first.

@@ -74,14 +74,14 @@ pub fn parse_request(
         return Err(Refusal::TooLarge);
     }
     let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refusal::Malformed("invalid method"))?;
     let version = match req.version {
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let path = span(req.path.unwrap_or_default().as_bytes());
+    let path = req.path.unwrap_or_default().as_bytes();
+    let path = (path.as_ptr() as usize - base, path.len());
 
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -119,19 +119,11 @@ pub fn parse_request(
                 return Err(Refusal::Malformed("unsupported Transfer-Encoding"));
             }
         } else if is("connection") {
-            spent = true;
-            for t in tokens(value) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    close_token = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive_token = true;
-                } else {
-                    // Names another header, or asks for an upgrade: kept for the
-                    // layers that act on it.
-                    spent = false;
-                    upgrade_token |= t.eq_ignore_ascii_case(b"upgrade");
-                }
-            }
+            let c = connection(value);
+            close_token |= c.close;
+            keep_alive_token |= c.keep_alive;
+            upgrade_token |= c.upgrade;
+            spent = !c.other;
         } else if is("keep-alive") {
             spent = true;
         } else if is("expect") {
@@ -143,8 +135,7 @@ pub fn parse_request(
             trailers |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         }
         if !spent {
-            let (n, v) = (span(name), span(value));
-            spans[count] = ((n.0 as u32, n.1 as u32), (v.0 as u32, v.1 as u32));
+            spans[count] = span_of(base, name, value);
             count += 1;
         }
     }
@@ -191,6 +182,45 @@ pub fn parse_request(
 
 /// Where a header's name and value sit in a head: ((at, len), (at, len)).
 type Span = ((u32, u32), (u32, u32));
+
+/// The span of a header whose name and value borrow a buffer starting at `base`.
+fn span_of(base: usize, name: &[u8], value: &[u8]) -> Span {
+    let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+    (
+        (at(name), name.len() as u32),
+        (at(value), value.len() as u32),
+    )
+}
+
+/// What a `Connection` header's tokens say.
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+    upgrade: bool,
+    /// A token other than `close`/`keep-alive` (a header name, or `upgrade`): the header
+    /// stays in the map for the layers that act on it.
+    other: bool,
+}
+
+fn connection(value: &[u8]) -> ConnectionTokens {
+    let mut c = ConnectionTokens {
+        close: false,
+        keep_alive: false,
+        upgrade: false,
+        other: false,
+    };
+    for t in tokens(value) {
+        if t.eq_ignore_ascii_case(b"close") {
+            c.close = true;
+        } else if t.eq_ignore_ascii_case(b"keep-alive") {
+            c.keep_alive = true;
+        } else {
+            c.other = true;
+            c.upgrade |= t.eq_ignore_ascii_case(b"upgrade");
+        }
+    }
+    c
+}
 
 /// The header map of a frozen head; values are slices of it.
 fn header_map(head: &bytes::Bytes, spans: &[Span]) -> Result<HeaderMap, &'static str> {
@@ -247,7 +277,6 @@ pub fn parse_response(
         _ => Version::HTTP_10,
     };
     let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
     let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX];
     let (mut length, mut chunked, mut close, mut keep_alive_token) = (None, false, false, false);
     let mut count = 0;
@@ -270,22 +299,15 @@ pub fn parse_response(
                 return Err("unsupported Transfer-Encoding");
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
-            spent = true;
-            for t in tokens(value) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive_token = true;
-                } else {
-                    spent = false;
-                }
-            }
+            let c = connection(value);
+            close |= c.close;
+            keep_alive_token |= c.keep_alive;
+            spent = !c.other;
         } else if name.eq_ignore_ascii_case(b"keep-alive") {
             spent = true;
         }
         if !spent {
-            let (n, v) = (span(name), span(value));
-            spans[count] = ((n.0 as u32, n.1 as u32), (v.0 as u32, v.1 as u32));
+            spans[count] = span_of(base, name, value);
             count += 1;
         }
     }

@@ -12,6 +12,10 @@ mod date;
 pub mod head;
 pub(crate) mod spare;
 
+/// Bodies (or data frames) up to about this size are copied behind their head and go in the
+/// same write; larger ones are written as they are. Server and client alike.
+pub(crate) const COPY_LIMIT: usize = 16 * 1024;
+
 pub use body::{Body, BodyError};
 pub(crate) use conn::reserve;
 pub use conn::{Io, OnUpgrade, Settings, Upgraded, serve};

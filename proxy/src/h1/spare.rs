@@ -27,8 +27,9 @@ const KEEP_WRITE: usize = 8;
 /// The smallest write buffer: request heads and responses with a small body share one
 /// size, so a spare never needs to grow.
 const MIN_WRITE: usize = 2048;
-/// Larger buffers (a connection that read or wrote a large body) are freed.
-const MAX_CAPACITY: usize = 20 * 1024;
+/// Larger buffers are freed: room for a head and a body small enough to be copied behind
+/// it (a connection that read or wrote a large body does not leave a large spare).
+const MAX_CAPACITY: usize = super::COPY_LIMIT + 4 * 1024;
 
 /// Header maps a thread keeps (a request's and a response's per exchange in flight).
 const KEEP_MAPS: usize = 16;

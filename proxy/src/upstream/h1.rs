@@ -24,7 +24,7 @@ use super::pool::Pool;
 use crate::body::{ClientBody, RequestBody};
 use crate::h1::chunked::{ChunkError, Decoder, Event};
 use crate::h1::head::{self, ResponseFraming};
-use crate::h1::spare;
+use crate::h1::{COPY_LIMIT, spare};
 use crate::policy::limits::Slot;
 
 /// Largest response head accepted from an upstream.
@@ -33,8 +33,6 @@ const MAX_HEAD: usize = 64 * 1024;
 const READ_BUF: usize = 4 * 1024;
 /// Later reads of a body that did not fit.
 const BODY_READ: usize = 16 * 1024;
-/// Bodies up to this size are copied behind the head and sent in one write.
-const COPY_LIMIT: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
