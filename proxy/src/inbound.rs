@@ -3,6 +3,8 @@
 //! and RateLimitPolicies, then forwarded to the local application in the protocol it
 //! speaks.
 
+use std::future::Future;
+
 use http::{Request, Response, StatusCode, Version};
 use tern_config::snapshot::{Decision, MtlsMode, Protocol, Rule, ServicePort, authorize};
 
@@ -16,23 +18,30 @@ use crate::state::Active;
 use crate::upstream::{self, Transport};
 use crate::worker::Worker;
 
-pub async fn handle(worker: &Worker, req: Request<ClientBody>, conn: &Conn) -> Response<ProxyBody> {
-    let labels = || worker.unrouted(Direction::Inbound, &worker.app_label);
-    let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels());
-    recorder.route = Some(worker.inbound_metrics(labels));
-    if let Some(resp) = check(worker, &req, conn) {
-        recorder.finish(resp.status().as_u16());
-        return resp;
-    }
-    let resp = match serve(worker, req, conn).await {
-        Ok(resp) => resp,
-        Err(err) => {
-            tracing::debug!(error = %err, "inbound request failed");
-            err.into_response()
+/// A function returning an `async move` block, not an `async fn`: see `outbound::handle`.
+pub fn handle<'a>(
+    worker: &'a Worker,
+    req: Request<ClientBody>,
+    conn: &'a Conn,
+) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+    async move {
+        let labels = || worker.unrouted(Direction::Inbound, &worker.app_label);
+        let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels());
+        recorder.route = Some(worker.inbound_metrics(labels));
+        if let Some(resp) = check(worker, &req, conn) {
+            recorder.finish(resp.status().as_u16());
+            return resp;
         }
-    };
-    recorder.finish(resp.status().as_u16());
-    resp
+        let resp = match serve(worker, req, conn).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                tracing::debug!(error = %err, "inbound request failed");
+                err.into_response()
+            }
+        };
+        recorder.finish(resp.status().as_u16());
+        resp
+    }
 }
 
 /// Whether plaintext to this connection's target is refused: a Service it serves is
@@ -127,46 +136,48 @@ fn rate_limit<B>(
     Some(resp)
 }
 
-async fn serve(
-    worker: &Worker,
+fn serve<'a>(
+    worker: &'a Worker,
     mut req: Request<ClientBody>,
-    conn: &Conn,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    // Intercepted: the application port the client dialled; else the configured one.
-    let app = conn.original_dst.unwrap_or(worker.shared.settings.app);
-    let upgrade = headers::is_upgrade(&req);
-    headers::strip_hop_by_hop(req.headers_mut(), upgrade);
-    // HTTP/1.1 from the calling application travels between sidecars as HTTP/2, marked.
-    let protocol = if req.headers_mut().remove(headers::ORIG_PROTO).is_some() {
-        Protocol::Http1
-    } else if req.version() == Version::HTTP_2 {
-        Protocol::H2c
-    } else {
-        Protocol::Http1
-    };
-    if protocol == Protocol::H2c
-        || req.uri().authority().is_some()
-        || req.headers().contains_key(http::header::HOST)
-    {
-        headers::for_upstream(&mut req, protocol)?;
-    }
-    let sent = if upgrade {
-        Box::pin(upstream::send_upgrade(
-            &worker.app_pool,
-            app,
-            None,
-            req,
-            None,
-        ))
-        .await
-    } else {
-        let req = req.map(RequestBody::Stream);
-        upstream::send(&worker.app_pool, app, Transport::Plain(protocol), req, None)
+    conn: &'a Conn,
+) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
+    async move {
+        // Intercepted: the application port the client dialled; else the configured one.
+        let app = conn.original_dst.unwrap_or(worker.shared.settings.app);
+        let upgrade = headers::is_upgrade(&req);
+        headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        // HTTP/1.1 from the calling application travels between sidecars as HTTP/2, marked.
+        let protocol = if req.headers_mut().remove(headers::ORIG_PROTO).is_some() {
+            Protocol::Http1
+        } else if req.version() == Version::HTTP_2 {
+            Protocol::H2c
+        } else {
+            Protocol::Http1
+        };
+        if protocol == Protocol::H2c
+            || req.uri().authority().is_some()
+            || req.headers().contains_key(http::header::HOST)
+        {
+            headers::for_upstream(&mut req, protocol)?;
+        }
+        let sent = if upgrade {
+            Box::pin(upstream::send_upgrade(
+                &worker.app_pool,
+                app,
+                None,
+                req,
+                None,
+            ))
             .await
-            .map_err(|e| e.error)
-    };
-    let mut resp = sent.map_err(|err| upstream_error(err, worker.app_label.clone(), app))?;
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    headers::strip_hop_by_hop(resp.headers_mut(), switching);
-    Ok(resp.map(|b| ProxyBody::Upstream(b, Held::default())))
+        } else {
+            let req = req.map(RequestBody::Stream);
+            upstream::send(&worker.app_pool, app, Transport::Plain(protocol), req, None)
+                .await
+                .map_err(|e| e.error)
+        };
+        let mut resp = sent.map_err(|err| upstream_error(err, worker.app_label.clone(), app))?;
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        headers::strip_hop_by_hop(resp.headers_mut(), switching);
+        Ok(resp.map(|b| ProxyBody::Upstream(b, Held::default())))
+    }
 }

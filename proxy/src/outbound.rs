@@ -4,6 +4,7 @@
 //! endpoint pick (balancer + circuit breakers) -> per-try timeout -> limits -> pool ->
 //! upstream } -> response. Any error climbs back to `rescue` and becomes a response.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -30,130 +31,144 @@ use crate::worker::Worker;
 /// Response header with the number of attempts a request took (when its route retries).
 pub const TERN_ATTEMPTS: &str = "tern-attempts";
 
-pub async fn handle(worker: &Worker, req: Request<ClientBody>, conn: &Conn) -> Response<ProxyBody> {
-    let mut recorder = RequestRecorder::new(
-        &worker.shared.metrics,
-        worker.unrouted(Direction::Outbound, &worker.empty),
-    );
-    let entry = worker
-        .shared
-        .settings
-        .access_log
-        .then(|| Entry::start(&req));
-    let mut trace = Trace::default();
-    // The one snapshot load of this request: every step below uses this version.
-    let mut resp = match worker.shared.active.load_full() {
-        None => ProxyError::NotReady.into_response(),
-        Some(active) => match serve(worker, &active, req, conn, &mut recorder, &mut trace).await {
-            Ok(resp) => resp,
-            Err(err) => {
-                tracing::debug!(error = %err, "outbound request failed");
-                err.into_response()
+///
+/// Written as a function returning an `async move` block, here and below on the request's
+/// path: an `async fn` stores a by-value argument twice in its state (the argument, and the
+/// local it is moved into), and the request is 272 bytes at every level.
+pub fn handle<'a>(
+    worker: &'a Worker,
+    req: Request<ClientBody>,
+    conn: &'a Conn,
+) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+    async move {
+        let mut recorder = RequestRecorder::new(
+            &worker.shared.metrics,
+            worker.unrouted(Direction::Outbound, &worker.empty),
+        );
+        let entry = worker
+            .shared
+            .settings
+            .access_log
+            .then(|| Entry::start(&req));
+        let mut trace = Trace::default();
+        // The one snapshot load of this request: every step below uses this version.
+        let mut resp = match worker.shared.active.load_full() {
+            None => ProxyError::NotReady.into_response(),
+            Some(active) => {
+                match serve(worker, &active, req, conn, &mut recorder, &mut trace).await {
+                    Ok(resp) => resp,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "outbound request failed");
+                        err.into_response()
+                    }
+                }
             }
-        },
-    };
-    if trace.retry_policy || trace.attempts > 1 {
-        resp.headers_mut()
-            .insert(TERN_ATTEMPTS, HeaderValue::from(trace.attempts));
+        };
+        if trace.retry_policy || trace.attempts > 1 {
+            resp.headers_mut()
+                .insert(TERN_ATTEMPTS, HeaderValue::from(trace.attempts));
+        }
+        if let Some(entry) = entry {
+            entry.write(Direction::Outbound, &trace, &resp);
+        }
+        recorder.finish(resp.status().as_u16());
+        resp
     }
-    if let Some(entry) = entry {
-        entry.write(Direction::Outbound, &trace, &resp);
-    }
-    recorder.finish(resp.status().as_u16());
-    resp
 }
 
-async fn serve(
-    worker: &Worker,
-    active: &Arc<Active>,
+fn serve<'a>(
+    worker: &'a Worker,
+    active: &'a Arc<Active>,
     mut req: Request<ClientBody>,
-    conn: &Conn,
-    recorder: &mut RequestRecorder<'_>,
-    trace: &mut Trace,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let peer = conn.peer;
-    let routed = route::route(
-        active,
-        &req,
-        &worker.shared.settings.namespace,
-        conn.original_dst,
-    )?;
-    let rule = routed.matched.rule;
-    let logged = worker.shared.settings.access_log;
-    if logged {
-        trace.route = Some(rule.route.clone());
-    }
-    let Some(backend) = route::pick_backend(rule) else {
-        let labels = &mut recorder.labels;
-        labels.parent_name = active.parent_label(routed.parent);
-        labels.route_name = rule.route.clone();
-        labels.route_rule = rule.rule_index as u32;
-        return Err(ProxyError::NoEndpoints(labels.parent_name.clone()));
-    };
-    if logged {
-        trace.backend = Some(backend.name.clone());
-    }
-    trace.retry_policy = rule.retry.is_some();
-    // Metric handles resolved once per worker, route, rule and backend.
-    let key = (
-        Arc::as_ptr(routed.parent) as usize,
-        Arc::as_ptr(rule) as usize,
-        backend.index,
-    );
-    let metrics = worker.route_metrics(active, key, || RouteLabels {
-        direction: Direction::Outbound,
-        parent_name: active.parent_label(routed.parent),
-        route_name: rule.route.clone(),
-        route_rule: rule.rule_index as u32,
-        backend_name: backend.name.clone(),
-    });
-    recorder.route = Some(metrics.clone());
-
-    route::apply_request_filters(&mut req, rule, routed.matched.prefix)?;
-    let upgrade = headers::is_upgrade(&req);
-    headers::strip_hop_by_hop(req.headers_mut(), upgrade);
-    let state = active
-        .balancer
-        .backend(backend.index)
-        .ok_or_else(|| ProxyError::NoEndpoints(backend.name.clone()))?;
-
-    let mut resp = if upgrade {
-        let hash = hash_key(backend, &req, peer);
-        Box::pin(forward_upgrade(worker, backend, state, req, hash, trace)).await?
-    } else {
-        let mut fate = None;
-        let deadline = rule.timeouts.request.map(|d| Instant::now() + d);
-        let attempts = Attempts {
-            worker,
-            rule,
-            backend,
-            state,
-            metrics: &metrics,
-            deadline,
-            peer,
+    conn: &'a Conn,
+    recorder: &'a mut RequestRecorder<'_>,
+    trace: &'a mut Trace,
+) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
+    async move {
+        let peer = conn.peer;
+        let routed = route::route(
             active,
-        };
-        // Pinned in place: the attempt future is large, and must not be copied around.
-        let result = {
-            let run = attempts.run(req, trace, &mut fate);
-            tokio::pin!(run);
-            cap(rule.timeouts.request, ProxyError::RequestTimeout, run).await
-        };
-        if let Err(ProxyError::RequestTimeout(_)) = result {
-            fate = Some(Fate::TimedOut);
+            &req,
+            &worker.shared.settings.namespace,
+            conn.original_dst,
+        )?;
+        let rule = routed.matched.rule;
+        let logged = worker.shared.settings.access_log;
+        if logged {
+            trace.route = Some(rule.route.clone());
         }
-        if let Some(fate) = fate {
-            metrics.fate(fate);
+        let Some(backend) = route::pick_backend(rule) else {
+            let labels = &mut recorder.labels;
+            labels.parent_name = active.parent_label(routed.parent);
+            labels.route_name = rule.route.clone();
+            labels.route_rule = rule.rule_index as u32;
+            return Err(ProxyError::NoEndpoints(labels.parent_name.clone()));
+        };
+        if logged {
+            trace.backend = Some(backend.name.clone());
         }
-        result?
-    };
+        trace.retry_policy = rule.retry.is_some();
+        // Metric handles resolved once per worker, route, rule and backend.
+        let key = (
+            Arc::as_ptr(routed.parent) as usize,
+            Arc::as_ptr(rule) as usize,
+            backend.index,
+        );
+        let metrics = worker.route_metrics(active, key, || RouteLabels {
+            direction: Direction::Outbound,
+            parent_name: active.parent_label(routed.parent),
+            route_name: rule.route.clone(),
+            route_rule: rule.rule_index as u32,
+            backend_name: backend.name.clone(),
+        });
+        recorder.route = Some(metrics.clone());
 
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    headers::strip_hop_by_hop(resp.headers_mut(), switching);
-    if !rule.response_headers.is_empty() {
-        rule.response_headers.apply(resp.headers_mut());
+        route::apply_request_filters(&mut req, rule, routed.matched.prefix)?;
+        let upgrade = headers::is_upgrade(&req);
+        headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+        let state = active
+            .balancer
+            .backend(backend.index)
+            .ok_or_else(|| ProxyError::NoEndpoints(backend.name.clone()))?;
+
+        let mut resp = if upgrade {
+            let hash = hash_key(backend, &req, peer);
+            Box::pin(forward_upgrade(worker, backend, state, req, hash, trace)).await?
+        } else {
+            let mut fate = None;
+            let deadline = rule.timeouts.request.map(|d| Instant::now() + d);
+            let attempts = Attempts {
+                worker,
+                rule,
+                backend,
+                state,
+                metrics: &metrics,
+                deadline,
+                peer,
+                active,
+            };
+            // Pinned in place: the attempt future is large, and must not be copied around.
+            let result = {
+                let run = attempts.run(req, trace, &mut fate);
+                tokio::pin!(run);
+                cap(rule.timeouts.request, ProxyError::RequestTimeout, run).await
+            };
+            if let Err(ProxyError::RequestTimeout(_)) = result {
+                fate = Some(Fate::TimedOut);
+            }
+            if let Some(fate) = fate {
+                metrics.fate(fate);
+            }
+            result?
+        };
+
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        headers::strip_hop_by_hop(resp.headers_mut(), switching);
+        if !rule.response_headers.is_empty() {
+            rule.response_headers.apply(resp.headers_mut());
+        }
+        Ok(resp)
     }
-    Ok(resp)
 }
 
 /// Why an attempt failed before a response.
@@ -178,226 +193,240 @@ struct Attempts<'a> {
 }
 
 impl Attempts<'_> {
-    async fn run(
-        &self,
+    fn run<'b>(
+        &'b self,
         mut req: Request<ClientBody>,
-        trace: &mut Trace,
-        fate: &mut Option<Fate>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let shared = &self.worker.shared;
-        let policy = &self.backend.policy;
-        let clock = shared.clock;
-        let Some(slot) = self
-            .state
-            .limits
-            .acquire(Limit::Requests, policy.limits.max_requests)
-        else {
-            *fate = Some(Fate::NotRetryable);
-            return Err(self.overflow(Limit::Requests, policy.limits.max_requests));
-        };
-        let mut held = Held {
-            slot: Some(slot),
-            permits: None,
-        };
-        let backend_limiter = self.state.concurrency.as_ref();
-        let route_limiter = self.active.balancer.route_limiter(self.rule);
-        if backend_limiter.is_some() || route_limiter.is_some() {
-            let mut permits: Box<[Option<Permit>; 2]> = Box::default();
-            for (k, (limiter, scope)) in [(backend_limiter, "backend"), (route_limiter, "route")]
-                .into_iter()
-                .enumerate()
-            {
-                let Some(limiter) = limiter else { continue };
-                // Boxed: waiting in the queue is the slow path; its state stays out of
-                // the request's future.
-                let acquired = match limiter.try_acquire() {
-                    Some(p) => Ok(p),
-                    None => Box::pin(limiter.acquire()).await,
-                };
-                match acquired {
-                    Ok(p) => permits[k] = Some(p),
-                    Err(reason) => {
-                        *fate = Some(Fate::NotRetryable);
-                        let name = limiter.name.clone();
-                        return Err(ProxyError::Overloaded {
-                            scope,
-                            name,
-                            reason,
-                        });
+        trace: &'b mut Trace,
+        fate: &'b mut Option<Fate>,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'b {
+        async move {
+            let shared = &self.worker.shared;
+            let policy = &self.backend.policy;
+            let clock = shared.clock;
+            let Some(slot) = self
+                .state
+                .limits
+                .acquire(Limit::Requests, policy.limits.max_requests)
+            else {
+                *fate = Some(Fate::NotRetryable);
+                return Err(self.overflow(Limit::Requests, policy.limits.max_requests));
+            };
+            let mut held = Held {
+                slot: Some(slot),
+                permits: None,
+            };
+            let backend_limiter = self.state.concurrency.as_ref();
+            let route_limiter = self.active.balancer.route_limiter(self.rule);
+            if backend_limiter.is_some() || route_limiter.is_some() {
+                let mut permits: Box<[Option<Permit>; 2]> = Box::default();
+                for (k, (limiter, scope)) in
+                    [(backend_limiter, "backend"), (route_limiter, "route")]
+                        .into_iter()
+                        .enumerate()
+                {
+                    let Some(limiter) = limiter else { continue };
+                    // Boxed: waiting in the queue is the slow path; its state stays out of
+                    // the request's future.
+                    let acquired = match limiter.try_acquire() {
+                        Some(p) => Ok(p),
+                        None => Box::pin(limiter.acquire()).await,
+                    };
+                    match acquired {
+                        Ok(p) => permits[k] = Some(p),
+                        Err(reason) => {
+                            *fate = Some(Fate::NotRetryable);
+                            let name = limiter.name.clone();
+                            return Err(ProxyError::Overloaded {
+                                scope,
+                                name,
+                                reason,
+                            });
+                        }
                     }
                 }
+                held.permits = Some(permits);
             }
-            held.permits = Some(permits);
-        }
-        // One clock read for the request's bookkeeping, refreshed after each attempt.
-        let mut now = clock.now_ms();
-        self.state.budget.deposit(now);
-        // Written for mTLS (HTTP/2) when the backend's endpoints are meshed sidecars, else
-        // in the backend's protocol; an attempt to an endpoint of the other kind converts.
-        let app_protocol = self.backend.protocol;
-        let mtls = self.state.meshed && shared.tls.enabled();
-        let mut prepared = if mtls { Protocol::H2c } else { app_protocol };
-        headers::for_sidecar(&mut req, prepared, app_protocol)?;
-        let hash = hash_key(self.backend, &req, self.peer);
+            // One clock read for the request's bookkeeping, refreshed after each attempt.
+            let mut now = clock.now_ms();
+            self.state.budget.deposit(now);
+            // Written for mTLS (HTTP/2) when the backend's endpoints are meshed sidecars, else
+            // in the backend's protocol; an attempt to an endpoint of the other kind converts.
+            let app_protocol = self.backend.protocol;
+            let mtls = self.state.meshed && shared.tls.enabled();
+            let mut prepared = if mtls { Protocol::H2c } else { app_protocol };
+            headers::for_sidecar(&mut req, prepared, app_protocol)?;
+            let hash = hash_key(self.backend, &req, self.peer);
 
-        let retry = self.rule.retry.as_ref();
-        // After a request may have reached the upstream, only these may be sent again.
-        let resend_ok =
-            retry.is_some_and(|p| p.non_idempotent || retry::is_idempotent(req.method()));
-        let (replay, mut next): (Option<Replay>, _) = match retry {
-            Some(_) if http_body::Body::is_end_stream(req.body()) => {
-                (Some(Replay::bodiless(req)), None)
-            }
-            // Boxed: reading a body is the less common path; its state stays out of the
-            // request's future.
-            Some(_) => match Box::pin(retry::buffer(req, shared.settings.retry_buffer))
-                .await
-                .map_err(ProxyError::ClientBody)?
-            {
-                Buffered::Replayable(r) => (Some(r), None),
-                Buffered::TooLarge(r) => {
-                    self.metrics.body_too_large();
-                    (None, Some(r))
+            let retry = self.rule.retry.as_ref();
+            // After a request may have reached the upstream, only these may be sent again.
+            let resend_ok =
+                retry.is_some_and(|p| p.non_idempotent || retry::is_idempotent(req.method()));
+            let (replay, mut next): (Option<Replay>, _) = match retry {
+                Some(_) if http_body::Body::is_end_stream(req.body()) => {
+                    (Some(Replay::bodiless(req)), None)
                 }
-            },
-            None => (None, Some(req.map(RequestBody::Stream))),
-        };
-        let max_attempts = 1 + retry.map_or(retry::CONNECT_RETRIES, |p| p.attempts);
-        let admission = Admission {
-            counters: &self.state.limits,
-            limits: policy.limits,
-            endpoints: &self.state.addrs,
-        };
-        let mut avoid = None;
-        loop {
-            trace.attempts += 1;
-            let n = trace.attempts;
-            let Some(mut req) = next.take().or_else(|| replay.as_ref().map(Replay::request)) else {
-                // Not reached: a retry is only decided with a request to send.
-                return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
-            };
-            let picked = match self.state.pick(avoid, now, hash) {
-                Ok(p) => p,
-                Err(err) => {
-                    *fate = Some(if n > 1 {
-                        Fate::RetriesExhausted
-                    } else {
-                        Fate::NotRetryable
-                    });
-                    return Err(match err {
-                        PickError::NoEndpoints => {
-                            ProxyError::NoEndpoints(self.backend.name.clone())
-                        }
-                        PickError::AllEjected => ProxyError::CircuitOpen(self.backend.name.clone()),
-                    });
-                }
-            };
-            let addr = picked.addr();
-            trace.endpoint = Some(addr);
-            let transport = match picked.identity {
-                Some(id) if mtls => Transport::Mtls(id),
-                _ => Transport::Plain(app_protocol),
-            };
-            if transport.protocol() != prepared {
-                prepared = transport.protocol();
-                headers::for_sidecar(&mut req, prepared, app_protocol)?;
-            }
-            let in_flight = picked.load.start();
-            let sent_at = Instant::now();
-            let send = upstream::send(&self.worker.pool, addr, transport, req, Some(admission));
-            tokio::pin!(send);
-            let sent = match self.rule.timeouts.backend_request {
-                None => send.await.map_err(Failure::Send),
-                Some(limit) => match tokio::time::timeout(limit, send).await {
-                    Ok(r) => r.map_err(Failure::Send),
-                    Err(_) => Err(Failure::Timeout(limit)),
+                // Boxed: reading a body is the less common path; its state stays out of the
+                // request's future.
+                Some(_) => match Box::pin(retry::buffer(req, shared.settings.retry_buffer))
+                    .await
+                    .map_err(ProxyError::ClientBody)?
+                {
+                    Buffered::Replayable(r) => (Some(r), None),
+                    Buffered::TooLarge(r) => {
+                        self.metrics.body_too_large();
+                        (None, Some(r))
+                    }
                 },
+                None => (None, Some(req.map(RequestBody::Stream))),
             };
-            now = clock.now_ms();
-            // Whether to try again, and after how long; or the fate of the request.
-            let verdict: Result<std::time::Duration, Fate>;
-            let outcome = match sent {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let failed = policy
-                        .circuit_breaker
-                        .failure_status_codes
-                        .contains(&status);
-                    let load = picked.load;
-                    load.observe(sent_at.elapsed().as_secs_f64() * 1e6, now);
-                    drop(in_flight);
-                    let not_now = status == 429 || status == 503;
-                    let wanted =
-                        retry.is_some_and(|p| retry::wants_retry(p, status, resp.headers()));
-                    // Read only when it matters (a header lookup and a clock read).
-                    let after = if not_now || wanted {
-                        retry::retry_after(resp.headers(), SystemTime::now())
-                    } else {
-                        None
-                    };
-                    if not_now {
-                        // "Not now": steer new requests elsewhere for a while.
-                        let pause = after.unwrap_or(BACK_OFF).min(MAX_BACK_OFF);
-                        load.back_off(now + pause.as_millis() as u64);
-                    }
-                    self.state.record(picked, failed, now, &shared.metrics);
-                    if !wanted {
-                        *fate = Some(match (status >= 500, n) {
-                            (true, _) => Fate::NotRetryable,
-                            (false, 1) => Fate::SuccessFirstTry,
-                            (false, _) => Fate::SuccessAfterRetry,
+            let max_attempts = 1 + retry.map_or(retry::CONNECT_RETRIES, |p| p.attempts);
+            let admission = Admission {
+                counters: &self.state.limits,
+                limits: policy.limits,
+                endpoints: &self.state.addrs,
+            };
+            let mut avoid = None;
+            loop {
+                trace.attempts += 1;
+                let n = trace.attempts;
+                let Some(mut req) = next.take().or_else(|| replay.as_ref().map(Replay::request))
+                else {
+                    // Not reached: a retry is only decided with a request to send.
+                    return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
+                };
+                let picked = match self.state.pick(avoid, now, hash) {
+                    Ok(p) => p,
+                    Err(err) => {
+                        *fate = Some(if n > 1 {
+                            Fate::RetriesExhausted
+                        } else {
+                            Fate::NotRetryable
                         });
-                        held.sample(status >= 500);
-                        return Ok(resp.map(|b| ProxyBody::Upstream(b, held)));
+                        return Err(match err {
+                            PickError::NoEndpoints => {
+                                ProxyError::NoEndpoints(self.backend.name.clone())
+                            }
+                            PickError::AllEjected => {
+                                ProxyError::CircuitOpen(self.backend.name.clone())
+                            }
+                        });
                     }
-                    verdict =
-                        self.may_retry(n, max_attempts, resend_ok && replay.is_some(), after, now);
-                    Ok(resp)
+                };
+                let addr = picked.addr();
+                trace.endpoint = Some(addr);
+                let transport = match picked.identity {
+                    Some(id) if mtls => Transport::Mtls(id),
+                    _ => Transport::Plain(app_protocol),
+                };
+                if transport.protocol() != prepared {
+                    prepared = transport.protocol();
+                    headers::for_sidecar(&mut req, prepared, app_protocol)?;
                 }
-                Err(Failure::Send(SendError {
-                    error: UpstreamError::Overflow(limit, max),
-                    ..
-                })) => {
-                    // Refused here, not by the endpoint: its circuit learns nothing.
-                    drop(picked);
-                    *fate = Some(Fate::NotRetryable);
-                    return Err(self.overflow(limit, max));
-                }
-                Err(failure) => {
-                    drop(in_flight);
-                    self.state.record(picked, true, now, &shared.metrics);
-                    let (error, returned, reached) = match failure {
-                        Failure::Timeout(limit) => (ProxyError::BackendTimeout(limit), None, true),
-                        Failure::Send(err) => {
-                            let reached = err.reached_upstream();
-                            let error = upstream_error(err.error, self.backend.name.clone(), addr);
-                            (error, err.request, reached)
+                let in_flight = picked.load.start();
+                let sent_at = Instant::now();
+                let send = upstream::send(&self.worker.pool, addr, transport, req, Some(admission));
+                tokio::pin!(send);
+                let sent = match self.rule.timeouts.backend_request {
+                    None => send.await.map_err(Failure::Send),
+                    Some(limit) => match tokio::time::timeout(limit, send).await {
+                        Ok(r) => r.map_err(Failure::Send),
+                        Err(_) => Err(Failure::Timeout(limit)),
+                    },
+                };
+                now = clock.now_ms();
+                // Whether to try again, and after how long; or the fate of the request.
+                let verdict: Result<std::time::Duration, Fate>;
+                let outcome = match sent {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let failed = policy
+                            .circuit_breaker
+                            .failure_status_codes
+                            .contains(&status);
+                        let load = picked.load;
+                        load.observe(sent_at.elapsed().as_secs_f64() * 1e6, now);
+                        drop(in_flight);
+                        let not_now = status == 429 || status == 503;
+                        let wanted =
+                            retry.is_some_and(|p| retry::wants_retry(p, status, resp.headers()));
+                        // Read only when it matters (a header lookup and a clock read).
+                        let after = if not_now || wanted {
+                            retry::retry_after(resp.headers(), SystemTime::now())
+                        } else {
+                            None
+                        };
+                        if not_now {
+                            // "Not now": steer new requests elsewhere for a while.
+                            let pause = after.unwrap_or(BACK_OFF).min(MAX_BACK_OFF);
+                            load.back_off(now + pause.as_millis() as u64);
                         }
-                    };
-                    let sendable = returned.is_some() || replay.is_some();
-                    let allowed = sendable && (!reached || resend_ok);
-                    verdict = self.may_retry(n, max_attempts, allowed, None, now);
-                    next = returned.map(|r| *r);
-                    Err(error)
-                }
-            };
-            match verdict {
-                Ok(wait) => {
-                    drop(outcome);
-                    self.metrics.retried();
-                    avoid = Some(addr);
-                    if !wait.is_zero() {
-                        Box::pin(tokio::time::sleep(wait)).await;
-                        now = clock.now_ms();
+                        self.state.record(picked, failed, now, &shared.metrics);
+                        if !wanted {
+                            *fate = Some(match (status >= 500, n) {
+                                (true, _) => Fate::NotRetryable,
+                                (false, 1) => Fate::SuccessFirstTry,
+                                (false, _) => Fate::SuccessAfterRetry,
+                            });
+                            held.sample(status >= 500);
+                            return Ok(resp.map(|b| ProxyBody::Upstream(b, held)));
+                        }
+                        verdict = self.may_retry(
+                            n,
+                            max_attempts,
+                            resend_ok && replay.is_some(),
+                            after,
+                            now,
+                        );
+                        Ok(resp)
                     }
-                }
-                Err(f) => {
-                    *fate = Some(f);
-                    let failed = outcome
-                        .as_ref()
-                        .map_or(true, |r| r.status().as_u16() >= 500);
-                    held.sample(failed);
-                    return outcome.map(|resp| resp.map(|b| ProxyBody::Upstream(b, held)));
+                    Err(Failure::Send(SendError {
+                        error: UpstreamError::Overflow(limit, max),
+                        ..
+                    })) => {
+                        // Refused here, not by the endpoint: its circuit learns nothing.
+                        drop(picked);
+                        *fate = Some(Fate::NotRetryable);
+                        return Err(self.overflow(limit, max));
+                    }
+                    Err(failure) => {
+                        drop(in_flight);
+                        self.state.record(picked, true, now, &shared.metrics);
+                        let (error, returned, reached) = match failure {
+                            Failure::Timeout(limit) => {
+                                (ProxyError::BackendTimeout(limit), None, true)
+                            }
+                            Failure::Send(err) => {
+                                let reached = err.reached_upstream();
+                                let error =
+                                    upstream_error(err.error, self.backend.name.clone(), addr);
+                                (error, err.request, reached)
+                            }
+                        };
+                        let sendable = returned.is_some() || replay.is_some();
+                        let allowed = sendable && (!reached || resend_ok);
+                        verdict = self.may_retry(n, max_attempts, allowed, None, now);
+                        next = returned.map(|r| *r);
+                        Err(error)
+                    }
+                };
+                match verdict {
+                    Ok(wait) => {
+                        drop(outcome);
+                        self.metrics.retried();
+                        avoid = Some(addr);
+                        if !wait.is_zero() {
+                            Box::pin(tokio::time::sleep(wait)).await;
+                            now = clock.now_ms();
+                        }
+                    }
+                    Err(f) => {
+                        *fate = Some(f);
+                        let failed = outcome
+                            .as_ref()
+                            .map_or(true, |r| r.status().as_u16() >= 500);
+                        held.sample(failed);
+                        return outcome.map(|resp| resp.map(|b| ProxyBody::Upstream(b, held)));
+                    }
                 }
             }
         }

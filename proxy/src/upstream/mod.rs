@@ -4,7 +4,9 @@
 pub mod h1;
 pub mod pool;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
@@ -113,80 +115,119 @@ impl Transport<'_> {
     }
 }
 
+/// A send in progress, as [`send`] returns it.
+pub type Sending<'a> =
+    Pin<Box<dyn Future<Output = Result<Response<PooledBody>, SendError>> + Send + 'a>>;
+
 /// Sends `req` (already rewritten for `transport`'s protocol) to `addr`. `admission`: the
 /// backend's limits, when it has any (the local application has none).
-pub async fn send(
-    pool: &Arc<Pool>,
+///
+/// Decided before the first poll: an HTTP/1.1 request whose body is complete, with an idle
+/// pooled connection to `addr` (the steady state), is encoded now and let go, and the
+/// returned future holds only that connection and the request's bytes (a few hundred
+/// bytes, not the request and every path's state). Every other path is boxed.
+pub fn send<'a>(
+    pool: &'a Arc<Pool>,
     addr: SocketAddr,
-    transport: Transport<'_>,
+    transport: Transport<'a>,
     req: Request<RequestBody>,
-    admission: Option<Admission<'_>>,
-) -> Result<Response<PooledBody>, SendError> {
-    let mtls = match transport {
-        Transport::Plain(Protocol::Http1) => return send_h1(pool, addr, req, admission).await,
-        Transport::Plain(Protocol::H2c) => None,
-        Transport::Mtls(id) => Some(id),
-    };
-    {
-        {
-            let mut sender = match pool.h2(addr, mtls, admission).await {
-                Ok(s) => s,
-                Err(err) => return Err(SendError::new(err, Some(req))),
-            };
-            if let Err(err) = sender.ready().await {
-                return Err(SendError::new(UpstreamError::Request(err), Some(req)));
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => Ok(resp.map(PooledBody::new)),
-                Err(mut err) => {
-                    let req = err.take_message();
-                    Err(SendError::new(
-                        UpstreamError::Request(err.into_error()),
-                        req,
-                    ))
+    admission: Option<Admission<'a>>,
+) -> impl Future<Output = Result<Response<PooledBody>, SendError>> + Send + 'a {
+    let path = match transport {
+        Transport::Plain(Protocol::Http1) => match h1::Wire::new(&req) {
+            Some(wire) => match pool.take_h1_inline(addr) {
+                Some(conn) => {
+                    // The request is on its way: only its bytes in `wire` are kept.
+                    crate::h1::spare::give_map(req.into_parts().0.headers);
+                    Path::Pooled(conn, wire)
                 }
+                None => Path::Other(Box::pin(connect_h1_inline(
+                    pool, addr, req, wire, admission,
+                ))),
+            },
+            None => Path::Other(Box::pin(send_h1_hyper(pool, addr, req, admission))),
+        },
+        Transport::Plain(Protocol::H2c) => {
+            Path::Other(Box::pin(send_h2(pool, addr, None, req, admission)))
+        }
+        Transport::Mtls(id) => Path::Other(Box::pin(send_h2(pool, addr, Some(id), req, admission))),
+    };
+    async move {
+        match path {
+            Path::Pooled(conn, wire) => {
+                exchange_h1_inline(pool, addr, conn, wire, true, admission).await
             }
+            Path::Other(sending) => sending.await,
         }
     }
 }
 
-async fn send_h1(
+enum Path<'a> {
+    /// An idle connection taken from the pool, and the encoded request.
+    Pooled(h1::Conn, h1::Wire),
+    Other(Sending<'a>),
+}
+
+/// HTTP/2 (plain, or mTLS to another sidecar when `mtls` names its identity).
+async fn send_h2(
     pool: &Arc<Pool>,
     addr: SocketAddr,
+    mtls: Option<&EndpointIdentity>,
     req: Request<RequestBody>,
     admission: Option<Admission<'_>>,
 ) -> Result<Response<PooledBody>, SendError> {
-    match h1::Wire::new(&req) {
-        Some(wire) => send_h1_inline(pool, addr, req, wire, admission).await,
-        None => send_h1_hyper(pool, addr, req, admission).await,
+    let mut sender = match pool.h2(addr, mtls, admission).await {
+        Ok(s) => s,
+        Err(err) => return Err(SendError::new(err, Some(req))),
+    };
+    if let Err(err) = sender.ready().await {
+        return Err(SendError::new(UpstreamError::Request(err), Some(req)));
+    }
+    match sender.try_send_request(req).await {
+        Ok(resp) => Ok(resp.map(PooledBody::new)),
+        Err(mut err) => {
+            let req = err.take_message();
+            Err(SendError::new(
+                UpstreamError::Request(err.into_error()),
+                req,
+            ))
+        }
     }
 }
 
-/// A request whose body is complete, on Tern's own HTTP/1.1 client.
-async fn send_h1_inline(
+/// A request whose body is complete, on Tern's own HTTP/1.1 client, when no idle
+/// connection was there: connect first (a failure hands the request back, unsent).
+async fn connect_h1_inline(
     pool: &Arc<Pool>,
     addr: SocketAddr,
     req: Request<RequestBody>,
     wire: h1::Wire,
     admission: Option<Admission<'_>>,
 ) -> Result<Response<PooledBody>, SendError> {
-    let (mut conn, mut reused) = match pool.take_h1_inline(addr) {
-        Some(c) => (c, true),
-        None => match Box::pin(pool.connect_h1_inline(addr, admission)).await {
-            Ok(c) => (c, false),
-            Err(err) => return Err(SendError::new(err, Some(req))),
-        },
+    let conn = match pool.connect_h1_inline(addr, admission).await {
+        Ok(c) => c,
+        Err(err) => return Err(SendError::new(err, Some(req))),
     };
-    // From here the request is on the wire: `req` is only kept for its bytes in `wire`.
     crate::h1::spare::give_map(req.into_parts().0.headers);
+    exchange_h1_inline(pool, addr, conn, wire, false, admission).await
+}
+
+/// One exchange on Tern's own HTTP/1.1 client. A `reused` connection that the upstream
+/// was closing as the request went out gets the request once more, on a new connection.
+async fn exchange_h1_inline(
+    pool: &Arc<Pool>,
+    addr: SocketAddr,
+    mut conn: h1::Conn,
+    wire: h1::Wire,
+    mut reused: bool,
+    admission: Option<Admission<'_>>,
+) -> Result<Response<PooledBody>, SendError> {
     loop {
         match h1::exchange(&mut conn, &wire).await {
             Ok(resp) => {
                 let body = h1::ResponseBody::new(conn, resp.framing, resp.keep_alive, pool, addr);
                 return Ok(Response::from_parts(resp.parts, PooledBody::inline(body)));
             }
-            // The upstream was closing this idle connection as the request went out:
-            // once more, on a new connection.
             Err(err) if reused && err.nothing_received() && wire.resendable => {
                 conn = match Box::pin(pool.connect_h1_inline(addr, admission)).await {
                     Ok(c) => c,
