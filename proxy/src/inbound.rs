@@ -19,6 +19,10 @@ use crate::upstream::{self, Transport};
 use crate::worker::Worker;
 
 /// A function returning an `async move` block, not an `async fn`: see `outbound::handle`.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores the request twice"
+)]
 pub fn handle<'a>(
     worker: &'a Worker,
     req: Request<ClientBody>,
@@ -136,6 +140,10 @@ fn rate_limit<B>(
     Some(resp)
 }
 
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores the request twice"
+)]
 fn serve<'a>(
     worker: &'a Worker,
     mut req: Request<ClientBody>,
