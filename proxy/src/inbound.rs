@@ -179,9 +179,9 @@ fn serve<'a>(
             .await
         } else {
             let req = req.map(RequestBody::Stream);
-            upstream::send(&worker.app_pool, app, Transport::Plain(protocol), req, None)
-                .await
-                .map_err(|e| e.error)
+            let transport = Transport::Plain(protocol);
+            let (sending, _) = upstream::send(&worker.app_pool, app, transport, req, false, None);
+            sending.await.map_err(|e| e.error)
         };
         let mut resp = sent.map_err(|err| upstream_error(err, worker.app_label.clone(), app))?;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

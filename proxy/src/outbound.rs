@@ -265,7 +265,7 @@ impl Attempts<'_> {
             // in the backend's protocol; an attempt to an endpoint of the other kind converts.
             let app_protocol = self.backend.protocol;
             let mtls = self.state.meshed && shared.tls.enabled();
-            let mut prepared = if mtls { Protocol::H2c } else { app_protocol };
+            let prepared = if mtls { Protocol::H2c } else { app_protocol };
             headers::for_sidecar(&mut req, prepared, app_protocol)?;
             let hash = hash_key(self.backend, &req, self.peer);
 
@@ -273,9 +273,17 @@ impl Attempts<'_> {
             // After a request may have reached the upstream, only these may be sent again.
             let resend_ok =
                 retry.is_some_and(|p| p.non_idempotent || retry::is_idempotent(req.method()));
-            let (replay, mut next): (Option<Replay>, _) = match retry {
+            // A replayable request (retries configured, body empty or buffered) is kept
+            // for another attempt once it goes out: the request itself when only its bytes
+            // are sent, else a copy (see `upstream::send`).
+            let mut replay: Option<Replay> = None;
+            let (mut next, replayable) = match retry {
                 Some(_) if http_body::Body::is_end_stream(req.body()) => {
-                    (Some(Replay::bodiless(req)), None)
+                    let empty = RequestBody::Buffered {
+                        data: None,
+                        trailers: None,
+                    };
+                    (Some(req.map(|_| empty)), true)
                 }
                 // Boxed: reading a body is the less common path; its state stays out of the
                 // request's future.
@@ -283,14 +291,17 @@ impl Attempts<'_> {
                     .await
                     .map_err(ProxyError::ClientBody)?
                 {
-                    Buffered::Replayable(r) => (Some(r), None),
+                    Buffered::Replayable(r) => (Some(r.into_request()), true),
                     Buffered::TooLarge(r) => {
                         self.metrics.body_too_large();
-                        (None, Some(r))
+                        (Some(r), false)
                     }
                 },
-                None => (None, Some(req.map(RequestBody::Stream))),
+                None => (Some(req.map(RequestBody::Stream)), false),
             };
+            // The protocol `next` and `replay` are written for.
+            let mut next_prepared = prepared;
+            let mut replay_prepared = prepared;
             let max_attempts = 1 + retry.map_or(retry::CONNECT_RETRIES, |p| p.attempts);
             let admission = Admission {
                 counters: &self.state.limits,
@@ -301,10 +312,13 @@ impl Attempts<'_> {
             loop {
                 trace.attempts += 1;
                 let n = trace.attempts;
-                let Some(mut req) = next.take().or_else(|| replay.as_ref().map(Replay::request))
-                else {
+                let (mut req, mut prepared) = match (next.take(), &replay) {
+                    (Some(req), _) => (req, next_prepared),
+                    (None, Some(replay)) => (replay.request(), replay_prepared),
                     // Not reached: a retry is only decided with a request to send.
-                    return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
+                    (None, None) => {
+                        return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
+                    }
                 };
                 let picked = match self.state.pick(avoid, now, hash) {
                     Ok(p) => p,
@@ -336,7 +350,14 @@ impl Attempts<'_> {
                 }
                 let in_flight = picked.load.start();
                 let sent_at = Instant::now();
-                let send = upstream::send(&self.worker.pool, addr, transport, req, Some(admission));
+                let keep = replayable && replay.is_none();
+                let pool = &self.worker.pool;
+                let (send, kept) =
+                    upstream::send(pool, addr, transport, req, keep, Some(admission));
+                if let Some(kept) = kept {
+                    replay = Some(Replay::of(kept));
+                    replay_prepared = prepared;
+                }
                 tokio::pin!(send);
                 let sent = match self.rule.timeouts.backend_request {
                     None => send.await.map_err(Failure::Send),
@@ -418,6 +439,7 @@ impl Attempts<'_> {
                         let allowed = sendable && (!reached || resend_ok);
                         verdict = self.may_retry(n, max_attempts, allowed, None, now);
                         next = returned.map(|r| *r);
+                        next_prepared = prepared;
                         Err(error)
                     }
                 };

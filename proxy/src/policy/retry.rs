@@ -72,6 +72,7 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 }
 
 /// A request kept so that it can be sent again.
+#[derive(Clone)]
 pub struct Replay {
     method: Method,
     uri: Uri,
@@ -82,31 +83,47 @@ pub struct Replay {
 }
 
 impl Replay {
+    /// A copy of the request, for another attempt.
     pub fn request(&self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::Buffered {
-            data: self.data.clone(),
-            trailers: self.trailers.clone(),
-        });
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req
+        self.clone().into_request()
     }
-}
 
-impl Replay {
-    /// The replay of a request without a body: nothing to read, nothing to wait for.
-    pub fn bodiless<B>(req: Request<B>) -> Replay {
-        let (parts, _) = req.into_parts();
+    /// The replay of `req` itself, whose body is buffered or empty (any other body is
+    /// not kept).
+    pub fn of(req: Request<RequestBody>) -> Replay {
+        let (parts, body) = req.into_parts();
+        let (data, trailers) = match body {
+            RequestBody::Buffered { data, trailers } => (data, trailers),
+            _ => (None, None),
+        };
         Replay {
             method: parts.method,
             uri: parts.uri,
             version: parts.version,
             headers: parts.headers,
-            data: None,
-            trailers: None,
+            data,
+            trailers,
         }
+    }
+
+    /// The request itself, for its first attempt.
+    pub fn into_request(mut self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::Buffered {
+            data: self.data.take(),
+            trailers: self.trailers.take(),
+        });
+        *req.method_mut() = std::mem::take(&mut self.method);
+        *req.uri_mut() = std::mem::take(&mut self.uri);
+        *req.version_mut() = self.version;
+        *req.headers_mut() = std::mem::take(&mut self.headers);
+        req
+    }
+}
+
+impl Drop for Replay {
+    /// The header map goes to the thread's spares, for the next request's head.
+    fn drop(&mut self) {
+        crate::h1::spare::give_map(std::mem::take(&mut self.headers));
     }
 }
 

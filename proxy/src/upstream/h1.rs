@@ -386,12 +386,70 @@ mod tests {
         addr: SocketAddr,
         req: Request<RequestBody>,
     ) -> Result<(http::response::Parts, http_body_util::Collected<Bytes>), String> {
-        let resp = send(pool, addr, Transport::Plain(Protocol::Http1), req, None)
-            .await
-            .map_err(|e| e.error.to_string())?;
+        let (sending, _) = send(
+            pool,
+            addr,
+            Transport::Plain(Protocol::Http1),
+            req,
+            false,
+            None,
+        );
+        let resp = sending.await.map_err(|e| e.error.to_string())?;
         let (parts, body): (_, PooledBody) = resp.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?;
         Ok((parts, body))
+    }
+
+    #[tokio::test]
+    async fn a_kept_request_comes_back_whole_for_another_attempt() {
+        let (addr, accepted) = upstream(vec![
+            Some(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"),
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ])
+        .await;
+        let pool = pool();
+        let mut req = get(Method::PUT, "/a?b=c");
+        *req.body_mut() = RequestBody::Buffered {
+            data: Some(Bytes::from_static(b"body")),
+            trailers: None,
+        };
+        req.headers_mut().insert("x-one", "1".parse().unwrap());
+        let same = |kept: &Request<RequestBody>| {
+            assert_eq!(kept.method(), Method::PUT);
+            assert_eq!(kept.uri(), "/a?b=c");
+            assert_eq!(kept.headers()["x-one"], "1");
+            assert_eq!(kept.headers()["host"], "svc");
+            assert!(
+                matches!(kept.body(), RequestBody::Buffered { data: Some(d), .. } if d == "body")
+            );
+        };
+        // No idle connection: the request goes to a new one, and a copy comes back.
+        let http1 = Transport::Plain(Protocol::Http1);
+        let (sending, kept) = send(&pool, addr, http1, req, true, None);
+        let kept = kept.expect("kept");
+        same(&kept);
+        let resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
+        assert_eq!(resp.status(), 503);
+        resp.into_body().collect().await.unwrap();
+        // An idle connection: only the bytes go, and the request itself comes back.
+        let (sending, again) = send(&pool, addr, http1, kept, true, None);
+        same(again.as_ref().expect("kept"));
+        let resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        // Without `keep`, nothing comes back.
+        let (sending, none) = send(&pool, addr, http1, again.unwrap(), false, None);
+        assert!(none.is_none());
+        assert_eq!(
+            sending
+                .await
+                .map_err(|e| e.error.to_string())
+                .unwrap()
+                .status(),
+            200
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
     }
 
     #[tokio::test]
@@ -475,16 +533,15 @@ mod tests {
         .await;
         let pool = pool();
         // The upstream keeps its side open here: read what came, then end with it.
-        let resp = send(
+        let (sending, _) = send(
             &pool,
             addr,
             Transport::Plain(Protocol::Http1),
             get(Method::GET, "/"),
+            false,
             None,
-        )
-        .await
-        .map_err(|e| e.error.to_string())
-        .unwrap();
+        );
+        let resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
         let mut body = resp.into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "until close");

@@ -123,43 +123,88 @@ pub type Sending<'a> =
 /// backend's limits, when it has any (the local application has none).
 ///
 /// Decided before the first poll: an HTTP/1.1 request whose body is complete, with an idle
-/// pooled connection to `addr` (the steady state), is encoded now and let go, and the
-/// returned future holds only that connection and the request's bytes (a few hundred
-/// bytes, not the request and every path's state). Every other path is boxed.
+/// pooled connection to `addr` (the steady state), is encoded now, and the returned future
+/// holds only that connection and the request's bytes (a few hundred bytes, not the
+/// request and every path's state). Every other path is boxed.
+///
+/// With `keep` (the request's body must be buffered or empty), the request also comes
+/// back, for another attempt: itself when it went out as bytes, else a copy.
 pub fn send<'a>(
     pool: &'a Arc<Pool>,
     addr: SocketAddr,
     transport: Transport<'a>,
     req: Request<RequestBody>,
+    keep: bool,
     admission: Option<Admission<'a>>,
-) -> impl Future<Output = Result<Response<PooledBody>, SendError>> + Send + 'a {
-    let path = match transport {
-        Transport::Plain(Protocol::Http1) => match h1::Wire::new(&req) {
-            Some(wire) => match pool.take_h1_inline(addr) {
-                Some(conn) => {
-                    // The request is on its way: only its bytes in `wire` are kept.
-                    crate::h1::spare::give_map(req.into_parts().0.headers);
-                    Path::Pooled(conn, wire)
-                }
-                None => Path::Other(Box::pin(connect_h1_inline(
-                    pool, addr, req, wire, admission,
-                ))),
-            },
-            None => Path::Other(Box::pin(send_h1_hyper(pool, addr, req, admission))),
-        },
-        Transport::Plain(Protocol::H2c) => {
-            Path::Other(Box::pin(send_h2(pool, addr, None, req, admission)))
-        }
-        Transport::Mtls(id) => Path::Other(Box::pin(send_h2(pool, addr, Some(id), req, admission))),
+) -> (
+    impl Future<Output = Result<Response<PooledBody>, SendError>> + Send + 'a,
+    Option<Request<RequestBody>>,
+) {
+    let wire = match transport {
+        Transport::Plain(Protocol::Http1) => h1::Wire::new(&req),
+        _ => None,
     };
-    async move {
+    let (path, kept) = match (wire, transport) {
+        (Some(wire), _) => match pool.take_h1_inline(addr) {
+            Some(conn) => {
+                // Only the request's bytes in `wire` go on.
+                let kept = if keep {
+                    Some(req)
+                } else {
+                    crate::h1::spare::give_map(req.into_parts().0.headers);
+                    None
+                };
+                (Path::Pooled(conn, wire), kept)
+            }
+            None => {
+                let kept = keep.then(|| copy(&req));
+                let sending = connect_h1_inline(pool, addr, req, wire, admission);
+                (Path::Other(Box::pin(sending)), kept)
+            }
+        },
+        (None, transport) => {
+            let kept = keep.then(|| copy(&req));
+            let sending: Sending<'a> = match transport {
+                Transport::Plain(Protocol::Http1) => {
+                    Box::pin(send_h1_hyper(pool, addr, req, admission))
+                }
+                Transport::Plain(Protocol::H2c) => {
+                    Box::pin(send_h2(pool, addr, None, req, admission))
+                }
+                Transport::Mtls(id) => Box::pin(send_h2(pool, addr, Some(id), req, admission)),
+            };
+            (Path::Other(sending), kept)
+        }
+    };
+    let sending = async move {
         match path {
             Path::Pooled(conn, wire) => {
                 exchange_h1_inline(pool, addr, conn, wire, true, admission).await
             }
             Path::Other(sending) => sending.await,
         }
-    }
+    };
+    (sending, kept)
+}
+
+/// A copy of `req`, whose body is buffered or empty.
+fn copy(req: &Request<RequestBody>) -> Request<RequestBody> {
+    let body = match req.body() {
+        RequestBody::Buffered { data, trailers } => RequestBody::Buffered {
+            data: data.clone(),
+            trailers: trailers.clone(),
+        },
+        _ => RequestBody::Buffered {
+            data: None,
+            trailers: None,
+        },
+    };
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 enum Path<'a> {
