@@ -128,6 +128,13 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
     }
 }
 
+/// Whether `headers` has a `name` that is not a standard header. A scan, not a hash: a
+/// non-standard name is compared only to other non-standard names, and a request has few
+/// headers (hashing the name costs more than the whole scan).
+fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.keys().any(|k| k == name)
+}
+
 /// The authority a request is addressed to: the absolute-form target or `:authority`
 /// first, then `Host`.
 pub fn authority<B>(req: &Request<B>) -> Option<&str> {
@@ -174,7 +181,7 @@ pub fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), ProxyErro
 /// HTTP/1.1, absolute target (`:scheme`, `:authority`) and no `Host` for HTTP/2.
 /// Says, on a request carried between sidecars over HTTP/2, that the application spoke
 /// HTTP/1.1: the server's sidecar sends it to its application as HTTP/1.1 again.
-pub const ORIG_PROTO: &str = "tern-orig-proto";
+pub static ORIG_PROTO: HeaderName = HeaderName::from_static("tern-orig-proto");
 
 /// [`for_upstream`] for `wire`, marking a request whose application protocol (`app`) is
 /// HTTP/1.1 but travels as HTTP/2 between sidecars.
@@ -186,14 +193,23 @@ pub fn for_sidecar<B>(
     for_upstream(req, wire)?;
     if wire == Protocol::H2c && app == Protocol::Http1 {
         req.headers_mut()
-            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-    } else {
-        req.headers_mut().remove(ORIG_PROTO);
+            .insert(&ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    } else if has(req.headers(), &ORIG_PROTO) {
+        req.headers_mut().remove(&ORIG_PROTO);
     }
     Ok(())
 }
 
 pub fn for_upstream<B>(req: &mut Request<B>, protocol: Protocol) -> Result<(), ProxyError> {
+    if protocol == Protocol::Http1
+        && req.version() <= Version::HTTP_11
+        && req.uri().authority().is_none()
+    {
+        // HTTP/1 in origin form, its Host as parsed (the parser allows only one): nothing
+        // to rewrite.
+        *req.version_mut() = Version::HTTP_11;
+        return Ok(());
+    }
     let authority = match req.uri().authority() {
         Some(a) => Some(HeaderValue::from_str(a.as_str()).map_err(|_| bad_authority())?),
         None => req.headers().get(header::HOST).cloned(),

@@ -155,7 +155,7 @@ fn serve<'a>(
         let upgrade = headers::is_upgrade(&req);
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         // HTTP/1.1 from the calling application travels between sidecars as HTTP/2, marked.
-        let protocol = if req.headers_mut().remove(headers::ORIG_PROTO).is_some() {
+        let protocol = if req.headers_mut().remove(&headers::ORIG_PROTO).is_some() {
             Protocol::Http1
         } else if req.version() == Version::HTTP_2 {
             Protocol::H2c

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use tern_config::snapshot::{Backend, Protocol, Rule};
 use tokio::time::Instant;
 
@@ -29,7 +29,7 @@ use crate::upstream::{self, Admission, SendError, Transport, UpstreamError, pool
 use crate::worker::Worker;
 
 /// Response header with the number of attempts a request took (when its route retries).
-pub const TERN_ATTEMPTS: &str = "tern-attempts";
+pub static TERN_ATTEMPTS: HeaderName = HeaderName::from_static("tern-attempts");
 
 ///
 /// Written as a function returning an `async move` block, here and below on the request's
@@ -70,7 +70,7 @@ pub fn handle<'a>(
         };
         if trace.retry_policy || trace.attempts > 1 {
             resp.headers_mut()
-                .insert(TERN_ATTEMPTS, HeaderValue::from(trace.attempts));
+                .insert(&TERN_ATTEMPTS, HeaderValue::from(trace.attempts));
         }
         if let Some(entry) = entry {
             entry.write(Direction::Outbound, &trace, &resp);
@@ -366,7 +366,9 @@ impl Attempts<'_> {
                         Err(_) => Err(Failure::Timeout(limit)),
                     },
                 };
-                now = clock.now_ms();
+                // One clock read for the attempt's latency and the request's bookkeeping.
+                let done = Instant::now();
+                now = clock.ms_at(done);
                 // Whether to try again, and after how long; or the fate of the request.
                 let verdict: Result<std::time::Duration, Fate>;
                 let outcome = match sent {
@@ -377,7 +379,7 @@ impl Attempts<'_> {
                             .failure_status_codes
                             .contains(&status);
                         let load = picked.load;
-                        load.observe(sent_at.elapsed().as_secs_f64() * 1e6, now);
+                        load.observe((done - sent_at).as_secs_f64() * 1e6, now);
                         drop(in_flight);
                         let not_now = status == 429 || status == 503;
                         let wanted =

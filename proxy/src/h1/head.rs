@@ -91,6 +91,7 @@ pub fn parse_request(
     let mut has_upgrade = false;
     let mut expect_continue = false;
     let mut trailers = false;
+    let mut host = false;
     let mut spans: [Span; MAX] = [((0, 0), (0, 0)); MAX];
     let mut count = 0;
     for h in req.headers.iter() {
@@ -133,6 +134,13 @@ pub fn parse_request(
             has_upgrade = true;
         } else if is("te") {
             trailers |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+        } else if is("host") {
+            // RFC 9112 section 3.2: one Host, or 400 (two could route one way here and
+            // another way upstream).
+            if host {
+                return Err(Refusal::Malformed("more than one Host header"));
+            }
+            host = true;
         }
         if !spent {
             spans[count] = span_of(base, name, value);
@@ -639,6 +647,16 @@ mod tests {
         );
         let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
         assert_eq!(r.parts.headers["connection"], "keep-alive, X-Hop");
+    }
+
+    #[test]
+    fn a_second_host_is_refused() {
+        assert!(matches!(
+            parse("GET / HTTP/1.1\r\nHost: a\r\nX: y\r\nhost: b\r\n\r\n"),
+            Err(Refusal::Malformed(_))
+        ));
+        let p = parse("GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap().unwrap();
+        assert_eq!(p.parts.headers["host"], "a");
     }
 
     #[test]

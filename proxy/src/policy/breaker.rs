@@ -40,9 +40,12 @@ impl Clock {
     }
 
     pub fn now_ms(&self) -> u64 {
-        tokio::time::Instant::now()
-            .saturating_duration_since(self.origin)
-            .as_millis() as u64
+        self.ms_at(tokio::time::Instant::now())
+    }
+
+    /// `at`, in this clock's milliseconds.
+    pub fn ms_at(&self, at: tokio::time::Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_millis() as u64
     }
 
     pub fn unix_ms(&self, ms: u64) -> u64 {
