@@ -8,7 +8,8 @@
 //! [`policy`] (timeouts) -> [`balance`] (endpoint choice) -> [`upstream`] (pooled
 //! connections) -> the upstream. Errors climb back to [`rescue`], which answers with a
 //! status and a `tern-error` reason. Config arrives through [`reload`] (a directory) or
-//! [`control`] (tern-control) into [`state::Shared`]; [`admin`] and [`metrics`] make it all visible.
+//! [`control`] (tern-control) into [`state::Shared`]; [`admin`] and [`metrics`] make it all visible; [`resident`] keeps
+//! the process's resident set small.
 
 pub mod access_log;
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod outbound;
 pub mod policy;
 pub mod reload;
 pub mod rescue;
+pub mod resident;
 pub mod route;
 pub mod server;
 pub mod state;
@@ -132,6 +134,10 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
                 })
             }
         };
+        // Start-up is done (flags, the first config, listeners, runtimes): its code
+        // need not stay resident.
+        let released = resident::release_code();
+        tracing::debug!(kib = released >> 10, "start-up code let go of");
         tokio::select! {
             _ = shutdown_signal() => {}
             res = watcher => {

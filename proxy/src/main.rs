@@ -111,28 +111,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     tern_config::validate::parse_duration(s)
 }
 
-/// glibc hands the free top of a thread's heap back to the kernel (`madvise`) as soon as
-/// 128 KiB of it is free, and the next requests fault the same pages in again. Under
-/// steady load that cycle cost one page fault per six requests (perf stat, 64 connections);
-/// nginx, with its own pools, takes none. Keep up to 2 MiB free per heap instead, and serve
-/// allocations up to 1 MiB from the heap (setting the trim threshold fixes the mmap
-/// threshold, which glibc would otherwise raise on its own).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn tune_malloc() {
-    // SAFETY: mallopt only sets allocator parameters; it is called first thing in main,
-    // before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc() {}
-
 fn main() -> ExitCode {
-    tune_malloc();
+    // First, before any other thread exists.
+    tern_proxy::resident::tune_allocator();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
