@@ -91,7 +91,7 @@ fn check<B>(worker: &Worker, req: &Request<B>, conn: &Conn) -> Option<Response<P
     let route_authz = rule.and_then(|r| r.authorization.as_deref());
     match authorize(sp.authorization.as_deref(), route_authz, conn.client_id()) {
         Decision::Unrestricted => {}
-        Decision::Allowed(policy) => metrics.authz(Some(&policy.name), true),
+        Decision::Allowed(policy) => worker.authz_allowed(active, policy),
         Decision::Denied => {
             metrics.authz(None, false);
             let client = conn.client.as_ref().map_or_else(
@@ -128,12 +128,9 @@ fn rate_limit<B>(
     };
     let bucket = active.rate_limiters.get(config)?;
     let key = bucket.key(rule, conn.caller_key, req.headers());
-    let route_name = rule.map_or("", |r| &*r.route);
+    let route_name = rule.map_or(&worker.empty, |r| &r.route);
     let result = bucket.check(key);
-    worker
-        .shared
-        .metrics
-        .rate_limit(&bucket.name, route_name, bucket.key_kind(), result.is_err());
+    bucket.count(&worker.shared.metrics, route_name, result.is_err());
     let wait = result.err()?;
     let mut resp = ProxyError::RateLimited(bucket.name.clone()).into_response();
     bucket.limited_headers(wait, resp.headers_mut());

@@ -567,11 +567,15 @@ impl Metrics {
 
     /// Counts one authorization decision where a policy applies.
     pub fn authz(&self, policy: Option<&Arc<str>>, allowed: bool) {
+        self.authz_counter(policy, allowed).inc();
+    }
+
+    /// The counter of one authorization decision (callers on the request path keep it).
+    pub fn authz_counter(&self, policy: Option<&Arc<str>>, allowed: bool) -> Counter {
         let policy = policy.cloned().unwrap_or_else(empty_label);
         let decision = if allowed { "allow" } else { "deny" };
         self.authz
-            .get_or_create(&AuthzLabels { policy, decision })
-            .inc();
+            .get_or_create_owned(&AuthzLabels { policy, decision })
     }
 
     /// Counts one inbound connection by transport and client identity.
@@ -601,22 +605,21 @@ impl Metrics {
         self.control_reconnects.inc();
     }
 
-    /// Counts one rate-limit decision (inbound, only where a policy applies).
+    /// The counters (allowed, limited) of one RateLimitPolicy's decisions on one route.
     pub fn rate_limit(
         &self,
         policy: &Arc<str>,
         route: &str,
         key_kind: &'static str,
-        limited: bool,
-    ) {
-        self.rate_limits
-            .get_or_create(&RateLimitLabels {
+    ) -> [Counter; 2] {
+        ["allowed", "limited"].map(|result| {
+            self.rate_limits.get_or_create_owned(&RateLimitLabels {
                 policy: policy.clone(),
                 route_name: route.to_string(),
                 key_kind,
-                result: if limited { "limited" } else { "allowed" },
+                result,
             })
-            .inc();
+        })
     }
 
     /// The limit gauge and shed counters (queue_full, queue_timeout) of one limiter.

@@ -3,7 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::counter::Counter;
 use rustc_hash::FxHashMap;
+use tern_config::snapshot::AuthorizationPolicy;
 
 use crate::metrics::{Direction, RouteLabels, RouteMetrics};
 use crate::state::{Active, Shared};
@@ -28,7 +30,21 @@ struct MetricsCache {
     active: Option<Arc<Active>>,
     /// (service port, rule, backend index) addresses in `active`'s snapshot.
     routes: FxHashMap<(usize, usize, usize), Arc<RouteMetrics>>,
+    /// AuthorizationPolicy addresses in `active`'s snapshot -> their "allow" counter.
+    authz_allowed: FxHashMap<usize, Counter>,
     inbound: Option<Arc<RouteMetrics>>,
+}
+
+impl MetricsCache {
+    /// The cache for `active`: emptied when the config version changed.
+    fn of(&mut self, active: &Arc<Active>) -> &mut Self {
+        if !self.active.as_ref().is_some_and(|a| Arc::ptr_eq(a, active)) {
+            self.active = Some(active.clone());
+            self.routes.clear();
+            self.authz_allowed.clear();
+        }
+        self
+    }
 }
 
 impl Worker {
@@ -63,19 +79,24 @@ impl Worker {
         labels: impl FnOnce() -> RouteLabels,
     ) -> Arc<RouteMetrics> {
         let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if !cache
-            .active
-            .as_ref()
-            .is_some_and(|a| Arc::ptr_eq(a, active))
-        {
-            cache.active = Some(active.clone());
-            cache.routes.clear();
-        }
         cache
+            .of(active)
             .routes
             .entry(key)
             .or_insert_with(|| Arc::new(self.shared.metrics.route(labels())))
             .clone()
+    }
+
+    /// Counts a request `policy` (of `active`'s snapshot) let in.
+    pub fn authz_allowed(&self, active: &Arc<Active>, policy: &AuthorizationPolicy) {
+        let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
+        let key = std::ptr::from_ref(policy) as usize;
+        cache
+            .of(active)
+            .authz_allowed
+            .entry(key)
+            .or_insert_with(|| self.shared.metrics.authz_counter(Some(&policy.name), true))
+            .inc();
     }
 
     /// The metric handles of inbound requests (one label set per sidecar).

@@ -7,30 +7,51 @@
 //! that are full again (indistinguishable from new ones) are dropped.
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue};
+use prometheus_client::metrics::counter::Counter;
 use rustc_hash::FxHashMap;
 use tern_config::snapshot::{ObjectRef, RateLimit, RateLimitKey, Rule};
 
 use crate::balance::hash::key_hash;
+use crate::metrics::Metrics;
 
 /// Keys tracked per policy before idle ones are dropped.
 pub const MAX_KEYS: usize = 10_000;
 
 type Keyed = RateLimiter<u64, DefaultKeyedStateStore<u64>, DefaultClock>;
+type Single = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
+
+/// How many checks pass between two counts of a keyed limiter's keys (counting locks
+/// every shard of its map).
+const COUNT_KEYS_EVERY: u32 = 64;
+
+enum Limiter {
+    /// One bucket for everything (`key: all`): no map to look the bucket up in.
+    Single(Single),
+    Keyed {
+        limiter: Keyed,
+        checks: AtomicU32,
+    },
+}
 
 pub struct Bucket {
     pub config: Arc<RateLimit>,
-    limiter: Keyed,
+    limiter: Limiter,
     /// `RateLimit-Policy` (IETF draft-ietf-httpapi-ratelimit-headers).
     policy_header: HeaderValue,
     /// The policy's `namespace/name`, for errors and metric labels.
     pub name: Arc<str>,
+    /// `tern_rate_limit` counters (allowed, limited) by route name, resolved once each:
+    /// resolving a label set per request cost more than the check.
+    counters: Mutex<FxHashMap<Arc<str>, [Counter; 2]>>,
 }
 
 impl Bucket {
@@ -50,12 +71,32 @@ impl Bucket {
             config.per.as_secs().max(1)
         ))
         .unwrap_or_else(|_| HeaderValue::from_static("\"default\""));
+        let limiter = match config.key {
+            RateLimitKey::All => Limiter::Single(RateLimiter::direct(quota)),
+            _ => Limiter::Keyed {
+                limiter: RateLimiter::keyed(quota),
+                checks: AtomicU32::new(0),
+            },
+        };
         Bucket {
-            limiter: RateLimiter::keyed(quota),
+            limiter,
             config,
             policy_header,
             name,
+            counters: Mutex::default(),
         }
+    }
+
+    /// Counts a decision on `route` (empty: no route rule) in `tern_rate_limit`.
+    pub fn count(&self, metrics: &Metrics, route: &Arc<str>, limited: bool) {
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let pair = match counters.get(route) {
+            Some(pair) => pair,
+            None => counters
+                .entry(route.clone())
+                .or_insert_with(|| metrics.rate_limit(&self.name, route, self.key_kind())),
+        };
+        pair[usize::from(limited)].inc();
     }
 
     pub fn key_kind(&self) -> &'static str {
@@ -83,15 +124,22 @@ impl Bucket {
 
     /// Takes a token for `key`, or says how long until one is free.
     pub fn check(&self, key: u64) -> Result<(), Duration> {
-        let result = self
-            .limiter
-            .check_key(&key)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()));
-        if self.limiter.len() > MAX_KEYS {
-            self.limiter.retain_recent();
-            self.limiter.shrink_to_fit();
+        let wait = |not_until: governor::NotUntil<_>| {
+            not_until.wait_time_from(DefaultClock::default().now())
+        };
+        match &self.limiter {
+            Limiter::Single(limiter) => limiter.check().map_err(wait),
+            Limiter::Keyed { limiter, checks } => {
+                let result = limiter.check_key(&key).map_err(wait);
+                if checks.fetch_add(1, Ordering::Relaxed) % COUNT_KEYS_EVERY == 0
+                    && limiter.len() > MAX_KEYS
+                {
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
+                }
+                result
+            }
         }
-        result
     }
 
     /// The headers of a 429: when to retry, and the policy in IETF form.
@@ -192,7 +240,43 @@ mod tests {
         for k in 0..(MAX_KEYS as u64 * 3) {
             let _ = b.check(k);
         }
-        assert!(b.limiter.len() <= MAX_KEYS + 1, "{}", b.limiter.len());
+        let Limiter::Keyed { limiter, .. } = &b.limiter else {
+            panic!("a caller key is keyed")
+        };
+        let bound = MAX_KEYS + COUNT_KEYS_EVERY as usize;
+        assert!(limiter.len() <= bound, "{}", limiter.len());
+    }
+
+    #[test]
+    fn one_bucket_for_everything_and_decisions_counted_by_route() {
+        let b = Bucket::new(limit(2, 2, RateLimitKey::All));
+        assert!(matches!(b.limiter, Limiter::Single(_)));
+        let metrics = Metrics::new();
+        let (route, none): (Arc<str>, Arc<str>) = (Arc::from("shop/api"), Arc::from(""));
+        for _ in 0..3 {
+            let limited = b.check(b.key(None, 7, &HeaderMap::new())).is_err();
+            b.count(&metrics, &route, limited);
+        }
+        b.count(&metrics, &none, false);
+        let text = metrics.encode();
+        let line = |route: &str, result: &str| {
+            format!(
+                "tern_rate_limit_total{{policy=\"shop/api\",route_name=\"{route}\",\
+                 key_kind=\"all\",result=\"{result}\"}}"
+            )
+        };
+        assert!(
+            text.contains(&format!("{} 2", line("shop/api", "allowed"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1", line("shop/api", "limited"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1", line("", "allowed"))),
+            "{text}"
+        );
     }
 
     #[test]
