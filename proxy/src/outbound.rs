@@ -20,7 +20,7 @@ use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics
 use crate::policy::concurrency::Permit;
 use crate::policy::limits::Limit;
 use crate::policy::retry::{self, Buffered, Replay};
-use crate::policy::timeout::cap;
+use crate::policy::timeout::{cap, within};
 use crate::rescue::ProxyError;
 use crate::route;
 use crate::server::Conn;
@@ -144,7 +144,8 @@ fn serve<'a>(
             Box::pin(forward_upgrade(worker, backend, state, req, hash, trace)).await?
         } else {
             let mut fate = None;
-            let deadline = rule.timeouts.request.map(|d| Instant::now() + d);
+            let limit = rule.timeouts.request.map(|d| within(d, Instant::now()));
+            let deadline = limit.map(|(_, at)| at);
             let attempts = Attempts {
                 worker,
                 rule,
@@ -159,7 +160,7 @@ fn serve<'a>(
             let result = {
                 let run = attempts.run(req, trace, &mut fate);
                 tokio::pin!(run);
-                cap(rule.timeouts.request, ProxyError::RequestTimeout, run).await
+                cap(limit, ProxyError::RequestTimeout, run).await
             };
             if let Err(ProxyError::RequestTimeout(_)) = result {
                 fate = Some(Fate::TimedOut);

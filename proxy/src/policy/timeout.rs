@@ -7,13 +7,20 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-/// Runs `fut` for at most `limit` (no limit: as long as it takes); on expiry, the error
-/// `expired` makes from the limit.
+use tokio::time::Instant;
+
+/// A limit, and the instant it runs out (the caller has read the clock already).
+pub fn within(limit: Duration, now: Instant) -> (Duration, Instant) {
+    (limit, now + limit)
+}
+
+/// Runs `fut` until `limit`'s deadline (no limit: as long as it takes); on expiry, the
+/// error `expired` makes from the limit.
 ///
 /// `fut` is pinned by the caller, in place: the attempt futures are several KB, and
 /// moving one into a timeout wrapper copied all of it on every request (measured).
 pub async fn cap<F, T, E>(
-    limit: Option<Duration>,
+    limit: Option<(Duration, Instant)>,
     expired: fn(Duration) -> E,
     fut: Pin<&mut F>,
 ) -> Result<T, E>
@@ -21,7 +28,7 @@ where
     F: Future<Output = Result<T, E>>,
 {
     match limit {
-        Some(limit) => tokio::time::timeout(limit, fut)
+        Some((limit, deadline)) => tokio::time::timeout_at(deadline, fut)
             .await
             .unwrap_or_else(|_| Err(expired(limit))),
         None => fut.await,
@@ -43,13 +50,13 @@ mod tests {
         let inner = slow();
         tokio::pin!(inner);
         let per_try = cap(
-            Some(Duration::from_secs(2)),
+            Some(within(Duration::from_secs(2), Instant::now())),
             ProxyError::BackendTimeout,
             inner,
         );
         tokio::pin!(per_try);
         let err = cap(
-            Some(Duration::from_secs(10)),
+            Some(within(Duration::from_secs(10), Instant::now())),
             ProxyError::RequestTimeout,
             per_try,
         )
@@ -60,7 +67,7 @@ mod tests {
         let fut = slow();
         tokio::pin!(fut);
         let err = cap(
-            Some(Duration::from_secs(1)),
+            Some(within(Duration::from_secs(1), Instant::now())),
             ProxyError::RequestTimeout,
             fut,
         )
