@@ -31,6 +31,8 @@ use crate::worker::Worker;
 /// Response header with the number of attempts a request took (when its route retries).
 pub static TERN_ATTEMPTS: HeaderName = HeaderName::from_static("tern-attempts");
 
+/// Serves one request from the application: routed, sent with the route's policies, and
+/// answered (an error becomes a response here).
 ///
 /// Written as a function returning an `async move` block, here and below on the request's
 /// path: an `async fn` stores a by-value argument twice in its state (the argument, and the
