@@ -150,7 +150,12 @@ pub fn authority<B>(req: &Request<B>) -> Option<&str> {
 /// Splits `host[:port]` (bracketed IPv6 literals included).
 pub fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), ProxyError> {
     let bad = ProxyError::BadRequest("malformed Host or :authority");
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    // Byte scans, not `str` patterns: this runs for every routed request, on short input.
+    let after_userinfo = authority
+        .bytes()
+        .rposition(|b| b == b'@')
+        .map_or(0, |i| i + 1);
+    let authority = &authority[after_userinfo..];
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or(bad)?;
         match after.strip_prefix(':') {
@@ -159,22 +164,39 @@ pub fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), ProxyErro
             None => return Err(ProxyError::BadRequest("malformed Host or :authority")),
         }
     } else {
-        match authority.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
+        match authority.bytes().position(|b| b == b':') {
+            Some(i) => (&authority[..i], Some(&authority[i + 1..])),
             None => (authority, None),
         }
     };
     let port = match port {
-        Some(p) => Some(
-            p.parse::<u16>()
-                .map_err(|_| ProxyError::BadRequest("malformed port in Host or :authority"))?,
-        ),
+        Some(p) => Some(parse_port(p).ok_or(ProxyError::BadRequest(
+            "malformed port in Host or :authority",
+        ))?),
         None => None,
     };
     if host.is_empty() {
         return Err(ProxyError::BadRequest("empty host in Host or :authority"));
     }
     Ok((host, port))
+}
+
+/// A port: one or more digits (RFC 3986 section 3.2.3), at most 65535.
+fn parse_port(p: &str) -> Option<u16> {
+    if p.is_empty() {
+        return None;
+    }
+    let mut n: u32 = 0;
+    for b in p.bytes() {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u32::from(b - b'0');
+        if n > u32::from(u16::MAX) {
+            return None;
+        }
+    }
+    u16::try_from(n).ok()
 }
 
 /// Rewrites a request for the upstream's protocol: origin-form target plus `Host` for
@@ -294,6 +316,15 @@ mod tests {
         assert_eq!(split_host_port("[::1]:80").unwrap(), ("::1", Some(80)));
         assert!(split_host_port("a:99999").is_err());
         assert!(split_host_port(":80").is_err());
+        assert!(split_host_port("a:").is_err());
+        assert!(split_host_port("a:+80").is_err());
+        assert!(split_host_port("a:8x").is_err());
+        assert_eq!(split_host_port("a:080").unwrap(), ("a", Some(80)));
+        assert_eq!(split_host_port("a:65535").unwrap(), ("a", Some(65535)));
+        assert!(split_host_port("a:65536").is_err());
+        assert_eq!(split_host_port("u:p@h:1").unwrap(), ("h", Some(1)));
+        assert_eq!(split_host_port("[::1]").unwrap(), ("::1", None));
+        assert!(split_host_port("[::1]x").is_err());
     }
 
     #[test]

@@ -48,7 +48,8 @@ pub fn release_code() -> usize {
     for (start, end) in unmodified_code(&smaps) {
         // SAFETY: [start, end) is a whole mapping of this process, read-only and backed by
         // an unmodified file (no private page): MADV_DONTNEED only drops its page table
-        // entries, and the next access maps the same file contents back in.
+        // entries, and the next access maps the same file contents back in. (The kernel
+        // may drop these clean pages under memory pressure at any time anyway.)
         let rc =
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
         if rc == 0 {
