@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -145,6 +145,32 @@ pub enum RequestBody {
         prefix: Option<Bytes>,
         rest: ClientBody,
     },
+}
+
+impl RequestBody {
+    /// A complete, empty body.
+    pub const EMPTY: RequestBody = RequestBody::Buffered {
+        data: None,
+        trailers: None,
+    };
+}
+
+/// A copy of `req`, whose body is buffered or empty (any other body copies as empty).
+/// Extensions are not copied.
+pub fn copy_complete(req: &Request<RequestBody>) -> Request<RequestBody> {
+    let body = match req.body() {
+        RequestBody::Buffered { data, trailers } => RequestBody::Buffered {
+            data: data.clone(),
+            trailers: trailers.clone(),
+        },
+        _ => RequestBody::EMPTY,
+    };
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 impl Body for RequestBody {

@@ -3,6 +3,11 @@
 //! and RateLimitPolicies, then forwarded to the local application in the protocol it
 //! speaks.
 
+#![expect(
+    clippy::manual_async_fn,
+    reason = "the request path returns async blocks, not async fns: an async fn stores a by-value request twice (see `outbound::handle`)"
+)]
+
 use std::future::Future;
 
 use http::{Request, Response, StatusCode, Version};
@@ -19,10 +24,6 @@ use crate::upstream::{self, Transport};
 use crate::worker::Worker;
 
 /// A function returning an `async move` block, not an `async fn`: see `outbound::handle`.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn stores the request twice"
-)]
 pub fn handle<'a>(
     worker: &'a Worker,
     req: Request<ClientBody>,
@@ -137,10 +138,6 @@ fn rate_limit<B>(
     Some(resp)
 }
 
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn stores the request twice"
-)]
 fn serve<'a>(
     worker: &'a Worker,
     mut req: Request<ClientBody>,

@@ -4,6 +4,11 @@
 //! endpoint pick (balancer + circuit breakers) -> per-try timeout -> limits -> pool ->
 //! upstream } -> response. Any error climbs back to `rescue` and becomes a response.
 
+#![expect(
+    clippy::manual_async_fn,
+    reason = "the request path returns async blocks, not async fns: an async fn stores a by-value request twice (see `handle`)"
+)]
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -37,10 +42,6 @@ pub static TERN_ATTEMPTS: HeaderName = HeaderName::from_static("tern-attempts");
 /// Written as a function returning an `async move` block, here and below on the request's
 /// path: an `async fn` stores a by-value argument twice in its state (the argument, and the
 /// local it is moved into), and the request is 272 bytes at every level.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn stores the request twice"
-)]
 pub fn handle<'a>(
     worker: &'a Worker,
     req: Request<ClientBody>,
@@ -82,10 +83,6 @@ pub fn handle<'a>(
     }
 }
 
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn stores the request twice"
-)]
 fn serve<'a>(
     worker: &'a Worker,
     active: &'a Arc<Active>,
@@ -204,10 +201,6 @@ struct Attempts<'a> {
 }
 
 impl Attempts<'_> {
-    #[expect(
-        clippy::manual_async_fn,
-        reason = "an async fn stores the request twice"
-    )]
     fn run<'b>(
         &'b self,
         mut req: Request<ClientBody>,
@@ -282,11 +275,7 @@ impl Attempts<'_> {
             let mut replay: Option<Replay> = None;
             let (mut next, replayable) = match retry {
                 Some(_) if http_body::Body::is_end_stream(req.body()) => {
-                    let empty = RequestBody::Buffered {
-                        data: None,
-                        trailers: None,
-                    };
-                    (Some(req.map(|_| empty)), true)
+                    (Some(req.map(|_| RequestBody::EMPTY)), true)
                 }
                 // Boxed: reading a body is the less common path; its state stays out of the
                 // request's future.
@@ -294,7 +283,7 @@ impl Attempts<'_> {
                     .await
                     .map_err(ProxyError::ClientBody)?
                 {
-                    Buffered::Replayable(r) => (Some(r.into_request()), true),
+                    Buffered::Replayable(r) => (Some(r), true),
                     Buffered::TooLarge(r) => {
                         self.metrics.body_too_large();
                         (Some(r), false)

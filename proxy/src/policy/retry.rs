@@ -10,12 +10,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Request, Uri, Version};
+use bytes::BytesMut;
+use http::{HeaderMap, Method, Request};
 use http_body_util::BodyExt;
 use tern_config::snapshot::RetryPolicy;
 
-use crate::body::{ClientBody, ClientBodyError, RequestBody};
+use crate::body::{ClientBody, ClientBodyError, RequestBody, copy_complete};
 
 /// Without a route `retry`, a connect failure is retried this many times, on other
 /// endpoints.
@@ -71,65 +71,33 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// A request kept so that it can be sent again.
-#[derive(Clone)]
-pub struct Replay {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
-}
+/// A request kept so that it can be sent again (its body buffered or empty).
+pub struct Replay(Request<RequestBody>);
 
 impl Replay {
-    /// A copy of the request, for another attempt.
+    /// A copy of the request, for another attempt (without extensions).
     pub fn request(&self) -> Request<RequestBody> {
-        self.clone().into_request()
+        copy_complete(&self.0)
     }
 
-    /// The replay of `req` itself, whose body is buffered or empty (any other body is
-    /// not kept).
+    /// The replay of `req` itself, whose body is buffered or empty (another body would
+    /// be replayed empty).
     pub fn of(req: Request<RequestBody>) -> Replay {
-        let (parts, body) = req.into_parts();
-        let (data, trailers) = match body {
-            RequestBody::Buffered { data, trailers } => (data, trailers),
-            _ => (None, None),
-        };
-        Replay {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            data,
-            trailers,
-        }
-    }
-
-    /// The request itself, for its first attempt.
-    pub fn into_request(mut self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::Buffered {
-            data: self.data.take(),
-            trailers: self.trailers.take(),
-        });
-        *req.method_mut() = std::mem::take(&mut self.method);
-        *req.uri_mut() = std::mem::take(&mut self.uri);
-        *req.version_mut() = self.version;
-        *req.headers_mut() = std::mem::take(&mut self.headers);
-        req
+        Replay(req)
     }
 }
 
 impl Drop for Replay {
     /// The header map goes to the thread's spares, for the next request's head.
     fn drop(&mut self) {
-        crate::h1::spare::give_map(std::mem::take(&mut self.headers));
+        crate::h1::spare::give_map(std::mem::take(self.0.headers_mut()));
     }
 }
 
 /// What buffering made of a request.
 pub enum Buffered {
-    Replayable(Replay),
+    /// The request with its body in memory (and no extensions, as a [`Replay`] has).
+    Replayable(Request<RequestBody>),
     /// The body is larger than the buffer: sent once, as it comes.
     TooLarge(Request<RequestBody>),
 }
@@ -137,7 +105,7 @@ pub enum Buffered {
 /// Reads the body of `req` into memory if it fits in `limit` bytes. A declared
 /// Content-Length over the limit is not read at all.
 pub async fn buffer(req: Request<ClientBody>, limit: usize) -> Result<Buffered, ClientBodyError> {
-    let (parts, mut body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     let declared = http_body::Body::size_hint(&body).exact();
     if declared.is_some_and(|n| n > limit as u64) {
         return Ok(Buffered::TooLarge(Request::from_parts(
@@ -167,14 +135,12 @@ pub async fn buffer(req: Request<ClientBody>, limit: usize) -> Result<Buffered, 
             }
         }
     }
-    Ok(Buffered::Replayable(Replay {
-        method: parts.method,
-        uri: parts.uri,
-        version: parts.version,
-        headers: parts.headers,
+    parts.extensions.clear();
+    let body = RequestBody::Buffered {
         data: (!data.is_empty()).then(|| data.freeze()),
         trailers,
-    }))
+    };
+    Ok(Buffered::Replayable(Request::from_parts(parts, body)))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use tern_config::snapshot::Protocol;
 use pool::{Pool, PooledBody};
 use tern_config::snapshot::{EndpointIdentity, Limits};
 
-use crate::body::{ClientBody, RequestBody};
+use crate::body::{ClientBody, RequestBody, copy_complete};
 use crate::policy::limits::{Counters, Limit, Slot};
 
 #[derive(Debug, thiserror::Error)]
@@ -157,13 +157,13 @@ pub fn send<'a>(
                 (Path::Pooled(conn, wire), kept)
             }
             None => {
-                let kept = keep.then(|| copy(&req));
+                let kept = keep.then(|| copy_complete(&req));
                 let sending = connect_h1_inline(pool, addr, req, wire, admission);
                 (Path::Other(Box::pin(sending)), kept)
             }
         },
         (None, transport) => {
-            let kept = keep.then(|| copy(&req));
+            let kept = keep.then(|| copy_complete(&req));
             let sending: Sending<'a> = match transport {
                 Transport::Plain(Protocol::Http1) => {
                     Box::pin(send_h1_hyper(pool, addr, req, admission))
@@ -185,26 +185,6 @@ pub fn send<'a>(
         }
     };
     (sending, kept)
-}
-
-/// A copy of `req`, whose body is buffered or empty.
-fn copy(req: &Request<RequestBody>) -> Request<RequestBody> {
-    let body = match req.body() {
-        RequestBody::Buffered { data, trailers } => RequestBody::Buffered {
-            data: data.clone(),
-            trailers: trailers.clone(),
-        },
-        _ => RequestBody::Buffered {
-            data: None,
-            trailers: None,
-        },
-    };
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
 }
 
 enum Path<'a> {
