@@ -636,13 +636,14 @@ def start_all(procs: Procs, conf: Path, targets: dict[str, Target], tern_bin: Op
                                        (P["up_h1"], P["up_h2c"]), tern_bin))
 
     def pair():
-        start_tern(procs, conf, "ternB1", P["ternB1"], P["up_h1"], (P["up_h1"], P["up_h2c"]),
-                   tern_bin)
-        start_tern(procs, conf, "ternB2", P["ternB2"], P["up_h2c"], (P["up_h1"], P["up_h2c"]),
-                   tern_bin)
-        # A's services point at B's inbound listeners: h1 -> B1, h2c -> B2
-        start_tern(procs, conf, "ternA", P["ternA"], P["up_h1"],
-                   (P["ternB1"][1], P["ternB2"][1]), tern_bin)
+        # Every sidecar of a mesh sees the same endpoints: the services' endpoints are
+        # B's inbound listeners (h1 -> B1, h2c -> B2), which A dials and at which B
+        # finds the Service a connection is for (as at a pod IP in a cluster); B then
+        # hands requests to its app, the upstream.
+        b_inbound = (P["ternB1"][1], P["ternB2"][1])
+        start_tern(procs, conf, "ternB1", P["ternB1"], P["up_h1"], b_inbound, tern_bin)
+        start_tern(procs, conf, "ternB2", P["ternB2"], P["up_h2c"], b_inbound, tern_bin)
+        start_tern(procs, conf, "ternA", P["ternA"], P["up_h1"], b_inbound, tern_bin)
     guard(["tern-pair"], pair)
     if "tern-mtls-pair" in targets:
         missing = [f for f, b in (("tern-control", control_bin), ("ternctl", ternctl_bin))

@@ -92,8 +92,7 @@ pub fn parse_request(
     let mut expect_continue = false;
     let mut trailers = false;
     let mut host = false;
-    let mut spans: [Span; MAX] = [((0, 0), (0, 0)); MAX];
-    let mut count = 0;
+    let mut spans = Spans::new();
     for h in req.headers.iter() {
         let (name, value) = (h.name.as_bytes(), h.value);
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
@@ -143,8 +142,7 @@ pub fn parse_request(
             host = true;
         }
         if !spent {
-            spans[count] = span_of(base, name, value);
-            count += 1;
+            spans.push(span_of(base, name, value));
         }
     }
     let framing = if chunked {
@@ -169,7 +167,7 @@ pub fn parse_request(
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.0 + path.1))
         .map_err(|_| Refusal::Malformed("invalid request target"))?;
-    let headers = header_map(&head, &spans[..count]).map_err(Refusal::Malformed)?;
+    let headers = header_map(&head, &spans).map_err(Refusal::Malformed)?;
     let upgrade = (upgrade_token && has_upgrade) || method == Method::CONNECT;
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
@@ -190,6 +188,10 @@ pub fn parse_request(
 
 /// Where a header's name and value sit in a head: ((at, len), (at, len)).
 type Span = ((u32, u32), (u32, u32));
+
+/// The spans of one head's headers. Inline for the usual few (not initialised: zeroing
+/// room for the most allowed cost more than the parse), on the heap past that.
+type Spans = smallvec::SmallVec<[Span; 32]>;
 
 /// The span of a header whose name and value borrow a buffer starting at `base`.
 fn span_of(base: usize, name: &[u8], value: &[u8]) -> Span {
@@ -278,9 +280,11 @@ pub fn parse_response(
     head_request: bool,
 ) -> Result<Option<ParsedResponse>, &'static str> {
     const MAX: usize = 100;
-    let mut raw = [httparse::EMPTY_HEADER; MAX];
-    let mut resp = httparse::Response::new(&mut raw);
-    let len = match resp.parse(buf) {
+    let mut raw = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut raw);
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
         Ok(httparse::Status::Partial) if buf.len() <= max_head => return Ok(None),
         Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err("response head too large"),
@@ -291,10 +295,14 @@ pub fn parse_response(
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
+    // A response with a body gets its length from the body (exact when the length is
+    // known), so `Content-Length` is not kept: the writer declares it again without
+    // looking it up, and a length beside `Transfer-Encoding` is dropped (RFC 9112
+    // section 6.3). A bodiless response keeps it: it describes a body not sent.
+    let has_body = !bodiless(head_request, status);
     let base = buf.as_ptr() as usize;
-    let mut spans = [((0u32, 0u32), (0u32, 0u32)); MAX];
+    let mut spans = Spans::new();
     let (mut length, mut chunked, mut close, mut keep_alive_token) = (None, false, false, false);
-    let mut count = 0;
     for h in resp.headers.iter() {
         let (name, value) = (h.name.as_bytes(), h.value);
         // As for requests: `Connection: keep-alive`/`close` and `Keep-Alive` are
@@ -306,6 +314,7 @@ pub fn parse_response(
                 return Err("conflicting Content-Length values");
             }
             length = Some(n);
+            spent = has_body;
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             chunked = tokens(value)
                 .last()
@@ -322,11 +331,10 @@ pub fn parse_response(
             spent = true;
         }
         if !spent {
-            spans[count] = span_of(base, name, value);
-            count += 1;
+            spans.push(span_of(base, name, value));
         }
     }
-    let framing = if bodiless(head_request, status) {
+    let framing = if !has_body {
         ResponseFraming::None
     } else if chunked {
         ResponseFraming::Chunked
@@ -341,7 +349,7 @@ pub fn parse_response(
         && (version == Version::HTTP_11 || keep_alive_token)
         && framing != ResponseFraming::UntilClose;
     let head = buf.split_to(len).freeze();
-    let headers = header_map(&head, &spans[..count])?;
+    let headers = header_map(&head, &spans)?;
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = Version::HTTP_11;
@@ -648,12 +656,80 @@ mod tests {
         let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
         assert!(!r.keep_alive);
         assert!(!r.parts.headers.contains_key("connection"));
-        assert_eq!(r.parts.headers.len(), 1);
+        assert!(r.parts.headers.is_empty());
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\n"[..],
         );
         let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
         assert_eq!(r.parts.headers["connection"], "keep-alive, X-Hop");
+    }
+
+    #[test]
+    fn a_response_length_is_the_bodys_unless_there_is_no_body() {
+        let parse = |s: &str, head_request| {
+            let mut b = BytesMut::from(s.as_bytes());
+            parse_response(&mut b, 1024, head_request).unwrap().unwrap()
+        };
+        // The body carries it (the writer declares it again from the body's size).
+        let r = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX: 1\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.framing, ResponseFraming::Length(5));
+        assert!(!r.parts.headers.contains_key("content-length"));
+        assert_eq!(r.parts.headers["x"], "1");
+        let r = parse("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false);
+        assert_eq!(r.framing, ResponseFraming::None);
+        assert!(r.parts.headers.is_empty());
+        // Beside Transfer-Encoding a length is dropped, not passed on.
+        let r = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.framing, ResponseFraming::Chunked);
+        assert!(!r.parts.headers.contains_key("content-length"));
+        // No body: the length describes the one not sent, and stays.
+        let r = parse("HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", true);
+        assert_eq!(r.framing, ResponseFraming::None);
+        assert_eq!(r.parts.headers["content-length"], "99");
+        let r = parse(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.parts.headers["content-length"], "12");
+        // Still checked where it is dropped.
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
+        );
+        assert!(parse_response(&mut b, 1024, false).is_err());
+    }
+
+    #[test]
+    fn heads_with_many_headers_keep_them_all() {
+        // Past the inline room for spans (32), in order.
+        let mut req = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        let mut resp = String::from("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n");
+        for i in 0..60 {
+            req.push_str(&format!("X-{i}: {i}\r\n"));
+            resp.push_str(&format!("X-{i}: {i}\r\n"));
+        }
+        req.push_str("\r\n");
+        resp.push_str("\r\n");
+        let p = ok(&req);
+        assert_eq!(p.parts.headers.len(), 61);
+        let mut b = BytesMut::from(resp.as_bytes());
+        let r = parse_response(&mut b, 64 * 1024, false).unwrap().unwrap();
+        assert_eq!(r.parts.headers.len(), 60);
+        for i in 0..60 {
+            assert_eq!(
+                p.parts.headers[format!("x-{i}").as_str()],
+                i.to_string().as_str()
+            );
+            assert_eq!(
+                r.parts.headers[format!("x-{i}").as_str()],
+                i.to_string().as_str()
+            );
+        }
     }
 
     #[test]
