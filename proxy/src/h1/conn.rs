@@ -178,6 +178,13 @@ pub async fn serve<S, F, Fut, B, R>(
     // atomic store, not a timer-wheel operation.
     let timer = tokio::time::sleep(settings.idle_timeout);
     tokio::pin!(timer);
+    // One drain watch per connection too: once registered it stays registered across
+    // idle waits (a fresh wait on each would register and unregister once per request).
+    let mut watching = drain.clone();
+    let drained = async move {
+        let _ = watching.wait_for(|d| *d).await;
+    };
+    tokio::pin!(drained);
     loop {
         if conn.rbuf.is_empty() {
             // Idle: give the buffer back before waiting (to the thread's spares, for
@@ -187,7 +194,7 @@ pub async fn serve<S, F, Fut, B, R>(
             let readable = tokio::select! {
                 biased;
                 r = poll_fn(|cx| conn.io.poll_read_ready(cx)) => r.is_ok(),
-                _ = drain.wait_for(|d| *d) => false,
+                () = drained.as_mut() => false,
                 () = timer.as_mut() => false,
             };
             if !readable {
@@ -962,6 +969,40 @@ mod tests {
             out.contains("content-length: 7\r\n") && out.ends_with("\r\n\r\n"),
             "{out}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closes_when_drain_is_raised() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut drain) = watch::channel(false);
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let dropped = Arc::new(AtomicBool::new(false));
+            serve(
+                stream,
+                settings(),
+                &mut drain,
+                |req| service(req, dropped.clone()),
+                |_| Response::new(full("refused")),
+            )
+            .await;
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        // Two requests: the second idle wait reuses the watch the first registered.
+        for path in ["/a", "/b"] {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            let (out, closed) = exchange(&mut c, raw.as_bytes(), 1).await;
+            assert!(!closed && out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(true).unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("the idle connection was not closed on drain")
+            .unwrap();
+        assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
     }
 
     #[tokio::test]
