@@ -14,7 +14,6 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
-pub mod block_cache;
 pub mod body;
 pub mod control;
 pub mod h1;

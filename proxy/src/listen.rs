@@ -44,8 +44,6 @@ pub fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("tern-worker-{id}"))
         .spawn(move || {
-            // A worker lives as long as the process: it keeps freed blocks for reuse.
-            crate::block_cache::enable_on_this_thread();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -111,10 +111,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     tern_config::validate::parse_duration(s)
 }
 
-/// glibc's malloc, with a per-worker cache of the 1-8 KiB blocks each request allocates.
-#[global_allocator]
-static ALLOCATOR: tern_proxy::block_cache::BlockCache = tern_proxy::block_cache::BlockCache;
-
 fn main() -> ExitCode {
     // First, before any other thread exists.
     tern_proxy::resident::tune_allocator();
