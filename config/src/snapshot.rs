@@ -754,9 +754,11 @@ impl Snapshot {
         let host = strip_suffix_ignore_case(host, ".svc.cluster.local")
             .or_else(|| strip_suffix_ignore_case(host, ".svc"))
             .unwrap_or(host);
-        let mut parts = host.splitn(2, '.');
-        let name = parts.next().unwrap_or_default();
-        let ns = parts.next();
+        // A byte scan: `splitn` with a char pattern sets up a searcher per call.
+        let (name, ns) = match host.bytes().position(|b| b == b'.') {
+            Some(dot) => (&host[..dot], Some(&host[dot + 1..])),
+            None => (host, None),
+        };
         let svc = self.find_service(name, ns, default_ns, host)?;
         match port {
             Some(p) => {
