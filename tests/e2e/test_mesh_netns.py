@@ -709,6 +709,14 @@ exec {shutil.which('openssl')} "$@"
         time.sleep(2)
     took = time.monotonic() - t0
     report = r.stdout.decode(errors="replace")[-4000:]
+    if b"cannot connect" in r.stdout:
+        # Why is not understood yet (it happened in 2 of ~10 CI runs): keep what B and a
+        # plain s_client say at that moment.
+        probe = subprocess.run([str(wrapper), "s_client", "-connect", f"{b.ip}:4143", "-brief"],
+                               input=b"", capture_output=True, timeout=15)
+        pytest.fail(f"testssl could not connect in {attempt + 1} goes over {took:.0f}s:\n{report}\n"
+                    f"--- s_client (exit {probe.returncode}) ---\n{probe.stdout.decode(errors='replace')[-2000:]}"
+                    f"{probe.stderr.decode(errors='replace')[-2000:]}\n{mesh.dump()}")
     assert out.exists(), f"testssl wrote no JSON (exit {r.returncode}):\n{report}\n{r.stderr.decode(errors='replace')}"
     findings = {f["id"]: f for f in json.loads(out.read_text()) if isinstance(f, dict) and "id" in f}
     sev = lambda i: findings.get(i, {}).get("finding", "")  # noqa: E731
