@@ -59,6 +59,10 @@ MTLS_CLIENT_SA = "bench-client"   # sidecar A of tern-mtls-pair
 MTLS_SERVER_SA = "bench-server"   # sidecars B1/B2 (one service account, like two replicas)
 LINKERD_PAIR_CPU_US = 59.0        # reference (issue 8): linkerd2-proxy pair, 2-core loopback
 LINKERD_PAIR_ADDED_P99_MS = 1.3   # ... and its added p99 at 1,000 req/s
+# The endpoints every sidecar of tern-pair sees: B's inbound listeners (h1 -> B1, h2c ->
+# B2), which A dials and at which B finds the Service a connection is for (as at a pod IP
+# in a cluster); B then hands requests to its app, the upstream.
+PAIR_ENDPOINTS = (P["ternB1"][1], P["ternB2"][1])
 
 
 # ---------------------------------------------------------------------------
@@ -636,14 +640,9 @@ def start_all(procs: Procs, conf: Path, targets: dict[str, Target], tern_bin: Op
                                        (P["up_h1"], P["up_h2c"]), tern_bin))
 
     def pair():
-        # Every sidecar of a mesh sees the same endpoints: the services' endpoints are
-        # B's inbound listeners (h1 -> B1, h2c -> B2), which A dials and at which B
-        # finds the Service a connection is for (as at a pod IP in a cluster); B then
-        # hands requests to its app, the upstream.
-        b_inbound = (P["ternB1"][1], P["ternB2"][1])
-        start_tern(procs, conf, "ternB1", P["ternB1"], P["up_h1"], b_inbound, tern_bin)
-        start_tern(procs, conf, "ternB2", P["ternB2"], P["up_h2c"], b_inbound, tern_bin)
-        start_tern(procs, conf, "ternA", P["ternA"], P["up_h1"], b_inbound, tern_bin)
+        start_tern(procs, conf, "ternB1", P["ternB1"], P["up_h1"], PAIR_ENDPOINTS, tern_bin)
+        start_tern(procs, conf, "ternB2", P["ternB2"], P["up_h2c"], PAIR_ENDPOINTS, tern_bin)
+        start_tern(procs, conf, "ternA", P["ternA"], P["up_h1"], PAIR_ENDPOINTS, tern_bin)
     guard(["tern-pair"], pair)
     if "tern-mtls-pair" in targets:
         missing = [f for f, b in (("tern-control", control_bin), ("ternctl", ternctl_bin))

@@ -98,11 +98,9 @@ def one_run(args, mode: str, n: int, out: Path) -> dict[str, int]:
                           bench.LOAD_CPU, P["up_h1"])
         if mode == "plain":
             d = run / "conf"
-            # one view of the endpoints for both sidecars, as bench.py's tern-pair
-            b_inbound = (P["ternB1"][1], P["ternB2"][1])
             for name, ports in ((bname, P[bname]), ("ternA", P["ternA"])):
                 (d / name).mkdir(parents=True, exist_ok=True)
-                (d / name / "bench.yaml").write_text(bench.tern_yaml(*b_inbound))
+                (d / name / "bench.yaml").write_text(bench.tern_yaml(*bench.PAIR_ENDPOINTS))
                 o, i, a = ports
                 procs.start(name, vg(name) + [
                     args.tern_bin, "--config-dir", str(d / name), "--outbound", f"{ADDR}:{o}",

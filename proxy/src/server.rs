@@ -376,7 +376,7 @@ async fn serve_h1<S: h1::Io>(
     conn: Arc<Conn>,
     direction: Direction,
     limits: Limits,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) {
     let settings = h1::Settings {
         max_head: limits.max_header_bytes,
@@ -388,7 +388,7 @@ async fn serve_h1<S: h1::Io>(
     h1::serve(
         stream,
         settings,
-        &mut drain,
+        &drain,
         |req: http::Request<h1::Body>| dispatch(worker, direction, conn, req.map(ClientBody::H1)),
         |refusal| refuse(worker, direction, refusal),
     )

@@ -158,7 +158,7 @@ enum HeadError {
 pub async fn serve<S, F, Fut, B, R>(
     io: S,
     settings: Settings,
-    drain: &mut watch::Receiver<bool>,
+    drain: &watch::Receiver<bool>,
     mut service: F,
     refuse: R,
 ) where
@@ -841,11 +841,11 @@ mod tests {
                 let (stream, _) = listener.accept().await.unwrap();
                 let d = d.clone();
                 tokio::spawn(async move {
-                    let (_tx, mut drain) = watch::channel(false);
+                    let (_tx, drain) = watch::channel(false);
                     serve(
                         stream,
                         settings(),
-                        &mut drain,
+                        &drain,
                         |req| service(req, d.clone()),
                         |refusal| {
                             Response::builder()
@@ -975,14 +975,14 @@ mod tests {
     async fn an_idle_connection_closes_when_drain_is_raised() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, mut drain) = watch::channel(false);
+        let (tx, drain) = watch::channel(false);
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             let dropped = Arc::new(AtomicBool::new(false));
             serve(
                 stream,
                 settings(),
-                &mut drain,
+                &drain,
                 |req| service(req, dropped.clone()),
                 |_| Response::new(full("refused")),
             )
