@@ -4,10 +4,11 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{Request, Response};
 use serde_json::json;
+use tokio::time::Instant;
 
 use crate::metrics::Direction;
 use crate::rescue::TERN_ERROR;
@@ -23,6 +24,9 @@ pub struct Trace {
     pub attempts: u32,
     /// The rule has a retry policy: responses carry `tern-attempts`.
     pub retry_policy: bool,
+    /// When the response (or the last attempt's failure) that answers the request came
+    /// back; `None` when no attempt answered it (refused, timed out).
+    pub answered: Option<Instant>,
 }
 
 /// The request line, kept from the start of a logged request.
@@ -34,7 +38,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn start<B>(req: &Request<B>) -> Self {
+    /// `started`: when the request began.
+    pub fn start<B>(req: &Request<B>, started: Instant) -> Self {
         let authority = req
             .uri()
             .authority()
@@ -47,7 +52,7 @@ impl Entry {
             .unwrap_or("")
             .to_string();
         Entry {
-            started: Instant::now(),
+            started,
             method: req.method().clone(),
             authority,
             path: req.uri().path().to_string(),

@@ -36,10 +36,11 @@ pub struct Held {
 }
 
 impl Held {
-    /// Feeds the response (latency to headers, failed or not) to adaptive limits.
-    pub fn sample(&self, failed: bool) {
+    /// Feeds the response (latency to its headers, at `at`; failed or not) to adaptive
+    /// limits.
+    pub fn sample(&self, failed: bool, at: tokio::time::Instant) {
         for p in self.permits.iter().flat_map(|p| p.iter().flatten()) {
-            p.sample(failed);
+            p.sample(failed, at);
         }
     }
 }

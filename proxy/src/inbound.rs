@@ -12,6 +12,7 @@ use std::future::Future;
 
 use http::{Request, Response, StatusCode, Version};
 use tern_config::snapshot::{Decision, MtlsMode, Protocol, Rule, ServicePort, authorize};
+use tokio::time::Instant;
 
 use crate::body::{ClientBody, Held, ProxyBody, RequestBody};
 use crate::headers;
@@ -31,20 +32,22 @@ pub fn handle<'a>(
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
     async move {
         let labels = || worker.unrouted(Direction::Inbound, &worker.app_label);
-        let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels());
+        // The request's one clock read before it goes out (see `outbound::handle`).
+        let start = Instant::now();
+        let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels(), start);
         recorder.route = Some(worker.inbound_metrics(labels));
         if let Some(resp) = check(worker, &req, conn) {
-            recorder.finish(resp.status().as_u16());
+            recorder.finish(resp.status().as_u16(), Instant::now());
             return resp;
         }
-        let resp = match serve(worker, req, conn).await {
+        let resp = match serve(worker, req, conn, start).await {
             Ok(resp) => resp,
             Err(err) => {
                 tracing::debug!(error = %err, "inbound request failed");
                 err.into_response()
             }
         };
-        recorder.finish(resp.status().as_u16());
+        recorder.finish(resp.status().as_u16(), Instant::now());
         resp
     }
 }
@@ -138,10 +141,12 @@ fn rate_limit<B>(
     Some(resp)
 }
 
+/// `start`: the clock read at the request's start (nothing here waits before sending).
 fn serve<'a>(
     worker: &'a Worker,
     mut req: Request<ClientBody>,
     conn: &'a Conn,
+    start: Instant,
 ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
     async move {
         // Intercepted: the application port the client dialled; else the configured one.
@@ -174,8 +179,9 @@ fn serve<'a>(
         } else {
             let req = req.map(RequestBody::Stream);
             let transport = Transport::Plain(protocol);
-            let (sending, _) = upstream::send(&worker.app_pool, app, transport, req, false, None);
-            sending.await.map_err(|e| e.error)
+            upstream::send(&worker.app_pool, app, transport, req, None, None, start)
+                .await
+                .map_err(|e| e.error)
         };
         let mut resp = sent.map_err(|err| upstream_error(err, worker.app_label.clone(), app))?;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

@@ -15,6 +15,7 @@ pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod boxed;
 pub mod control;
 pub mod h1;
 pub mod headers;

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -262,28 +264,31 @@ pub struct RequestRecorder<'a> {
     metrics: &'a Metrics,
     pub labels: RouteLabels,
     pub route: Option<std::sync::Arc<RouteMetrics>>,
-    start: std::time::Instant,
+    start: Instant,
     done: bool,
 }
 
 impl<'a> RequestRecorder<'a> {
-    pub fn new(metrics: &'a Metrics, labels: RouteLabels) -> Self {
+    /// `start`: when the request began (the caller's clock read, shared with its other
+    /// bookkeeping).
+    pub fn new(metrics: &'a Metrics, labels: RouteLabels, start: Instant) -> Self {
         RequestRecorder {
             metrics,
             labels,
             route: None,
-            start: std::time::Instant::now(),
+            start,
             done: false,
         }
     }
 
-    pub fn finish(mut self, status: u16) {
+    /// Records the request as answered with `status` at `at`.
+    pub fn finish(mut self, status: u16, at: Instant) {
         self.done = true;
-        self.record(status);
+        self.record(status, at);
     }
 
-    fn record(&self, status: u16) {
-        let elapsed = self.start.elapsed();
+    fn record(&self, status: u16, at: Instant) {
+        let elapsed = at.saturating_duration_since(self.start);
         match &self.route {
             Some(route) => route.record(self.metrics, status, elapsed),
             None => self.metrics.record_request(&self.labels, status, elapsed),
@@ -294,7 +299,7 @@ impl<'a> RequestRecorder<'a> {
 impl Drop for RequestRecorder<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.record(CLIENT_CLOSED);
+            self.record(CLIENT_CLOSED, Instant::now());
         }
     }
 }
@@ -815,12 +820,13 @@ mod tests {
             route_rule: 0,
             backend_name: "app".into(),
         };
-        drop(RequestRecorder::new(&m, labels.clone()));
-        RequestRecorder::new(&m, labels.clone()).finish(200);
+        let now = Instant::now();
+        drop(RequestRecorder::new(&m, labels.clone(), now));
+        RequestRecorder::new(&m, labels.clone(), now).finish(200, now);
         // Through resolved handles: the same series.
-        let mut r = RequestRecorder::new(&m, labels.clone());
+        let mut r = RequestRecorder::new(&m, labels.clone(), now);
         r.route = Some(std::sync::Arc::new(m.route(labels)));
-        r.finish(200);
+        r.finish(200, now);
         let text = m.encode();
         assert!(
             text.contains("backend_name=\"app\",status_code=\"499\"} 1"),

@@ -48,21 +48,26 @@ pub fn handle<'a>(
     conn: &'a Conn,
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
     async move {
+        // The request's one clock read before it goes out: every step up to the first
+        // wait uses it (see `Attempts::run`).
+        let start = Instant::now();
         let mut recorder = RequestRecorder::new(
             &worker.shared.metrics,
             worker.unrouted(Direction::Outbound, &worker.empty),
+            start,
         );
         let entry = worker
             .shared
             .settings
             .access_log
-            .then(|| Entry::start(&req));
+            .then(|| Entry::start(&req, start));
         let mut trace = Trace::default();
         // The one snapshot load of this request: every step below uses this version.
         let mut resp = match worker.shared.active.load_full() {
             None => ProxyError::NotReady.into_response(),
             Some(active) => {
-                match serve(worker, &active, req, conn, &mut recorder, &mut trace).await {
+                let served = serve(worker, &active, req, conn, start, &mut recorder, &mut trace);
+                match served.await {
                     Ok(resp) => resp,
                     Err(err) => {
                         tracing::debug!(error = %err, "outbound request failed");
@@ -78,7 +83,8 @@ pub fn handle<'a>(
         if let Some(entry) = entry {
             entry.write(Direction::Outbound, &trace, &resp);
         }
-        recorder.finish(resp.status().as_u16());
+        let answered = trace.answered.unwrap_or_else(Instant::now);
+        recorder.finish(resp.status().as_u16(), answered);
         resp
     }
 }
@@ -88,6 +94,7 @@ fn serve<'a>(
     active: &'a Arc<Active>,
     mut req: Request<ClientBody>,
     conn: &'a Conn,
+    start: Instant,
     recorder: &'a mut RequestRecorder<'_>,
     trace: &'a mut Trace,
 ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
@@ -143,7 +150,7 @@ fn serve<'a>(
             Box::pin(forward_upgrade(worker, backend, state, req, hash, trace)).await?
         } else {
             let mut fate = None;
-            let limit = rule.timeouts.request.map(|d| within(d, Instant::now()));
+            let limit = rule.timeouts.request.map(|d| within(d, start));
             let deadline = limit.map(|(_, at)| at);
             let attempts = Attempts {
                 worker,
@@ -157,8 +164,7 @@ fn serve<'a>(
             };
             // Pinned in place: the attempt future is large, and must not be copied around.
             let result = {
-                let run = attempts.run(req, trace, &mut fate);
-                tokio::pin!(run);
+                let run = std::pin::pin!(attempts.run(req, start, trace, &mut fate));
                 cap(limit, ProxyError::RequestTimeout, run).await
             };
             if let Err(ProxyError::RequestTimeout(_)) = result {
@@ -201,9 +207,11 @@ struct Attempts<'a> {
 }
 
 impl Attempts<'_> {
+    /// `start`: the clock read at the request's start, used until the first wait.
     fn run<'b>(
         &'b self,
         mut req: Request<ClientBody>,
+        start: Instant,
         trace: &'b mut Trace,
         fate: &'b mut Option<Fate>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'b {
@@ -211,6 +219,8 @@ impl Attempts<'_> {
             let shared = &self.worker.shared;
             let policy = &self.backend.policy;
             let clock = shared.clock;
+            // The latest clock read: `start`, then read again after each wait.
+            let mut at = start;
             let Some(slot) = self
                 .state
                 .limits
@@ -235,9 +245,13 @@ impl Attempts<'_> {
                     let Some(limiter) = limiter else { continue };
                     // Boxed: waiting in the queue is the slow path; its state stays out of
                     // the request's future.
-                    let acquired = match limiter.try_acquire() {
+                    let acquired = match limiter.try_acquire(at) {
                         Some(p) => Ok(p),
-                        None => Box::pin(limiter.acquire()).await,
+                        None => {
+                            let queued = Box::pin(limiter.acquire()).await;
+                            at = Instant::now();
+                            queued
+                        }
                     };
                     match acquired {
                         Ok(p) => permits[k] = Some(p),
@@ -254,8 +268,8 @@ impl Attempts<'_> {
                 }
                 held.permits = Some(permits);
             }
-            // One clock read for the request's bookkeeping, refreshed after each attempt.
-            let mut now = clock.now_ms();
+            // The request's bookkeeping clock (ms), refreshed after each attempt.
+            let mut now = clock.ms_at(at);
             self.state.budget.deposit(now);
             // Written for mTLS (HTTP/2) when the backend's endpoints are meshed sidecars, else
             // in the backend's protocol; an attempt to an endpoint of the other kind converts.
@@ -281,7 +295,8 @@ impl Attempts<'_> {
                 // request's future.
                 Some(_) => match Box::pin(retry::buffer(req, shared.settings.retry_buffer))
                     .await
-                    .map_err(ProxyError::ClientBody)?
+                    .map_err(ProxyError::ClientBody)
+                    .inspect(|_| at = Instant::now())?
                 {
                     Buffered::Replayable(r) => (Some(r), true),
                     Buffered::TooLarge(r) => {
@@ -341,16 +356,24 @@ impl Attempts<'_> {
                     headers::for_sidecar(&mut req, prepared, app_protocol)?;
                 }
                 let in_flight = picked.load.start();
-                let sent_at = Instant::now();
-                let keep = replayable && replay.is_none();
+                let sent_at = at;
+                let mut kept = None;
+                let keep = (replayable && replay.is_none()).then_some(&mut kept);
                 let pool = &self.worker.pool;
-                let (send, kept) =
-                    upstream::send(pool, addr, transport, req, keep, Some(admission));
+                // Built where it is pinned: the future is a few hundred bytes.
+                let send = std::pin::pin!(upstream::send(
+                    pool,
+                    addr,
+                    transport,
+                    req,
+                    keep,
+                    Some(admission),
+                    at
+                ));
                 if let Some(kept) = kept {
                     replay = Some(Replay::of(kept));
                     replay_prepared = prepared;
                 }
-                tokio::pin!(send);
                 let sent = match self.rule.timeouts.backend_request {
                     None => send.await.map_err(Failure::Send),
                     Some(limit) => match tokio::time::timeout(limit, send).await {
@@ -360,6 +383,7 @@ impl Attempts<'_> {
                 };
                 // One clock read for the attempt's latency and the request's bookkeeping.
                 let done = Instant::now();
+                at = done;
                 now = clock.ms_at(done);
                 // Whether to try again, and after how long; or the fate of the request.
                 let verdict: Result<std::time::Duration, Fate>;
@@ -394,7 +418,8 @@ impl Attempts<'_> {
                                 (false, 1) => Fate::SuccessFirstTry,
                                 (false, _) => Fate::SuccessAfterRetry,
                             });
-                            held.sample(status >= 500);
+                            held.sample(status >= 500, done);
+                            trace.answered = Some(done);
                             return Ok(resp.map(|b| ProxyBody::Upstream(b, held)));
                         }
                         verdict = self.may_retry(
@@ -444,7 +469,8 @@ impl Attempts<'_> {
                         avoid = Some(addr);
                         if !wait.is_zero() {
                             Box::pin(tokio::time::sleep(wait)).await;
-                            now = clock.now_ms();
+                            at = Instant::now();
+                            now = clock.ms_at(at);
                         }
                     }
                     Err(f) => {
@@ -452,7 +478,8 @@ impl Attempts<'_> {
                         let failed = outcome
                             .as_ref()
                             .map_or(true, |r| r.status().as_u16() >= 500);
-                        held.sample(failed);
+                        held.sample(failed, at);
+                        trace.answered = Some(at);
                         return outcome.map(|resp| resp.map(|b| ProxyBody::Upstream(b, held)));
                     }
                 }

@@ -21,7 +21,7 @@ use crate::metrics::Direction;
 use crate::rescue::ProxyError;
 use crate::tls::Alpn;
 use crate::worker::Worker;
-use crate::{inbound, opaque, outbound};
+use crate::{boxed, inbound, opaque, outbound};
 
 /// Limits on what a client may send. Documented in docs/architecture.md.
 #[derive(Debug, Clone, Copy)]
@@ -385,14 +385,23 @@ async fn serve_h1<S: h1::Io>(
         idle_timeout: limits.idle_timeout,
     };
     let conn = &*conn;
-    h1::serve(
-        stream,
-        settings,
-        &drain,
-        |req: http::Request<h1::Body>| dispatch(worker, direction, conn, req.map(ClientBody::H1)),
-        |refusal| refuse(worker, direction, refusal),
-    )
-    .await;
+    let refuse = |refusal| refuse(worker, direction, refusal);
+    // One connection loop per direction: each request's future is then a known type,
+    // built inside the exchange's box (one allocation per request, not two).
+    match direction {
+        Direction::Outbound => {
+            let handle = |req: http::Request<h1::Body>| {
+                outbound::handle(worker, req.map(ClientBody::H1), conn)
+            };
+            h1::serve(stream, settings, &drain, handle, refuse).await;
+        }
+        Direction::Inbound => {
+            let handle = |req: http::Request<h1::Body>| {
+                inbound::handle(worker, req.map(ClientBody::H1), conn)
+            };
+            h1::serve(stream, settings, &drain, handle, refuse).await;
+        }
+    }
 }
 
 async fn serve_h2<S>(
@@ -475,8 +484,8 @@ fn dispatch<'a>(
     req: http::Request<ClientBody>,
 ) -> Pin<Box<dyn Future<Output = http::Response<ProxyBody>> + Send + 'a>> {
     match direction {
-        Direction::Outbound => Box::pin(outbound::handle(worker, req, conn)),
-        Direction::Inbound => Box::pin(inbound::handle(worker, req, conn)),
+        Direction::Outbound => boxed::future(|| outbound::handle(worker, req, conn)),
+        Direction::Inbound => boxed::future(|| inbound::handle(worker, req, conn)),
     }
 }
 

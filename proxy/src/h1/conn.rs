@@ -25,6 +25,7 @@ use super::body::{Body, BodyError, Pipe, Want};
 use super::chunked::{Decoder, Event};
 use super::head::{self, Framing, Meta, Refusal};
 use super::{COPY_LIMIT, spare};
+use crate::boxed;
 
 /// A connection the HTTP/1.1 server can run on.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -214,7 +215,7 @@ pub async fn serve<S, F, Fut, B, R>(
         };
         // Boxed: the request's state (the service's future, the response) exists only
         // while a request does; an idle connection keeps only what is above.
-        let next = Box::pin(conn.exchange(parsed, &mut service, drain)).await;
+        let next = boxed::future(|| conn.exchange(parsed, &mut service, drain)).await;
         match next {
             Next::Again => {}
             Next::Close { linger } => {
@@ -292,19 +293,22 @@ impl<S: Io> Conn<S> {
             upgrade = Some(tx);
         }
 
-        let fut = service(req);
-        tokio::pin!(fut);
-        let resp = poll_fn(|cx| {
-            if let Poll::Ready(resp) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(resp));
-            }
-            match self.pump(cx, &mut reader) {
-                // The client went away: dropping the request cancels it upstream.
-                Err(Gone) => Poll::Ready(None),
-                Ok(()) => Poll::Pending,
-            }
-        })
-        .await;
+        // Scoped: the service's future ends with its response, so the response's writing
+        // below reuses its room in this future.
+        let resp = {
+            let mut fut = std::pin::pin!(service(req));
+            poll_fn(|cx| {
+                if let Poll::Ready(resp) = fut.as_mut().poll(cx) {
+                    return Poll::Ready(Some(resp));
+                }
+                match self.pump(cx, &mut reader) {
+                    // The client went away: dropping the request cancels it upstream.
+                    Err(Gone) => Poll::Ready(None),
+                    Ok(()) => Poll::Pending,
+                }
+            })
+            .await
+        };
         let Some(resp) = resp else {
             return Next::Gone;
         };

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -103,13 +103,14 @@ impl Limiter {
             .saturating_sub(self.sem.available_permits() as u32)
     }
 
-    /// A permit if one is free now (the fast path, no future).
-    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+    /// A permit if one is free now (the fast path, no future). `now`: the caller's clock
+    /// read, the permit's start.
+    pub fn try_acquire(self: &Arc<Self>, now: Instant) -> Option<Permit> {
         let p = self.sem.clone().try_acquire_owned().ok()?;
         Some(Permit {
             permit: Some(p),
             limiter: self.clone(),
-            started: Instant::now(),
+            started: now,
         })
     }
 
@@ -120,7 +121,7 @@ impl Limiter {
             limiter: self.clone(),
             started: Instant::now(),
         };
-        if let Some(p) = self.try_acquire() {
+        if let Some(p) = self.try_acquire(Instant::now()) {
             return Ok(p);
         }
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.config.max_queue {
@@ -220,10 +221,11 @@ impl Limiter {
 }
 
 impl Permit {
-    /// Reports the request's latency (to response headers) and whether it failed.
-    pub fn sample(&self, failed: bool) {
-        self.limiter
-            .sample(self.started.elapsed().as_secs_f64() * 1e6, failed);
+    /// Reports the request's latency (to its response headers, at `at`) and whether it
+    /// failed.
+    pub fn sample(&self, failed: bool, at: Instant) {
+        let rtt = at.saturating_duration_since(self.started);
+        self.limiter.sample(rtt.as_secs_f64() * 1e6, failed);
     }
 }
 

@@ -324,6 +324,7 @@ mod tests {
     use tern_config::snapshot::Protocol;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
+    use tokio::time::Instant;
 
     /// An upstream that answers each request (by head) on each connection with the next
     /// scripted answer; `None` closes the connection without answering. Returns its
@@ -386,13 +387,14 @@ mod tests {
         addr: SocketAddr,
         req: Request<RequestBody>,
     ) -> Result<(http::response::Parts, http_body_util::Collected<Bytes>), String> {
-        let (sending, _) = send(
+        let sending = send(
             pool,
             addr,
             Transport::Plain(Protocol::Http1),
             req,
-            false,
             None,
+            None,
+            Instant::now(),
         );
         let resp = sending.await.map_err(|e| e.error.to_string())?;
         let (parts, body): (_, PooledBody) = resp.into_parts();
@@ -426,21 +428,47 @@ mod tests {
         };
         // No idle connection: the request goes to a new one, and a copy comes back.
         let http1 = Transport::Plain(Protocol::Http1);
-        let (sending, kept) = send(&pool, addr, http1, req, true, None);
+        let mut kept = None;
+        let sending = send(
+            &pool,
+            addr,
+            http1,
+            req,
+            Some(&mut kept),
+            None,
+            Instant::now(),
+        );
         let kept = kept.expect("kept");
         same(&kept);
         let resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
         assert_eq!(resp.status(), 503);
         resp.into_body().collect().await.unwrap();
         // An idle connection: only the bytes go, and the request itself comes back.
-        let (sending, again) = send(&pool, addr, http1, kept, true, None);
+        let mut again = None;
+        let sending = send(
+            &pool,
+            addr,
+            http1,
+            kept,
+            Some(&mut again),
+            None,
+            Instant::now(),
+        );
         same(again.as_ref().expect("kept"));
         let resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
         assert_eq!(resp.status(), 200);
         resp.into_body().collect().await.unwrap();
         // Without `keep`, nothing comes back.
-        let (sending, none) = send(&pool, addr, http1, again.unwrap(), false, None);
-        assert!(none.is_none());
+        // Without a slot, nothing is kept: the request's header map goes to the spares.
+        let sending = send(
+            &pool,
+            addr,
+            http1,
+            again.unwrap(),
+            None,
+            None,
+            Instant::now(),
+        );
         assert_eq!(
             sending
                 .await
@@ -533,13 +561,14 @@ mod tests {
         .await;
         let pool = pool();
         // The upstream keeps its side open here: read what came, then end with it.
-        let (sending, _) = send(
+        let sending = send(
             &pool,
             addr,
             Transport::Plain(Protocol::Http1),
             get(Method::GET, "/"),
-            false,
             None,
+            None,
+            Instant::now(),
         );
         let resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
         let mut body = resp.into_body();

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use http::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tern_config::snapshot::Protocol;
+use tokio::time::Instant;
 
 use pool::{Pool, PooledBody};
 use tern_config::snapshot::{EndpointIdentity, Limits};
@@ -127,43 +128,48 @@ pub type Sending<'a> =
 /// holds only that connection and the request's bytes (a few hundred bytes, not the
 /// request and every path's state). Every other path is boxed.
 ///
-/// With `keep` (the request's body must be buffered or empty), the request also comes
-/// back, for another attempt: itself when it went out as bytes, else a copy.
+/// With a `keep` slot (the request's body must be buffered or empty), the request also
+/// comes back there, for another attempt: itself when it went out as bytes, else a copy.
+/// (A slot, not a second return value: the future is then built where the caller pins
+/// it, not moved there.)
+///
+/// `now`: the caller's clock read (the request's clock is read once per step, not per
+/// layer).
 pub fn send<'a>(
     pool: &'a Arc<Pool>,
     addr: SocketAddr,
     transport: Transport<'a>,
     req: Request<RequestBody>,
-    keep: bool,
+    keep: Option<&mut Option<Request<RequestBody>>>,
     admission: Option<Admission<'a>>,
-) -> (
-    impl Future<Output = Result<Response<PooledBody>, SendError>> + Send + 'a,
-    Option<Request<RequestBody>>,
-) {
+    now: Instant,
+) -> impl Future<Output = Result<Response<PooledBody>, SendError>> + Send + 'a {
     let wire = match transport {
         Transport::Plain(Protocol::Http1) => h1::Wire::new(&req),
         _ => None,
     };
-    let (path, kept) = match (wire, transport) {
-        (Some(wire), _) => match pool.take_h1_inline(addr) {
+    let path = match (wire, transport) {
+        (Some(wire), _) => match pool.take_h1_inline(addr, now.into_std()) {
             Some(conn) => {
                 // Only the request's bytes in `wire` go on.
-                let kept = if keep {
-                    Some(req)
-                } else {
-                    crate::h1::spare::give_map(req.into_parts().0.headers);
-                    None
-                };
-                (Path::Pooled(conn, wire), kept)
+                match keep {
+                    Some(slot) => *slot = Some(req),
+                    None => crate::h1::spare::give_map(req.into_parts().0.headers),
+                }
+                Path::Pooled(conn, wire)
             }
             None => {
-                let kept = keep.then(|| copy_complete(&req));
+                if let Some(slot) = keep {
+                    *slot = Some(copy_complete(&req));
+                }
                 let sending = connect_h1_inline(pool, addr, req, wire, admission);
-                (Path::Other(Box::pin(sending)), kept)
+                Path::Other(Box::pin(sending))
             }
         },
         (None, transport) => {
-            let kept = keep.then(|| copy_complete(&req));
+            if let Some(slot) = keep {
+                *slot = Some(copy_complete(&req));
+            }
             let sending: Sending<'a> = match transport {
                 Transport::Plain(Protocol::Http1) => {
                     Box::pin(send_h1_hyper(pool, addr, req, admission))
@@ -173,18 +179,17 @@ pub fn send<'a>(
                 }
                 Transport::Mtls(id) => Box::pin(send_h2(pool, addr, Some(id), req, admission)),
             };
-            (Path::Other(sending), kept)
+            Path::Other(sending)
         }
     };
-    let sending = async move {
+    async move {
         match path {
             Path::Pooled(conn, wire) => {
                 exchange_h1_inline(pool, addr, conn, wire, true, admission).await
             }
             Path::Other(sending) => sending.await,
         }
-    };
-    (sending, kept)
+    }
 }
 
 enum Path<'a> {

@@ -119,14 +119,14 @@ impl Pool {
         found
     }
 
-    /// An idle connection of Tern's own client to `addr` that can take a request now.
-    pub fn take_h1_inline(&self, addr: SocketAddr) -> Option<h1::Conn> {
+    /// An idle connection of Tern's own client to `addr` that can take a request now
+    /// (`now`: the caller's clock read, to skip connections idle too long).
+    pub fn take_h1_inline(&self, addr: SocketAddr, now: Instant) -> Option<h1::Conn> {
         let mut idle = self
             .h1_inline_idle
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&addr)?;
-        let now = Instant::now();
         while let Some((conn, since)) = list.pop() {
             if now.duration_since(since) < IDLE_TIMEOUT && conn.is_reusable() {
                 return Some(conn);
