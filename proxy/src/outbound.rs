@@ -36,6 +36,21 @@ use crate::worker::Worker;
 /// Response header with the number of attempts a request took (when its route retries).
 pub static TERN_ATTEMPTS: HeaderName = HeaderName::from_static("tern-attempts");
 
+/// `tern-attempts` values for the usual counts, static: no allocation per response.
+static ATTEMPT_COUNTS: [HeaderValue; 4] = [
+    HeaderValue::from_static("1"),
+    HeaderValue::from_static("2"),
+    HeaderValue::from_static("3"),
+    HeaderValue::from_static("4"),
+];
+
+fn attempts_value(n: u32) -> HeaderValue {
+    match ATTEMPT_COUNTS.get((n as usize).wrapping_sub(1)) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(n),
+    }
+}
+
 /// Serves one request from the application: routed, sent with the route's policies, and
 /// answered (an error becomes a response here).
 ///
@@ -78,7 +93,7 @@ pub fn handle<'a>(
         };
         if trace.retry_policy || trace.attempts > 1 {
             resp.headers_mut()
-                .insert(&TERN_ATTEMPTS, HeaderValue::from(trace.attempts));
+                .insert(&TERN_ATTEMPTS, attempts_value(trace.attempts));
         }
         if let Some(entry) = entry {
             entry.write(Direction::Outbound, &trace, &resp);
@@ -669,5 +684,17 @@ pub fn upstream_error(
             limit,
             max,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attempts_value;
+
+    #[test]
+    fn attempt_counts_are_written_in_decimal() {
+        for n in [0, 1, 2, 4, 5, 12, 1000] {
+            assert_eq!(attempts_value(n), n.to_string().as_str(), "{n}");
+        }
     }
 }
