@@ -31,11 +31,11 @@ pub fn handle<'a>(
     conn: &'a Conn,
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
     async move {
-        let labels = || worker.unrouted(Direction::Inbound, &worker.app_label);
+        let unrouted = worker.unrouted(Direction::Inbound, &worker.app_label);
         // The request's one clock read before it goes out (see `outbound::handle`).
         let start = Instant::now();
-        let mut recorder = RequestRecorder::new(&worker.shared.metrics, labels(), start);
-        recorder.route = Some(worker.inbound_metrics(labels));
+        let mut recorder = RequestRecorder::new(&worker.shared.metrics, unrouted, start);
+        recorder.route = Some(worker.inbound_metrics(|| unrouted.labels()));
         if let Some(resp) = check(worker, &req, conn) {
             recorder.finish(resp.status().as_u16(), Instant::now());
             return resp;

@@ -262,23 +262,54 @@ impl RouteMetrics {
 /// [`RouteMetrics`] once routing has found them, the label set otherwise.
 pub struct RequestRecorder<'a> {
     metrics: &'a Metrics,
-    pub labels: RouteLabels,
+    /// The label set of a request recorded without resolved handles: built from
+    /// `unrouted` when first needed (most requests never need it).
+    labels: Option<RouteLabels>,
+    unrouted: Unrouted<'a>,
     pub route: Option<std::sync::Arc<RouteMetrics>>,
     start: Instant,
     done: bool,
 }
 
+/// The labels of a request not (yet) routed: borrowed until a label set is needed.
+#[derive(Clone, Copy)]
+pub struct Unrouted<'a> {
+    pub direction: Direction,
+    /// The empty label value.
+    pub empty: &'a Arc<str>,
+    pub backend: &'a Arc<str>,
+}
+
+impl Unrouted<'_> {
+    pub fn labels(self) -> RouteLabels {
+        RouteLabels {
+            direction: self.direction,
+            parent_name: self.empty.clone(),
+            route_name: self.empty.clone(),
+            route_rule: 0,
+            backend_name: self.backend.clone(),
+        }
+    }
+}
+
 impl<'a> RequestRecorder<'a> {
     /// `start`: when the request began (the caller's clock read, shared with its other
     /// bookkeeping).
-    pub fn new(metrics: &'a Metrics, labels: RouteLabels, start: Instant) -> Self {
+    pub fn new(metrics: &'a Metrics, unrouted: Unrouted<'a>, start: Instant) -> Self {
         RequestRecorder {
             metrics,
-            labels,
+            labels: None,
+            unrouted,
             route: None,
             start,
             done: false,
         }
+    }
+
+    /// The label set to record under when no handles are resolved, to fill in.
+    pub fn labels_mut(&mut self) -> &mut RouteLabels {
+        let unrouted = self.unrouted;
+        self.labels.get_or_insert_with(|| unrouted.labels())
     }
 
     /// Records the request as answered with `status` at `at`.
@@ -289,9 +320,13 @@ impl<'a> RequestRecorder<'a> {
 
     fn record(&self, status: u16, at: Instant) {
         let elapsed = at.saturating_duration_since(self.start);
-        match &self.route {
-            Some(route) => route.record(self.metrics, status, elapsed),
-            None => self.metrics.record_request(&self.labels, status, elapsed),
+        match (&self.route, &self.labels) {
+            (Some(route), _) => route.record(self.metrics, status, elapsed),
+            (None, Some(labels)) => self.metrics.record_request(labels, status, elapsed),
+            (None, None) => {
+                let labels = self.unrouted.labels();
+                self.metrics.record_request(&labels, status, elapsed);
+            }
         }
     }
 }
@@ -813,20 +848,23 @@ mod tests {
     #[test]
     fn a_dropped_request_counts_as_client_closed() {
         let m = Metrics::new();
-        let labels = RouteLabels {
+        let (empty, app): (Arc<str>, Arc<str>) = ("".into(), "app".into());
+        let unrouted = Unrouted {
             direction: Direction::Inbound,
-            parent_name: "".into(),
-            route_name: "".into(),
-            route_rule: 0,
-            backend_name: "app".into(),
+            empty: &empty,
+            backend: &app,
         };
         let now = Instant::now();
-        drop(RequestRecorder::new(&m, labels.clone(), now));
-        RequestRecorder::new(&m, labels.clone(), now).finish(200, now);
+        drop(RequestRecorder::new(&m, unrouted, now));
+        RequestRecorder::new(&m, unrouted, now).finish(200, now);
         // Through resolved handles: the same series.
-        let mut r = RequestRecorder::new(&m, labels.clone(), now);
-        r.route = Some(std::sync::Arc::new(m.route(labels)));
+        let mut r = RequestRecorder::new(&m, unrouted, now);
+        r.route = Some(Arc::new(m.route(unrouted.labels())));
         r.finish(200, now);
+        // Labels filled in before failing (a route without endpoints): their own series.
+        let mut r = RequestRecorder::new(&m, unrouted, now);
+        r.labels_mut().route_name = "r".into();
+        r.finish(503, now);
         let text = m.encode();
         assert!(
             text.contains("backend_name=\"app\",status_code=\"499\"} 1"),
@@ -834,6 +872,12 @@ mod tests {
         );
         assert!(
             text.contains("backend_name=\"app\",status_code=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "route_name=\"r\",route_rule=\"0\",backend_name=\"app\",status_code=\"503\"} 1"
+            ),
             "{text}"
         );
     }

@@ -127,7 +127,7 @@ fn serve<'a>(
             trace.route = Some(rule.route.clone());
         }
         let Some(backend) = route::pick_backend(rule) else {
-            let labels = &mut recorder.labels;
+            let labels = recorder.labels_mut();
             labels.parent_name = active.parent_label(routed.parent);
             labels.route_name = rule.route.clone();
             labels.route_rule = rule.rule_index as u32;

@@ -515,7 +515,7 @@ fn refuse(
         http::header::CONNECTION,
         http::HeaderValue::from_static("close"),
     );
-    let labels = worker.unrouted(direction, &worker.empty);
+    let labels = worker.unrouted(direction, &worker.empty).labels();
     worker
         .shared
         .metrics

@@ -7,7 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use rustc_hash::FxHashMap;
 use tern_config::snapshot::AuthorizationPolicy;
 
-use crate::metrics::{Direction, RouteLabels, RouteMetrics};
+use crate::metrics::{Direction, RouteLabels, RouteMetrics, Unrouted};
 use crate::state::{Active, Shared};
 use crate::upstream::pool::{Pool, PoolSettings};
 
@@ -60,13 +60,11 @@ impl Worker {
     }
 
     /// Labels of a request before (or without) routing: no parent, route or rule.
-    pub fn unrouted(&self, direction: Direction, backend: &Arc<str>) -> RouteLabels {
-        RouteLabels {
+    pub fn unrouted<'a>(&'a self, direction: Direction, backend: &'a Arc<str>) -> Unrouted<'a> {
+        Unrouted {
             direction,
-            parent_name: self.empty.clone(),
-            route_name: self.empty.clone(),
-            route_rule: 0,
-            backend_name: backend.clone(),
+            empty: &self.empty,
+            backend,
         }
     }
 
