@@ -12,10 +12,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request};
+use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::h1::{RawHead, RawHeaders};
 use crate::policy::concurrency::Permit;
 use crate::policy::limits::Slot;
 use crate::upstream::pool::{PooledBody, UpstreamBodyError};
@@ -53,6 +54,25 @@ impl ProxyBody {
     pub fn empty() -> Self {
         ProxyBody::Local(None)
     }
+}
+
+impl RawHead for ProxyBody {
+    fn take_raw_headers(&mut self) -> Option<RawHeaders> {
+        match self {
+            ProxyBody::Upstream(b, _) => b.take_raw_headers(),
+            ProxyBody::Local(_) => None,
+        }
+    }
+}
+
+/// A response's headers, complete: lines an upstream's head kept as sent (see
+/// [`RawHeaders`]) are parsed into the map first. Whatever reads or changes the headers
+/// of a response that may have come from an upstream goes through here.
+pub fn full_headers<B: RawHead>(resp: &mut Response<B>) -> &mut HeaderMap {
+    if let Some(raw) = resp.body_mut().take_raw_headers() {
+        raw.into_map(resp.headers_mut());
+    }
+    resp.headers_mut()
 }
 
 impl Body for ProxyBody {

@@ -92,8 +92,13 @@ pub fn handle<'a>(
             }
         };
         if trace.retry_policy || trace.attempts > 1 {
-            resp.headers_mut()
-                .insert(&TERN_ATTEMPTS, attempts_value(trace.attempts));
+            let headers = resp.headers_mut();
+            if headers.capacity() == 0 {
+                // Empty (the upstream's lines were kept as sent): a spare map, as
+                // allocating one costs more.
+                *headers = crate::h1::spare::take_map(1);
+            }
+            headers.insert(&TERN_ATTEMPTS, attempts_value(trace.attempts));
         }
         if let Some(entry) = entry {
             entry.write(Direction::Outbound, &trace, &resp);
@@ -194,7 +199,8 @@ fn serve<'a>(
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         headers::strip_hop_by_hop(resp.headers_mut(), switching);
         if !rule.response_headers.is_empty() {
-            rule.response_headers.apply(resp.headers_mut());
+            rule.response_headers
+                .apply(crate::body::full_headers(&mut resp));
         }
         Ok(resp)
     }

@@ -437,7 +437,9 @@ async fn serve_h2<S>(
         // allocation (callgrind: ~5,000 instructions of memcpy per request). The request's
         // own future is boxed inside, by `dispatch`.
         Box::pin(async move {
-            let resp = dispatch(&w, direction, &conn, req.map(ClientBody::H2)).await;
+            let mut resp = dispatch(&w, direction, &conn, req.map(ClientBody::H2)).await;
+            // HTTP/2 writes headers from the map: an HTTP/1.1 upstream's lines go into it.
+            crate::body::full_headers(&mut resp);
             stream.finish();
             Ok::<_, Infallible>(resp)
         })

@@ -24,7 +24,7 @@ use tokio_util::io::poll_read_buf;
 use super::body::{Body, BodyError, Pipe, Want};
 use super::chunked::{Decoder, Event};
 use super::head::{self, Framing, Meta, Refusal};
-use super::{COPY_LIMIT, spare};
+use super::{COPY_LIMIT, RawHead, spare};
 use crate::boxed;
 
 /// A connection the HTTP/1.1 server can run on.
@@ -166,7 +166,7 @@ pub async fn serve<S, F, Fut, B, R>(
     S: Io,
     F: FnMut(Request<Body>) -> Fut,
     Fut: Future<Output = Response<B>>,
-    B: HttpBody<Data = Bytes> + Unpin,
+    B: HttpBody<Data = Bytes> + RawHead + Unpin,
     B::Error: std::fmt::Display,
     R: Fn(Refusal) -> Response<B>,
 {
@@ -251,7 +251,7 @@ impl<S: Io> Conn<S> {
     /// Answers a refused head and closes.
     async fn refuse<B>(mut self, resp: Response<B>)
     where
-        B: HttpBody<Data = Bytes> + Unpin,
+        B: HttpBody<Data = Bytes> + RawHead + Unpin,
         B::Error: std::fmt::Display,
     {
         let _ = self
@@ -277,7 +277,7 @@ impl<S: Io> Conn<S> {
     where
         F: FnMut(Request<Body>) -> Fut,
         Fut: Future<Output = Response<B>>,
-        B: HttpBody<Data = Bytes> + Unpin,
+        B: HttpBody<Data = Bytes> + RawHead + Unpin,
         B::Error: std::fmt::Display,
     {
         let meta = parsed.meta;
@@ -499,7 +499,7 @@ impl<S: Io> Conn<S> {
         reader: &mut Option<Reader>,
     ) -> Result<bool, ()>
     where
-        B: HttpBody<Data = Bytes> + Unpin,
+        B: HttpBody<Data = Bytes> + RawHead + Unpin,
         B::Error: std::fmt::Display,
     {
         if let Some(r) = reader.as_mut() {
@@ -512,6 +512,7 @@ impl<S: Io> Conn<S> {
             }
         }
         let (parts, mut body) = resp.into_parts();
+        let raw = body.take_raw_headers();
         let status = parts.status;
         let mut add_head_length = None;
         let out = if head::bodiless(*method == Method::HEAD, status) {
@@ -541,17 +542,22 @@ impl<S: Io> Conn<S> {
         };
         // Room for the head and a body small enough to go in the same write.
         let inline_body = body.size_hint().exact().filter(|&n| n < COPY_LIMIT as u64);
-        let capacity = 256 + parts.headers.len() * 48 + inline_body.unwrap_or(0) as usize;
+        let raw_len = raw.as_ref().map_or(0, |r| r.len());
+        let capacity = 256 + raw_len + parts.headers.len() * 48 + inline_body.unwrap_or(0) as usize;
         let mut wbuf = spare::write_buf(capacity);
         head::encode_response(
             &mut wbuf,
             status,
+            raw.as_ref(),
             &parts.headers,
             framing,
             matches!(out, Out::Length(_, true)) || add_head_length.is_some(),
             !keep_alive,
             keep_alive && version == Version::HTTP_10,
         );
+        // Written: the head's lines and values let go of the upstream's read buffer, which
+        // can then be reused.
+        drop(raw);
         spare::give_map(parts.headers);
         if matches!(out, Out::Nothing) {
             drop(body);
@@ -745,6 +751,8 @@ mod tests {
     use tokio::net::TcpListener;
 
     type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
+
+    impl RawHead for TestBody {}
 
     fn settings() -> Settings {
         Settings {

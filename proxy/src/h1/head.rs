@@ -267,9 +267,173 @@ pub enum ResponseFraming {
 /// An upstream's response head.
 pub struct ParsedResponse {
     pub parts: http::response::Parts,
+    /// When set, the response's headers are these lines and `parts.headers` is empty.
+    pub raw: Option<RawHeaders>,
     pub framing: ResponseFraming,
     /// The upstream keeps the connection open after this response.
     pub keep_alive: bool,
+}
+
+/// Most runs of kept lines a [`RawHeaders`] holds (each dropped line in the middle of the
+/// head starts another run).
+const MAX_RUNS: usize = 4;
+
+/// Response header lines kept as the upstream sent them, for a response that goes back
+/// out as HTTP/1.1: building a `HeaderMap` for them and writing it out again cost ~1,000
+/// instructions a hop, for headers the proxy does not look at. Only taken for a head
+/// whose lines need nothing from the proxy (see [`parse_response`]); whatever reads or
+/// changes response headers turns them into a map first ([`RawHeaders::into_map`]).
+#[derive(Debug, Clone)]
+pub struct RawHeaders {
+    head: bytes::Bytes,
+    /// Runs of whole lines (`name: value\r\n` each), as byte ranges of `head` (a head
+    /// past 64 KiB is parsed into a map).
+    runs: [(u16, u16); MAX_RUNS],
+    n_runs: u8,
+    /// A `Date` line is among them (the writer adds one otherwise).
+    pub has_date: bool,
+}
+
+impl RawHeaders {
+    /// The bytes of the lines, as they go out.
+    pub fn len(&self) -> usize {
+        self.runs().map(|(s, e)| e - s).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n_runs == 0
+    }
+
+    fn runs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.runs[..usize::from(self.n_runs)]
+            .iter()
+            .map(|&(s, e)| (s as usize, e as usize))
+    }
+
+    /// Writes the lines.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        for (s, e) in self.runs() {
+            out.extend_from_slice(&self.head[s..e]);
+        }
+    }
+
+    /// Appends the lines to `map` (before what it holds: the lines came first).
+    pub fn into_map(self, map: &mut HeaderMap) {
+        let mut lines = super::spare::take_map(map.len() + 8);
+        for (s, e) in self.runs() {
+            let mut at = s;
+            while at < e {
+                let line_end = at + memchr::memchr(b'\n', &self.head[at..e]).unwrap_or(e - at);
+                // Checked when the head was parsed: `name:` OWS value CRLF.
+                let line = &self.head[at..line_end.saturating_sub(1)];
+                if let Some(colon) = memchr::memchr(b':', line) {
+                    let value = line[colon + 1..].trim_ascii();
+                    if let Ok(name) = HeaderName::from_bytes(&line[..colon]) {
+                        lines.append(name, value_of(self.head.slice_ref(value)));
+                    }
+                }
+                at = line_end + 1;
+            }
+        }
+        for (name, value) in map.drain() {
+            if let Some(name) = name {
+                lines.append(name, value);
+            }
+        }
+        super::spare::give_map(std::mem::replace(map, lines));
+    }
+}
+
+/// Builds a [`RawHeaders`] while a response head's lines are read, or gives up on one
+/// that needs the proxy's attention.
+struct RawBuilder {
+    runs: [(u16, u16); MAX_RUNS],
+    n_runs: usize,
+    /// The end of the last kept line, when the previous line was kept too.
+    open: Option<u16>,
+    has_date: bool,
+    ok: bool,
+}
+
+impl RawBuilder {
+    fn new(ok: bool) -> Self {
+        RawBuilder {
+            runs: [(0, 0); MAX_RUNS],
+            n_runs: 0,
+            open: None,
+            has_date: false,
+            ok,
+        }
+    }
+
+    /// A line the proxy drops (framing, hop-by-hop): it ends the current run.
+    fn drop_line(&mut self) {
+        self.open = None;
+    }
+
+    /// A line that goes out as sent. `head` is the head's buffer; `name`, `value` are
+    /// slices of it.
+    fn keep(&mut self, head: &[u8], name: &[u8], value: &[u8]) {
+        if !self.ok {
+            return;
+        }
+        let base = head.as_ptr() as usize;
+        let start = name.as_ptr() as usize - base;
+        // An empty value has no reliable position; the line must end right after the
+        // value (no trailing whitespace, CRLF), so the run is exactly its lines.
+        let end = value.as_ptr() as usize - base + value.len();
+        if value.is_empty() || head.get(end..end + 2) != Some(&b"\r\n"[..]) {
+            self.ok = false;
+            return;
+        }
+        let (Ok(start), Ok(end)) = (u16::try_from(start), u16::try_from(end + 2)) else {
+            self.ok = false;
+            return;
+        };
+        match self.open {
+            Some(open) if open == start => self.runs[self.n_runs - 1].1 = end,
+            _ if self.n_runs == MAX_RUNS => {
+                self.ok = false;
+                return;
+            }
+            _ => {
+                self.runs[self.n_runs] = (start, end);
+                self.n_runs += 1;
+            }
+        }
+        self.open = Some(end);
+        self.has_date |= name.eq_ignore_ascii_case(b"date");
+    }
+
+    fn finish(self, head: &bytes::Bytes) -> Option<RawHeaders> {
+        self.ok.then(|| RawHeaders {
+            head: head.clone(),
+            runs: self.runs,
+            n_runs: self.n_runs as u8,
+            has_date: self.has_date,
+        })
+    }
+}
+
+/// Response headers the proxy itself reads or writes: a head with one of them is parsed
+/// into a map. (`tern-attempts` and `tern-error` are set by the proxy.)
+fn needs_map(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 7] = [
+        b"upgrade",
+        b"proxy-connection",
+        b"trailer",
+        b"retry-after",
+        b"grpc-status",
+        b"tern-attempts",
+        b"tern-error",
+    ];
+    NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// Hop-by-hop response headers the proxy removes (as `headers::strip_hop_by_hop` would).
+fn is_dropped(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 3] = [b"transfer-encoding", b"te", b"proxy-authorization"];
+    NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
 }
 
 /// Parses one response head from the start of `buf` (an answer to a `HEAD` request when
@@ -302,6 +466,9 @@ pub fn parse_response(
     let has_body = !bodiless(head_request, status);
     let base = buf.as_ptr() as usize;
     let mut spans = Spans::new();
+    // Raw lines for a plain response (not a protocol switch, and none of its lines needs
+    // the proxy: see `needs_map`).
+    let mut lines = RawBuilder::new(status != StatusCode::SWITCHING_PROTOCOLS);
     let (mut length, mut chunked, mut close, mut keep_alive_token) = (None, false, false, false);
     for h in resp.headers.iter() {
         let (name, value) = (h.name.as_bytes(), h.value);
@@ -327,11 +494,20 @@ pub fn parse_response(
             close |= c.close;
             keep_alive_token |= c.keep_alive;
             spent = !c.other;
+            // Other tokens name headers to remove: that is the map's work.
+            lines.ok &= spent;
         } else if name.eq_ignore_ascii_case(b"keep-alive") {
             spent = true;
         }
         if !spent {
             spans.push(span_of(base, name, value));
+        }
+        if spent || is_dropped(name) {
+            lines.drop_line();
+        } else if needs_map(name) {
+            lines.ok = false;
+        } else {
+            lines.keep(buf, name, value);
         }
     }
     let framing = if !has_body {
@@ -349,13 +525,16 @@ pub fn parse_response(
         && (version == Version::HTTP_11 || keep_alive_token)
         && framing != ResponseFraming::UntilClose;
     let head = buf.split_to(len).freeze();
-    let headers = header_map(&head, &spans)?;
+    let raw = lines.finish(&head);
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = Version::HTTP_11;
-    parts.headers = headers;
+    if raw.is_none() {
+        parts.headers = header_map(&head, &spans)?;
+    }
     Ok(Some(ParsedResponse {
         parts,
+        raw,
         framing,
         keep_alive,
     }))
@@ -435,13 +614,16 @@ pub fn bodiless(head_request: bool, status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED
 }
 
-/// Writes a response head. `framing` is what the body will use: a chunked body gets
-/// `transfer-encoding: chunked`, a known length its `content-length` when the headers
-/// lack it. `close` adds `connection: close`; `keep_alive_10` adds
-/// `connection: keep-alive` (for an HTTP/1.0 client).
+/// Writes a response head: `raw` lines (an upstream's, as sent), then `headers`.
+/// `framing` is what the body will use: a chunked body gets `transfer-encoding: chunked`,
+/// a known length its `content-length` when the headers lack it. `close` adds
+/// `connection: close`; `keep_alive_10` adds `connection: keep-alive` (for an HTTP/1.0
+/// client).
+#[allow(clippy::too_many_arguments)]
 pub fn encode_response(
     out: &mut Vec<u8>,
     status: StatusCode,
+    raw: Option<&RawHeaders>,
     headers: &HeaderMap,
     framing: Framing,
     add_length: bool,
@@ -454,6 +636,11 @@ pub fn encode_response(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut has_date = false;
+    if let Some(raw) = raw {
+        // Never a `Connection` line among them (answered when parsed).
+        raw.write_to(out);
+        has_date = raw.has_date;
+    }
     for (name, value) in headers {
         if name == header::DATE {
             has_date = true;
@@ -527,6 +714,144 @@ fn parse(s: &str) -> Result<Option<Parsed>, Refusal> {
 
 #[cfg(test)]
 mod tests {
+    impl ParsedResponse {
+        /// Every header of the response, raw lines included.
+        fn all_headers(&self) -> HeaderMap {
+            let mut h = self.parts.headers.clone();
+            if let Some(raw) = self.raw.clone() {
+                raw.into_map(&mut h);
+            }
+            h
+        }
+    }
+
+    fn response(s: &str) -> ParsedResponse {
+        parse_response(&mut BytesMut::from(s.as_bytes()), 4096, false)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn written(r: &ParsedResponse) -> String {
+        let mut out = Vec::new();
+        let framing = match r.framing {
+            ResponseFraming::Length(n) => Framing::Length(n),
+            ResponseFraming::Chunked => Framing::Chunked,
+            _ => Framing::None,
+        };
+        let (raw, map) = (r.raw.as_ref(), &r.parts.headers);
+        encode_response(
+            &mut out,
+            r.parts.status,
+            raw,
+            map,
+            framing,
+            true,
+            false,
+            false,
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn plain_response_lines_go_back_out_as_sent() {
+        let r = response(
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Tue, 24 Nov 2026 15:00:00 GMT\r\n\
+             Content-Type: text/plain\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\
+             Keep-Alive: timeout=5\r\nX-Trace:a b\r\nTransfer-Encoding: chunked\r\n\
+             X-Last: 1\r\n\r\n",
+        );
+        let raw = r.raw.as_ref().expect("raw lines");
+        assert!(r.parts.headers.is_empty() && raw.has_date);
+        // Three runs: the dropped lines (length, connection, keep-alive, transfer-encoding)
+        // are left out; names keep their case, values their spacing; no second date.
+        assert_eq!(
+            written(&r),
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Tue, 24 Nov 2026 15:00:00 GMT\r\n\
+             Content-Type: text/plain\r\nX-Trace:a b\r\nX-Last: 1\r\n\
+             transfer-encoding: chunked\r\n\r\n"
+        );
+        // As a map: the same headers, in order, values trimmed.
+        let h = r.all_headers();
+        let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["server", "date", "content-type", "x-trace", "x-last"]
+        );
+        assert_eq!(h["x-trace"], "a b");
+        assert_eq!(r.framing, ResponseFraming::Chunked);
+        // Without a date line the writer adds one.
+        let r = response("HTTP/1.1 204 No Content\r\nX: 1\r\n\r\n");
+        assert!(r.raw.is_some() && written(&r).contains("\r\nX: 1\r\ndate: "));
+    }
+
+    #[test]
+    fn heads_the_proxy_must_read_are_parsed_into_a_map() {
+        for head in [
+            // Connection naming another header, a protocol switch, headers the proxy
+            // reads or sets itself.
+            "HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nUpgrade: h2c\r\n\r\n",
+            "HTTP/1.1 503 Busy\r\nRetry-After: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nGrpc-Status: 14\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntern-attempts: 9\r\n\r\n",
+            "HTTP/1.1 502 Bad Gateway\r\nTern-Error: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTrailer: x\r\n\r\n",
+            // Lines not exactly `name: value CRLF`.
+            "HTTP/1.1 200 OK\r\nX: 1 \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX:\r\n\r\n",
+            "HTTP/1.1 200 OK\nX: 1\nY: 2\n\n",
+            // More than four runs.
+            "HTTP/1.1 200 OK\r\nA: 1\r\nKeep-Alive: 1\r\nB: 1\r\nKeep-Alive: 1\r\nC: 1\r\n\
+             Keep-Alive: 1\r\nD: 1\r\nKeep-Alive: 1\r\nE: 1\r\n\r\n",
+        ] {
+            let Ok(Some(r)) = parse_response(&mut BytesMut::from(head.as_bytes()), 4096, false)
+            else {
+                continue; // refused outright is fine too
+            };
+            assert!(r.raw.is_none(), "{head:?}");
+            assert!(!r.parts.headers.is_empty(), "{head:?}");
+        }
+        // Lines past 64 KiB into the head.
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\nX: 1\r\n\r\n",
+            "a".repeat(70_000)
+        );
+        let r = parse_response(&mut BytesMut::from(big.as_bytes()), 128 * 1024, false)
+            .unwrap()
+            .unwrap();
+        assert!(r.raw.is_none() && r.parts.headers["x"] == "1");
+        // Four runs are still lines.
+        let r = response(
+            "HTTP/1.1 200 OK\r\nA: 1\r\nKeep-Alive: 1\r\nB: 1\r\nKeep-Alive: 1\r\nC: 1\r\n\
+             Keep-Alive: 1\r\nD: 1\r\n\r\n",
+        );
+        assert!(written(&r).starts_with("HTTP/1.1 200 OK\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\n"));
+    }
+
+    #[test]
+    fn raw_lines_join_the_map_before_its_own_entries() {
+        let mut r = response("HTTP/1.1 200 OK\r\nX-A: 1\r\nX-B: 2\r\n\r\n");
+        r.parts
+            .headers
+            .insert("x-added", HeaderValue::from_static("3"));
+        let raw = r.raw.take().unwrap();
+        raw.into_map(&mut r.parts.headers);
+        let all: Vec<(&str, &[u8])> = r
+            .parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                ("x-a", &b"1"[..]),
+                ("x-b", &b"2"[..]),
+                ("x-added", &b"3"[..])
+            ]
+        );
+    }
     use super::*;
 
     fn ok(s: &str) -> Parsed {
@@ -655,13 +980,13 @@ mod tests {
         );
         let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
         assert!(!r.keep_alive);
-        assert!(!r.parts.headers.contains_key("connection"));
-        assert!(r.parts.headers.is_empty());
+        assert!(!r.all_headers().contains_key("connection"));
+        assert!(r.all_headers().is_empty());
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\n"[..],
         );
         let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
-        assert_eq!(r.parts.headers["connection"], "keep-alive, X-Hop");
+        assert_eq!(r.all_headers()["connection"], "keep-alive, X-Hop");
     }
 
     #[test]
@@ -676,27 +1001,27 @@ mod tests {
             false,
         );
         assert_eq!(r.framing, ResponseFraming::Length(5));
-        assert!(!r.parts.headers.contains_key("content-length"));
-        assert_eq!(r.parts.headers["x"], "1");
+        assert!(!r.all_headers().contains_key("content-length"));
+        assert_eq!(r.all_headers()["x"], "1");
         let r = parse("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false);
         assert_eq!(r.framing, ResponseFraming::None);
-        assert!(r.parts.headers.is_empty());
+        assert!(r.all_headers().is_empty());
         // Beside Transfer-Encoding a length is dropped, not passed on.
         let r = parse(
             "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
         );
         assert_eq!(r.framing, ResponseFraming::Chunked);
-        assert!(!r.parts.headers.contains_key("content-length"));
+        assert!(!r.all_headers().contains_key("content-length"));
         // No body: the length describes the one not sent, and stays.
         let r = parse("HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", true);
         assert_eq!(r.framing, ResponseFraming::None);
-        assert_eq!(r.parts.headers["content-length"], "99");
+        assert_eq!(r.all_headers()["content-length"], "99");
         let r = parse(
             "HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\n\r\n",
             false,
         );
-        assert_eq!(r.parts.headers["content-length"], "12");
+        assert_eq!(r.all_headers()["content-length"], "12");
         // Still checked where it is dropped.
         let mut b = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
@@ -719,14 +1044,14 @@ mod tests {
         assert_eq!(p.parts.headers.len(), 61);
         let mut b = BytesMut::from(resp.as_bytes());
         let r = parse_response(&mut b, 64 * 1024, false).unwrap().unwrap();
-        assert_eq!(r.parts.headers.len(), 60);
+        assert_eq!(r.all_headers().len(), 60);
         for i in 0..60 {
             assert_eq!(
                 p.parts.headers[format!("x-{i}").as_str()],
                 i.to_string().as_str()
             );
             assert_eq!(
-                r.parts.headers[format!("x-{i}").as_str()],
+                r.all_headers()[format!("x-{i}").as_str()],
                 i.to_string().as_str()
             );
         }
@@ -762,6 +1087,7 @@ mod tests {
         encode_response(
             &mut out,
             StatusCode::OK,
+            None,
             &h,
             Framing::Length(1024),
             true,
@@ -781,6 +1107,7 @@ mod tests {
         encode_response(
             &mut out,
             StatusCode::NOT_FOUND,
+            None,
             &h,
             Framing::Chunked,
             false,
@@ -801,7 +1128,7 @@ mod tests {
             BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello"[..]);
         let r = parse_response(&mut b, 1024, false).unwrap().unwrap();
         assert_eq!(r.parts.status, StatusCode::OK);
-        assert_eq!(r.parts.headers["x-a"], "1");
+        assert_eq!(r.all_headers()["x-a"], "1");
         assert_eq!(r.framing, ResponseFraming::Length(5));
         assert!(r.keep_alive);
         assert_eq!(&b[..], b"hello");

@@ -19,4 +19,12 @@ pub(crate) const COPY_LIMIT: usize = 16 * 1024;
 pub use body::{Body, BodyError};
 pub(crate) use conn::reserve;
 pub use conn::{Io, OnUpgrade, Settings, Upgraded, serve};
-pub use head::Refusal;
+pub use head::{RawHeaders, Refusal};
+
+/// A response body that may carry its head's header lines as the upstream sent them
+/// ([`RawHeaders`]): the server writes them out before the response's `HeaderMap`.
+pub trait RawHead {
+    fn take_raw_headers(&mut self) -> Option<RawHeaders> {
+        None
+    }
+}

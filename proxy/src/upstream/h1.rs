@@ -189,6 +189,8 @@ pub struct ResponseBody {
     keep_alive: bool,
     pool: Arc<Pool>,
     addr: SocketAddr,
+    /// The head's header lines, when kept as sent (the response's map is then empty).
+    raw: Option<head::RawHeaders>,
 }
 
 enum State {
@@ -204,6 +206,7 @@ impl ResponseBody {
         keep_alive: bool,
         pool: &Arc<Pool>,
         addr: SocketAddr,
+        raw: Option<head::RawHeaders>,
     ) -> Self {
         let state = match framing {
             ResponseFraming::None => State::Done,
@@ -217,11 +220,17 @@ impl ResponseBody {
             keep_alive,
             pool: pool.clone(),
             addr,
+            raw,
         };
         if matches!(body.state, State::Done) {
             body.release();
         }
         body
+    }
+
+    /// The head's header lines kept as sent, if they still are.
+    pub fn take_raw_headers(&mut self) -> Option<head::RawHeaders> {
+        self.raw.take()
     }
 
     /// The body ended: the connection goes back to the pool if it can serve again.
@@ -396,7 +405,9 @@ mod tests {
             None,
             Instant::now(),
         );
-        let resp = sending.await.map_err(|e| e.error.to_string())?;
+        let mut resp = sending.await.map_err(|e| e.error.to_string())?;
+        // The head's lines as a map, whether they came as lines or not.
+        crate::body::full_headers(&mut resp);
         let (parts, body): (_, PooledBody) = resp.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?;
         Ok((parts, body))

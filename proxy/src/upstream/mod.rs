@@ -255,7 +255,8 @@ async fn exchange_h1_inline(
     loop {
         match h1::exchange(&mut conn, &wire).await {
             Ok(resp) => {
-                let body = h1::ResponseBody::new(conn, resp.framing, resp.keep_alive, pool, addr);
+                let (framing, keep_alive) = (resp.framing, resp.keep_alive);
+                let body = h1::ResponseBody::new(conn, framing, keep_alive, pool, addr, resp.raw);
                 return Ok(Response::from_parts(resp.parts, PooledBody::inline(body)));
             }
             Err(err) if reused && err.nothing_received() && wire.resendable => {

@@ -426,6 +426,15 @@ fn release_now(release: &mut Option<Release>) {
     }
 }
 
+impl crate::h1::RawHead for PooledBody {
+    fn take_raw_headers(&mut self) -> Option<crate::h1::RawHeaders> {
+        match &mut self.kind {
+            Kind::Inline(body) => body.take_raw_headers(),
+            Kind::Hyper { .. } => None,
+        }
+    }
+}
+
 impl Body for PooledBody {
     type Data = Bytes;
     type Error = UpstreamBodyError;
