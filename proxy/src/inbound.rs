@@ -40,7 +40,9 @@ pub fn handle<'a>(
             recorder.finish(resp.status().as_u16(), Instant::now());
             return resp;
         }
-        let resp = match serve(worker, req, conn, start).await {
+        // Built where it is pinned (as below): not moved into place.
+        let served = std::pin::pin!(serve(worker, req, conn, start));
+        let resp = match served.await {
             Ok(resp) => resp,
             Err(err) => {
                 tracing::debug!(error = %err, "inbound request failed");
@@ -179,9 +181,12 @@ fn serve<'a>(
         } else {
             let req = req.map(RequestBody::Stream);
             let transport = Transport::Plain(protocol);
-            upstream::send(&worker.app_pool, app, transport, req, None, None, start)
-                .await
-                .map_err(|e| e.error)
+            let app_pool = &worker.app_pool;
+            std::pin::pin!(upstream::send(
+                app_pool, app, transport, req, None, None, start
+            ))
+            .await
+            .map_err(|e| e.error)
         };
         let mut resp = sent.map_err(|err| upstream_error(err, worker.app_label.clone(), app))?;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

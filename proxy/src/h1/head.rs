@@ -619,7 +619,10 @@ pub fn bodiless(head_request: bool, status: StatusCode) -> bool {
 /// a known length its `content-length` when the headers lack it. `close` adds
 /// `connection: close`; `keep_alive_10` adds `connection: keep-alive` (for an HTTP/1.0
 /// client).
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the head's parts and the connection's framing decisions, each a plain value"
+)]
 pub fn encode_response(
     out: &mut Vec<u8>,
     status: StatusCode,
