@@ -572,7 +572,8 @@ def checkout_docs(v1: str, v2: str, weights=(90, 10), legacy_value: str = "legac
                         "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/v2"},
                     }},
                     {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
-                        "set": [{"name": "x-resp-filter", "value": "applied"}],
+                        "set": [{"name": "x-resp-filter", "value": "applied"},
+                                {"name": "x-demo-service", "value": "filtered"}],
                     }},
                 ],
                 "backendRefs": [backend("checkout-v1")],

@@ -79,6 +79,10 @@ def test_header_filters_and_prefix_rewrite(mesh):
     assert r.header("x-resp-filter") == "applied"
     echo = r.json()
     assert echo["service"] == "v1"
+    # The filter acts on the upstream's own headers too: `set` replaces the upstream's
+    # value (once), the others arrive as sent.
+    assert [v for k, v in r.raw_headers if k.lower() == "x-demo-service"] == ["filtered"]
+    assert r.header("content-type") == "application/json"
     assert echo["path"] == "/v2/items/7"
     assert echo["query"] == "q=1"
     h = echo["headers"]

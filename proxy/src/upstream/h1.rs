@@ -492,6 +492,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_upstreams_lines_become_the_map_once() {
+        use crate::h1::RawHead;
+        let (addr, _) = upstream(vec![Some(
+            b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok",
+        )])
+        .await;
+        let pool = pool();
+        let http1 = Transport::Plain(Protocol::Http1);
+        let req = get(Method::GET, "/");
+        let sending = send(&pool, addr, http1, req, None, None, Instant::now());
+        let mut resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
+        // Kept as lines: the map is empty until someone asks for the headers.
+        assert!(resp.headers().is_empty());
+        let headers = crate::body::full_headers(&mut resp);
+        assert_eq!(headers["x-a"], "1");
+        headers.insert("x-a", http::HeaderValue::from_static("2"));
+        // The lines left the body when parsed: the writer finds none to write again.
+        assert!(resp.body_mut().take_raw_headers().is_none());
+        assert_eq!(resp.headers()["x-a"], "2");
+        let body = resp.into_body().collect().await.unwrap();
+        assert_eq!(body.to_bytes(), "ok");
+    }
+
+    #[tokio::test]
     async fn reuses_one_connection_across_framings() {
         let (addr, accepted) = upstream(vec![
             Some(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
