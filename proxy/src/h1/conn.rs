@@ -542,7 +542,7 @@ impl<S: Io> Conn<S> {
         };
         // Room for the head and a body small enough to go in the same write.
         let inline_body = body.size_hint().exact().filter(|&n| n < COPY_LIMIT as u64);
-        let raw_len = raw.as_ref().map_or(0, |r| r.len());
+        let raw_len = raw.as_ref().map_or(0, |r| r.byte_len());
         let capacity = 256 + raw_len + parts.headers.len() * 48 + inline_body.unwrap_or(0) as usize;
         let mut wbuf = spare::write_buf(capacity);
         head::encode_response(

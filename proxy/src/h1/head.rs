@@ -295,13 +295,9 @@ pub struct RawHeaders {
 }
 
 impl RawHeaders {
-    /// The bytes of the lines, as they go out.
-    pub fn len(&self) -> usize {
+    /// How many bytes the lines take when written.
+    pub fn byte_len(&self) -> usize {
         self.runs().map(|(s, e)| e - s).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.n_runs == 0
     }
 
     fn runs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -374,9 +370,6 @@ impl RawBuilder {
     /// A line that goes out as sent. `head` is the head's buffer; `name`, `value` are
     /// slices of it.
     fn keep(&mut self, head: &[u8], name: &[u8], value: &[u8]) {
-        if !self.ok {
-            return;
-        }
         let base = head.as_ptr() as usize;
         let start = name.as_ptr() as usize - base;
         // An empty value has no reliable position; the line must end right after the
@@ -502,7 +495,9 @@ pub fn parse_response(
         if !spent {
             spans.push(span_of(base, name, value));
         }
-        if spent || is_dropped(name) {
+        if !lines.ok {
+            // Given up: the head goes into a map.
+        } else if spent || is_dropped(name) {
             lines.drop_line();
         } else if needs_map(name) {
             lines.ok = false;
