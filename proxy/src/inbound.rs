@@ -179,11 +179,11 @@ fn serve<'a>(
             ))
             .await
         } else {
-            let req = req.map(RequestBody::Stream);
+            let mut req = req.map(RequestBody::Stream);
             let transport = Transport::Plain(protocol);
             let app_pool = &worker.app_pool;
             std::pin::pin!(upstream::send(
-                app_pool, app, transport, req, None, None, start
+                app_pool, app, transport, &mut req, false, None, start
             ))
             .await
             .map_err(|e| e.error)

@@ -24,7 +24,7 @@ use crate::headers;
 use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics};
 use crate::policy::concurrency::Permit;
 use crate::policy::limits::Limit;
-use crate::policy::retry::{self, Buffered, Replay};
+use crate::policy::retry::{self, Buffered, Kept};
 use crate::policy::timeout::{cap, within};
 use crate::rescue::ProxyError;
 use crate::route;
@@ -296,7 +296,8 @@ impl Attempts<'_> {
             // in the backend's protocol; an attempt to an endpoint of the other kind converts.
             let app_protocol = self.backend.protocol;
             let mtls = self.state.meshed && shared.tls.enabled();
-            let prepared = if mtls { Protocol::H2c } else { app_protocol };
+            // The protocol the request is written for.
+            let mut prepared = if mtls { Protocol::H2c } else { app_protocol };
             headers::for_sidecar(&mut req, prepared, app_protocol)?;
             let hash = hash_key(self.backend, &req, self.peer);
 
@@ -304,13 +305,14 @@ impl Attempts<'_> {
             // After a request may have reached the upstream, only these may be sent again.
             let resend_ok =
                 retry.is_some_and(|p| p.non_idempotent || retry::is_idempotent(req.method()));
-            // A replayable request (retries configured, body empty or buffered) is kept
-            // for another attempt once it goes out: the request itself when only its bytes
-            // are sent, else a copy (see `upstream::send`).
-            let mut replay: Option<Replay> = None;
-            let (mut next, replayable) = match retry {
+            // Every attempt sends from `kept` (borrowed, not moved): a replayable request
+            // (retries configured, body empty or buffered) stays whole there for another
+            // attempt (see `upstream::send`).
+            let replayable;
+            let mut kept = Kept(match retry {
                 Some(_) if http_body::Body::is_end_stream(req.body()) => {
-                    (Some(req.map(|_| RequestBody::EMPTY)), true)
+                    replayable = true;
+                    req.map(|_| RequestBody::EMPTY)
                 }
                 // Boxed: reading a body is the less common path; its state stays out of the
                 // request's future.
@@ -319,17 +321,24 @@ impl Attempts<'_> {
                     .map_err(ProxyError::ClientBody)
                     .inspect(|_| at = Instant::now())?
                 {
-                    Buffered::Replayable(r) => (Some(r), true),
+                    Buffered::Replayable(r) => {
+                        replayable = true;
+                        r
+                    }
                     Buffered::TooLarge(r) => {
                         self.metrics.body_too_large();
-                        (Some(r), false)
+                        replayable = false;
+                        r
                     }
                 },
-                None => (Some(req.map(RequestBody::Stream)), false),
-            };
-            // The protocol `next` and `replay` are written for.
-            let mut next_prepared = prepared;
-            let mut replay_prepared = prepared;
+                None => {
+                    replayable = false;
+                    req.map(RequestBody::Stream)
+                }
+            });
+            // Whether `kept` may go out: not after a send that took it (not replayable),
+            // unless it came back unsent.
+            let mut sendable = true;
             let max_attempts = 1 + retry.map_or(retry::CONNECT_RETRIES, |p| p.attempts);
             let admission = Admission {
                 counters: &self.state.limits,
@@ -340,14 +349,10 @@ impl Attempts<'_> {
             loop {
                 trace.attempts += 1;
                 let n = trace.attempts;
-                let (mut req, mut prepared) = match (next.take(), &replay) {
-                    (Some(req), _) => (req, next_prepared),
-                    (None, Some(replay)) => (replay.request(), replay_prepared),
+                if !sendable {
                     // Not reached: a retry is only decided with a request to send.
-                    (None, None) => {
-                        return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
-                    }
-                };
+                    return Err(ProxyError::NoEndpoints(self.backend.name.clone()));
+                }
                 let picked = match self.state.pick(avoid, now, hash) {
                     Ok(p) => p,
                     Err(err) => {
@@ -374,27 +379,22 @@ impl Attempts<'_> {
                 };
                 if transport.protocol() != prepared {
                     prepared = transport.protocol();
-                    headers::for_sidecar(&mut req, prepared, app_protocol)?;
+                    headers::for_sidecar(&mut kept.0, prepared, app_protocol)?;
                 }
                 let in_flight = picked.load.start();
                 let sent_at = at;
-                let mut kept = None;
-                let keep = (replayable && replay.is_none()).then_some(&mut kept);
                 let pool = &self.worker.pool;
                 // Built where it is pinned: the future is a few hundred bytes.
                 let send = std::pin::pin!(upstream::send(
                     pool,
                     addr,
                     transport,
-                    req,
-                    keep,
+                    &mut kept.0,
+                    replayable,
                     Some(admission),
                     at
                 ));
-                if let Some(kept) = kept {
-                    replay = Some(Replay::of(kept));
-                    replay_prepared = prepared;
-                }
+                sendable = replayable;
                 let sent = match self.rule.timeouts.backend_request {
                     None => send.await.map_err(Failure::Send),
                     Some(limit) => match tokio::time::timeout(limit, send).await {
@@ -443,13 +443,8 @@ impl Attempts<'_> {
                             trace.answered = Some(done);
                             return Ok(resp.map(|b| ProxyBody::Upstream(b, held)));
                         }
-                        verdict = self.may_retry(
-                            n,
-                            max_attempts,
-                            resend_ok && replay.is_some(),
-                            after,
-                            now,
-                        );
+                        verdict =
+                            self.may_retry(n, max_attempts, resend_ok && sendable, after, now);
                         Ok(resp)
                     }
                     Err(Failure::Send(SendError {
@@ -475,11 +470,13 @@ impl Attempts<'_> {
                                 (error, err.request, reached)
                             }
                         };
-                        let sendable = returned.is_some() || replay.is_some();
+                        if let Some(r) = returned {
+                            // Unsent: as written for `prepared`, it can go elsewhere.
+                            kept.0 = *r;
+                            sendable = true;
+                        }
                         let allowed = sendable && (!reached || resend_ok);
                         verdict = self.may_retry(n, max_attempts, allowed, None, now);
-                        next = returned.map(|r| *r);
-                        next_prepared = prepared;
                         Err(error)
                     }
                 };

@@ -15,7 +15,7 @@ use http::{HeaderMap, Method, Request};
 use http_body_util::BodyExt;
 use tern_config::snapshot::RetryPolicy;
 
-use crate::body::{ClientBody, ClientBodyError, RequestBody, copy_complete};
+use crate::body::{ClientBody, ClientBodyError, RequestBody};
 
 /// Without a route `retry`, a connect failure is retried this many times, on other
 /// endpoints.
@@ -71,23 +71,11 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// A request kept so that it can be sent again (its body buffered or empty).
-pub struct Replay(Request<RequestBody>);
+/// The request of a retry loop, kept where every attempt sends it from (`upstream::send`
+/// borrows it): whole, for another attempt, when its body is buffered or empty.
+pub struct Kept(pub Request<RequestBody>);
 
-impl Replay {
-    /// A copy of the request, for another attempt (without extensions).
-    pub fn request(&self) -> Request<RequestBody> {
-        copy_complete(&self.0)
-    }
-
-    /// The replay of `req` itself, whose body is buffered or empty (another body would
-    /// be replayed empty).
-    pub fn of(req: Request<RequestBody>) -> Replay {
-        Replay(req)
-    }
-}
-
-impl Drop for Replay {
+impl Drop for Kept {
     /// The header map goes to the thread's spares, for the next request's head.
     fn drop(&mut self) {
         crate::h1::spare::give_map(std::mem::take(self.0.headers_mut()));
@@ -96,7 +84,7 @@ impl Drop for Replay {
 
 /// What buffering made of a request.
 pub enum Buffered {
-    /// The request with its body in memory (and no extensions, as a [`Replay`] has).
+    /// The request with its body in memory (and no extensions).
     Replayable(Request<RequestBody>),
     /// The body is larger than the buffer: sent once, as it comes.
     TooLarge(Request<RequestBody>),

@@ -396,12 +396,13 @@ mod tests {
         addr: SocketAddr,
         req: Request<RequestBody>,
     ) -> Result<(http::response::Parts, http_body_util::Collected<Bytes>), String> {
+        let mut req = req;
         let sending = send(
             pool,
             addr,
             Transport::Plain(Protocol::Http1),
-            req,
-            None,
+            &mut req,
+            false,
             None,
             Instant::now(),
         );
@@ -437,49 +438,22 @@ mod tests {
                 matches!(kept.body(), RequestBody::Buffered { data: Some(d), .. } if d == "body")
             );
         };
-        // No idle connection: the request goes to a new one, and a copy comes back.
+        // No idle connection: the request goes to a new one, and a copy stays.
         let http1 = Transport::Plain(Protocol::Http1);
-        let mut kept = None;
-        let sending = send(
-            &pool,
-            addr,
-            http1,
-            req,
-            Some(&mut kept),
-            None,
-            Instant::now(),
-        );
-        let kept = kept.expect("kept");
-        same(&kept);
+        let sending = send(&pool, addr, http1, &mut req, true, None, Instant::now());
+        same(&req);
         let resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
         assert_eq!(resp.status(), 503);
         resp.into_body().collect().await.unwrap();
-        // An idle connection: only the bytes go, and the request itself comes back.
-        let mut again = None;
-        let sending = send(
-            &pool,
-            addr,
-            http1,
-            kept,
-            Some(&mut again),
-            None,
-            Instant::now(),
-        );
-        same(again.as_ref().expect("kept"));
+        // An idle connection: only the bytes go, and the request itself stays.
+        let sending = send(&pool, addr, http1, &mut req, true, None, Instant::now());
+        same(&req);
         let resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
         assert_eq!(resp.status(), 200);
         resp.into_body().collect().await.unwrap();
-        // Without `keep`, nothing comes back.
-        // Without a slot, nothing is kept: the request's header map goes to the spares.
-        let sending = send(
-            &pool,
-            addr,
-            http1,
-            again.unwrap(),
-            None,
-            None,
-            Instant::now(),
-        );
+        // Without `keep`, the request's header map goes to the spares.
+        let sending = send(&pool, addr, http1, &mut req, false, None, Instant::now());
+        assert!(req.headers().is_empty());
         assert_eq!(
             sending
                 .await
@@ -500,8 +474,8 @@ mod tests {
         .await;
         let pool = pool();
         let http1 = Transport::Plain(Protocol::Http1);
-        let req = get(Method::GET, "/");
-        let sending = send(&pool, addr, http1, req, None, None, Instant::now());
+        let mut req = get(Method::GET, "/");
+        let sending = send(&pool, addr, http1, &mut req, false, None, Instant::now());
         let mut resp = sending.await.map_err(|e| e.error.to_string()).unwrap();
         // Kept as lines: the map is empty until someone asks for the headers.
         assert!(resp.headers().is_empty());
@@ -600,8 +574,8 @@ mod tests {
             &pool,
             addr,
             Transport::Plain(Protocol::Http1),
-            get(Method::GET, "/"),
-            None,
+            &mut get(Method::GET, "/"),
+            false,
             None,
             Instant::now(),
         );

@@ -128,10 +128,12 @@ pub type Sending<'a> =
 /// holds only that connection and the request's bytes (a few hundred bytes, not the
 /// request and every path's state). Every other path is boxed.
 ///
-/// With a `keep` slot (the request's body must be buffered or empty), the request also
-/// comes back there, for another attempt: itself when it went out as bytes, else a copy.
-/// (A slot, not a second return value: the future is then built where the caller pins
-/// it, not moved there.)
+/// The request is borrowed, not moved: it stays where the caller keeps it (moving a
+/// request costs a 350-byte copy at every level). With `keep` (its body must be buffered
+/// or empty) it is left complete, for another attempt: as it was when only its bytes go
+/// out, else as a copy while the original goes. Without `keep` its header map goes back
+/// to the thread's spares, or the whole request goes out; the caller must not send it
+/// again.
 ///
 /// `now`: the caller's clock read (the request's clock is read once per step, not per
 /// layer).
@@ -139,37 +141,33 @@ pub fn send<'a>(
     pool: &'a Arc<Pool>,
     addr: SocketAddr,
     transport: Transport<'a>,
-    req: Request<RequestBody>,
-    keep: Option<&mut Option<Request<RequestBody>>>,
+    req: &mut Request<RequestBody>,
+    keep: bool,
     admission: Option<Admission<'a>>,
     now: Instant,
-) -> impl Future<Output = Result<Response<PooledBody>, SendError>> + Send + 'a {
+) -> impl Future<Output = Result<Response<PooledBody>, SendError>> + Send + use<'a> {
     let wire = match transport {
-        Transport::Plain(Protocol::Http1) => h1::Wire::new(&req),
+        Transport::Plain(Protocol::Http1) => h1::Wire::new(req),
         _ => None,
     };
     let path = match (wire, transport) {
         (Some(wire), _) => match pool.take_h1_inline(addr, now.into_std()) {
             Some(conn) => {
                 // Only the request's bytes in `wire` go on.
-                match keep {
-                    Some(slot) => *slot = Some(req),
-                    None => crate::h1::spare::give_map(req.into_parts().0.headers),
+                if !keep {
+                    crate::h1::spare::give_map(std::mem::take(req.headers_mut()));
                 }
                 Path::Pooled(conn, wire)
             }
             None => {
-                if let Some(slot) = keep {
-                    *slot = Some(copy_complete(&req));
-                }
-                let sending = connect_h1_inline(pool, addr, req, wire, admission);
-                Path::Other(Box::pin(sending))
+                let req = outgoing(req, keep);
+                Path::Other(Box::pin(connect_h1_inline(
+                    pool, addr, req, wire, admission,
+                )))
             }
         },
         (None, transport) => {
-            if let Some(slot) = keep {
-                *slot = Some(copy_complete(&req));
-            }
+            let req = outgoing(req, keep);
             let sending: Sending<'a> = match transport {
                 Transport::Plain(Protocol::Http1) => {
                     Box::pin(send_h1_hyper(pool, addr, req, admission))
@@ -190,6 +188,17 @@ pub fn send<'a>(
             Path::Other(sending) => sending.await,
         }
     }
+}
+
+/// The request that goes out when it must go whole: with `keep`, the original (with its
+/// extensions), leaving a copy in its place; else the request itself, leaving an empty one.
+fn outgoing(req: &mut Request<RequestBody>, keep: bool) -> Request<RequestBody> {
+    let left = if keep {
+        copy_complete(req)
+    } else {
+        Request::new(RequestBody::EMPTY)
+    };
+    std::mem::replace(req, left)
 }
 
 enum Path<'a> {
