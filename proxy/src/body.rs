@@ -57,9 +57,9 @@ impl ProxyBody {
 }
 
 impl RawHead for ProxyBody {
-    fn take_raw_headers(&mut self) -> Option<RawHeaders> {
+    fn raw_slot(&mut self) -> Option<&mut Option<RawHeaders>> {
         match self {
-            ProxyBody::Upstream(b, _) => b.take_raw_headers(),
+            ProxyBody::Upstream(b, _) => b.raw_slot(),
             ProxyBody::Local(_) => None,
         }
     }

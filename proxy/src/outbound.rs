@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::access_log::{Entry, Trace};
 use crate::balance::{BackendState, PickError, hash};
 use crate::body::{ClientBody, Held, ProxyBody, RequestBody};
+use crate::h1::RawHead;
 use crate::headers;
 use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics};
 use crate::policy::concurrency::Permit;
@@ -42,6 +43,14 @@ static ATTEMPT_COUNTS: [HeaderValue; 4] = [
     HeaderValue::from_static("2"),
     HeaderValue::from_static("3"),
     HeaderValue::from_static("4"),
+];
+
+/// The same as lines, for a response whose upstream lines go out as sent.
+static ATTEMPT_LINES: [&[u8]; 4] = [
+    b"tern-attempts: 1\r\n",
+    b"tern-attempts: 2\r\n",
+    b"tern-attempts: 3\r\n",
+    b"tern-attempts: 4\r\n",
 ];
 
 fn attempts_value(n: u32) -> HeaderValue {
@@ -92,13 +101,21 @@ pub fn handle<'a>(
             }
         };
         if trace.retry_policy || trace.attempts > 1 {
-            let headers = resp.headers_mut();
-            if headers.capacity() == 0 {
-                // Empty (the upstream's lines were kept as sent): a spare map, as
-                // allocating one costs more.
-                *headers = crate::h1::spare::take_map(1);
+            // With the upstream's lines kept as sent, one more line: no map to fill.
+            let line = ATTEMPT_LINES.get((trace.attempts as usize).wrapping_sub(1));
+            let added = match (resp.body_mut().raw_headers_mut(), line) {
+                (Some(raw), Some(line)) => raw.try_add_line(line),
+                _ => false,
+            };
+            if !added {
+                let headers = resp.headers_mut();
+                if headers.capacity() == 0 {
+                    // Empty (the upstream's lines were kept as sent): a spare map, as
+                    // allocating one costs more.
+                    *headers = crate::h1::spare::take_map(1);
+                }
+                headers.insert(&TERN_ATTEMPTS, attempts_value(trace.attempts));
             }
-            headers.insert(&TERN_ATTEMPTS, attempts_value(trace.attempts));
         }
         if let Some(entry) = entry {
             entry.write(Direction::Outbound, &trace, &resp);

@@ -292,12 +292,25 @@ pub struct RawHeaders {
     n_runs: u8,
     /// A `Date` line is among them (the writer adds one otherwise).
     pub has_date: bool,
+    /// One line the proxy adds (`name: value\r\n`, static), written after the upstream's.
+    added: Option<&'static [u8]>,
 }
 
 impl RawHeaders {
     /// How many bytes the lines take when written.
     pub fn byte_len(&self) -> usize {
-        self.runs().map(|(s, e)| e - s).sum()
+        self.runs().map(|(s, e)| e - s).sum::<usize>() + self.added.map_or(0, <[u8]>::len)
+    }
+
+    /// Adds `line` (`name: value\r\n`, a header the upstream's lines do not have), unless a
+    /// line was added already: then the caller sets it in the map instead.
+    pub fn try_add_line(&mut self, line: &'static [u8]) -> bool {
+        debug_assert!(line.ends_with(b"\r\n") && line.contains(&b':'));
+        if self.added.is_some() {
+            return false;
+        }
+        self.added = Some(line);
+        true
     }
 
     fn runs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -310,6 +323,9 @@ impl RawHeaders {
     pub fn write_to(&self, out: &mut Vec<u8>) {
         for (s, e) in self.runs() {
             out.extend_from_slice(&self.head[s..e]);
+        }
+        if let Some(line) = self.added {
+            out.extend_from_slice(line);
         }
     }
 
@@ -329,6 +345,15 @@ impl RawHeaders {
                     }
                 }
                 at = line_end + 1;
+            }
+        }
+        if let Some(line) = self.added {
+            let line = line.trim_ascii_end();
+            if let Some(colon) = memchr::memchr(b':', line)
+                && let Ok(name) = HeaderName::from_bytes(&line[..colon])
+                && let Ok(value) = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
+            {
+                lines.append(name, value);
             }
         }
         for (name, value) in map.drain() {
@@ -404,6 +429,7 @@ impl RawBuilder {
             runs: self.runs,
             n_runs: self.n_runs as u8,
             has_date: self.has_date,
+            added: None,
         })
     }
 }
@@ -825,6 +851,27 @@ mod tests {
              Keep-Alive: 1\r\nD: 1\r\n\r\n",
         );
         assert!(written(&r).starts_with("HTTP/1.1 200 OK\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\n"));
+    }
+
+    #[test]
+    fn a_line_added_to_raw_lines_is_written_once_and_joins_the_map() {
+        let mut r = response("HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n");
+        let raw = r.raw.as_mut().expect("raw lines");
+        let before = raw.byte_len();
+        assert!(raw.try_add_line(b"tern-attempts: 2\r\n"));
+        // One added line at most: a second goes to the map.
+        assert!(!raw.try_add_line(b"x-other: 1\r\n"));
+        assert_eq!(raw.byte_len(), before + "tern-attempts: 2\r\n".len());
+        let out = written(&r);
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\nX-A: 1\r\ntern-attempts: 2\r\n"),
+            "{out}"
+        );
+        assert_eq!(out.matches("tern-attempts").count(), 1, "{out}");
+        let all = r.all_headers();
+        assert_eq!(all["x-a"], "1");
+        assert_eq!(all.get_all("tern-attempts").iter().count(), 1);
+        assert_eq!(all["tern-attempts"], "2");
     }
 
     #[test]

@@ -24,7 +24,16 @@ pub use head::{RawHeaders, Refusal};
 /// A response body that may carry its head's header lines as the upstream sent them
 /// ([`RawHeaders`]): the server writes them out before the response's `HeaderMap`.
 pub trait RawHead {
-    fn take_raw_headers(&mut self) -> Option<RawHeaders> {
+    /// Where the body keeps them, if it can.
+    fn raw_slot(&mut self) -> Option<&mut Option<RawHeaders>> {
         None
+    }
+
+    fn take_raw_headers(&mut self) -> Option<RawHeaders> {
+        self.raw_slot().and_then(Option::take)
+    }
+
+    fn raw_headers_mut(&mut self) -> Option<&mut RawHeaders> {
+        self.raw_slot().and_then(Option::as_mut)
     }
 }

@@ -229,8 +229,8 @@ impl ResponseBody {
     }
 
     /// The head's header lines kept as sent, if they still are.
-    pub fn take_raw_headers(&mut self) -> Option<head::RawHeaders> {
-        self.raw.take()
+    pub fn raw_slot(&mut self) -> &mut Option<head::RawHeaders> {
+        &mut self.raw
     }
 
     /// The body ended: the connection goes back to the pool if it can serve again.

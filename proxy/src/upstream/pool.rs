@@ -427,9 +427,9 @@ fn release_now(release: &mut Option<Release>) {
 }
 
 impl crate::h1::RawHead for PooledBody {
-    fn take_raw_headers(&mut self) -> Option<crate::h1::RawHeaders> {
+    fn raw_slot(&mut self) -> Option<&mut Option<crate::h1::RawHeaders>> {
         match &mut self.kind {
-            Kind::Inline(body) => body.take_raw_headers(),
+            Kind::Inline(body) => Some(body.raw_slot()),
             Kind::Hyper { .. } => None,
         }
     }
