@@ -21,6 +21,11 @@ use crate::policy::concurrency::Permit;
 use crate::policy::limits::Slot;
 use crate::upstream::pool::{PooledBody, UpstreamBodyError};
 
+/// A response's body as the proxy hands it back.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the large variant is every proxied response's: boxing it would allocate per request"
+)]
 pub enum ProxyBody {
     /// With what the request holds until its response body ends or is dropped.
     Upstream(PooledBody, Held),

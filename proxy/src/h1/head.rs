@@ -293,18 +293,19 @@ pub struct RawHeaders {
     /// A `Date` line is among them (the writer adds one otherwise).
     pub has_date: bool,
     /// One line the proxy adds (`name: value\r\n`, static), written after the upstream's.
-    added: Option<&'static [u8]>,
+    /// (A reference to a static slice: one word, where a slice would take two.)
+    added: Option<&'static &'static [u8]>,
 }
 
 impl RawHeaders {
     /// How many bytes the lines take when written.
     pub fn byte_len(&self) -> usize {
-        self.runs().map(|(s, e)| e - s).sum::<usize>() + self.added.map_or(0, <[u8]>::len)
+        self.runs().map(|(s, e)| e - s).sum::<usize>() + self.added.map_or(0, |l| l.len())
     }
 
     /// Adds `line` (`name: value\r\n`, a header the upstream's lines do not have), unless a
     /// line was added already: then the caller sets it in the map instead.
-    pub fn try_add_line(&mut self, line: &'static [u8]) -> bool {
+    pub fn try_add_line(&mut self, line: &'static &'static [u8]) -> bool {
         debug_assert!(line.ends_with(b"\r\n") && line.contains(&b':'));
         if self.added.is_some() {
             return false;
@@ -858,9 +859,11 @@ mod tests {
         let mut r = response("HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n");
         let raw = r.raw.as_mut().expect("raw lines");
         let before = raw.byte_len();
-        assert!(raw.try_add_line(b"tern-attempts: 2\r\n"));
+        static ADDED: &[u8] = b"tern-attempts: 2\r\n";
+        static ANOTHER: &[u8] = b"x-other: 1\r\n";
+        assert!(raw.try_add_line(&ADDED));
         // One added line at most: a second goes to the map.
-        assert!(!raw.try_add_line(b"x-other: 1\r\n"));
+        assert!(!raw.try_add_line(&ANOTHER));
         assert_eq!(raw.byte_len(), before + "tern-attempts: 2\r\n".len());
         let out = written(&r);
         assert!(
