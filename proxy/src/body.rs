@@ -37,16 +37,24 @@ pub enum ProxyBody {
 #[derive(Default)]
 pub struct Held {
     pub slot: Option<Slot>,
-    /// Boxed: only routes and backends with a concurrency limit have any.
-    pub permits: Option<Box<[Option<Permit>; 2]>>,
+    /// Backend, route. (Not boxed: a permit is one pointer, and a box would be an
+    /// allocation per request.)
+    pub permits: [Option<Permit>; 2],
 }
 
 impl Held {
-    /// Feeds the response (latency to its headers, at `at`; failed or not) to adaptive
-    /// limits.
-    pub fn sample(&self, failed: bool, at: tokio::time::Instant) {
-        for p in self.permits.iter().flat_map(|p| p.iter().flatten()) {
-            p.sample(failed, at);
+    /// Feeds the response (failed or not; its headers came at `at`) to adaptive limits.
+    /// `started`: when each permit was granted.
+    pub fn sample(
+        &self,
+        started: &[tokio::time::Instant; 2],
+        failed: bool,
+        at: tokio::time::Instant,
+    ) {
+        for (p, &s) in self.permits.iter().zip(started) {
+            if let Some(p) = p {
+                p.sample(s, failed, at);
+            }
         }
     }
 }

@@ -23,7 +23,6 @@ use crate::body::{ClientBody, Held, ProxyBody, RequestBody};
 use crate::h1::RawHead;
 use crate::headers;
 use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics};
-use crate::policy::concurrency::Permit;
 use crate::policy::limits::Limit;
 use crate::policy::retry::{self, Buffered, Kept};
 use crate::policy::timeout::{cap, within};
@@ -269,42 +268,42 @@ impl Attempts<'_> {
             };
             let mut held = Held {
                 slot: Some(slot),
-                permits: None,
+                permits: [None, None],
             };
+            // When each permit was granted: adaptive limits measure latency from there.
+            let mut granted = [at; 2];
             let backend_limiter = self.state.concurrency.as_ref();
             let route_limiter = self.active.balancer.route_limiter(self.rule);
-            if backend_limiter.is_some() || route_limiter.is_some() {
-                let mut permits: Box<[Option<Permit>; 2]> = Box::default();
-                for (k, (limiter, scope)) in
-                    [(backend_limiter, "backend"), (route_limiter, "route")]
-                        .into_iter()
-                        .enumerate()
-                {
-                    let Some(limiter) = limiter else { continue };
-                    // Boxed: waiting in the queue is the slow path; its state stays out of
-                    // the request's future.
-                    let acquired = match limiter.try_acquire(at) {
-                        Some(p) => Ok(p),
-                        None => {
-                            let queued = Box::pin(limiter.acquire()).await;
-                            at = Instant::now();
-                            queued
-                        }
-                    };
-                    match acquired {
-                        Ok(p) => permits[k] = Some(p),
-                        Err(reason) => {
-                            *fate = Some(Fate::NotRetryable);
-                            let name = limiter.name.clone();
-                            return Err(ProxyError::Overloaded {
-                                scope,
-                                name,
-                                reason,
-                            });
-                        }
+            for (k, (limiter, scope)) in [(backend_limiter, "backend"), (route_limiter, "route")]
+                .into_iter()
+                .enumerate()
+            {
+                let Some(limiter) = limiter else { continue };
+                // Boxed: waiting in the queue is the slow path; its state stays out of the
+                // request's future.
+                let acquired = match limiter.try_acquire() {
+                    Some(p) => Ok(p),
+                    None => {
+                        let queued = Box::pin(limiter.acquire()).await;
+                        at = Instant::now();
+                        queued
+                    }
+                };
+                match acquired {
+                    Ok(p) => {
+                        held.permits[k] = Some(p);
+                        granted[k] = at;
+                    }
+                    Err(reason) => {
+                        *fate = Some(Fate::NotRetryable);
+                        let name = limiter.name.clone();
+                        return Err(ProxyError::Overloaded {
+                            scope,
+                            name,
+                            reason,
+                        });
                     }
                 }
-                held.permits = Some(permits);
             }
             // The request's bookkeeping clock (ms), refreshed after each attempt.
             let mut now = clock.ms_at(at);
@@ -456,7 +455,7 @@ impl Attempts<'_> {
                                 (false, 1) => Fate::SuccessFirstTry,
                                 (false, _) => Fate::SuccessAfterRetry,
                             });
-                            held.sample(status >= 500, done);
+                            held.sample(&granted, status >= 500, done);
                             trace.answered = Some(done);
                             return Ok(resp.map(|b| ProxyBody::Upstream(b, held)));
                         }
@@ -513,7 +512,7 @@ impl Attempts<'_> {
                         let failed = outcome
                             .as_ref()
                             .map_or(true, |r| r.status().as_u16() >= 500);
-                        held.sample(failed, at);
+                        held.sample(&granted, failed, at);
                         trace.answered = Some(at);
                         return outcome.map(|resp| resp.map(|b| ProxyBody::Upstream(b, held)));
                     }
@@ -624,7 +623,7 @@ async fn forward_upgrade(
             state.record(picked, failed, now, &shared.metrics);
             let held = Held {
                 slot: Some(slot),
-                permits: None,
+                permits: [None, None],
             };
             Ok(resp.map(|b| ProxyBody::Upstream(b, held)))
         }

@@ -7,6 +7,11 @@
 //! `AIMD` adds one while the limit is in use and cuts 10 % on a failure. Either way an
 //! overloaded upstream sees its load trimmed before its latency explodes.
 
+//!
+//! The count is one atomic: taking and giving back a permit is a compare-and-swap and a
+//! subtraction, with no lock (a semaphore's release takes its waiters' lock every time).
+//! Queued requests wait on a `Notify`, woken one per permit given back, in order.
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
@@ -14,7 +19,7 @@ use tokio::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tern_config::snapshot::{AdaptiveAlgorithm, ConcurrencyLimit};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 
 /// Why a request was shed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,11 +41,15 @@ pub struct Limiter {
     pub config: ConcurrencyLimit,
     /// What it limits: `namespace/service:port` or `namespace/route#rule`, as in metrics.
     pub name: Arc<str>,
-    sem: Arc<Semaphore>,
+    /// Permits out. It may exceed `limit` for a while after the limit went down: no
+    /// permit is taken until enough have come back.
+    in_flight: AtomicU32,
     limit: AtomicU32,
-    /// Permits to retire as they come back: the limit went down while they were out.
-    debt: AtomicU32,
+    /// Requests in the queue. While any wait, a new request queues behind them rather than
+    /// taking a permit that was given back for them.
     waiting: AtomicU32,
+    /// Woken once per permit given back while requests wait.
+    freed: Notify,
     adaptive: Option<Mutex<Adaptive>>,
     /// The current limit, exported.
     gauge: Gauge,
@@ -55,11 +64,11 @@ struct Adaptive {
     samples: u64,
 }
 
-/// A request's place under the limit, given back on drop.
+/// A request's place under the limit, given back on drop. (Its start time stays with the
+/// request: a permit is held in the response body, moved at every level, so it is kept
+/// to one pointer.)
 pub struct Permit {
-    permit: Option<OwnedSemaphorePermit>,
     limiter: Arc<Limiter>,
-    started: Instant,
 }
 
 /// Leaves the queue on drop, even when the waiting request is cancelled.
@@ -67,7 +76,7 @@ struct Waiting<'a>(&'a AtomicU32);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -83,10 +92,10 @@ impl Limiter {
                     samples: 0,
                 })
             }),
-            sem: Arc::new(Semaphore::new(limit as usize)),
+            in_flight: AtomicU32::new(0),
             limit: AtomicU32::new(limit),
-            debt: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
+            freed: Notify::new(),
             config,
             name,
             gauge,
@@ -99,41 +108,67 @@ impl Limiter {
     }
 
     pub fn in_flight(&self) -> u32 {
-        self.limit()
-            .saturating_sub(self.sem.available_permits() as u32)
+        self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// A permit if one is free now (the fast path, no future). `now`: the caller's clock
-    /// read, the permit's start.
-    pub fn try_acquire(self: &Arc<Self>, now: Instant) -> Option<Permit> {
-        let p = self.sem.clone().try_acquire_owned().ok()?;
-        Some(Permit {
-            permit: Some(p),
-            limiter: self.clone(),
-            started: now,
-        })
+    /// A permit if one is free now and nobody queues for it (the fast path, no future).
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        self.take()
+    }
+
+    /// A permit if the count is under the limit.
+    fn take(self: &Arc<Self>) -> Option<Permit> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let mut out = self.in_flight.load(Ordering::SeqCst);
+        loop {
+            if out >= limit {
+                return None;
+            }
+            // SeqCst with `waiting`: a request that queues after a permit came back sees
+            // it here (see `Drop for Permit`).
+            match self.in_flight.compare_exchange_weak(
+                out,
+                out + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    return Some(Permit {
+                        limiter: self.clone(),
+                    });
+                }
+                Err(seen) => out = seen,
+            }
+        }
     }
 
     /// A permit now, after waiting in the queue, or the reason for shedding.
     pub async fn acquire(self: &Arc<Self>) -> Result<Permit, Shed> {
-        let granted = |permit| Permit {
-            permit: Some(permit),
-            limiter: self.clone(),
-            started: Instant::now(),
-        };
-        if let Some(p) = self.try_acquire(Instant::now()) {
+        if let Some(p) = self.try_acquire() {
             return Ok(p);
         }
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.config.max_queue {
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.config.max_queue {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(self.shed(Shed::QueueFull));
         }
         let _waiting = Waiting(&self.waiting);
-        match tokio::time::timeout(self.config.queue_timeout, self.sem.clone().acquire_owned())
-            .await
-        {
-            Ok(Ok(p)) => Ok(granted(p)),
-            _ => Err(self.shed(Shed::QueueTimeout)),
+        let deadline = Instant::now() + self.config.queue_timeout;
+        loop {
+            // Registered before looking: a permit given back after the look wakes it.
+            let mut freed = std::pin::pin!(self.freed.notified());
+            freed.as_mut().enable();
+            if let Some(p) = self.take() {
+                return Ok(p);
+            }
+            // A wake-up that loses its permit to another waiter waits again. (A
+            // notification this waiter received but dropped on timing out goes on to
+            // the next waiter.)
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(self.shed(Shed::QueueTimeout));
+            }
         }
     }
 
@@ -192,39 +227,23 @@ impl Limiter {
 
     fn set_limit(&self, new: u32) {
         let old = self.limit.swap(new, Ordering::Relaxed);
-        if new > old {
-            let mut grow = new - old;
-            // Cancel debt first: those permits simply stay in use.
-            while grow > 0 {
-                let debt = self.debt.load(Ordering::Relaxed);
-                if debt == 0 {
-                    break;
-                }
-                let pay = debt.min(grow);
-                if self
-                    .debt
-                    .compare_exchange(debt, debt - pay, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    grow -= pay;
-                }
-            }
-            self.sem.add_permits(grow as usize);
-        } else if new < old {
-            let shrink = (old - new) as usize;
-            let forgotten = self.sem.forget_permits(shrink);
-            self.debt
-                .fetch_add((shrink - forgotten) as u32, Ordering::Relaxed);
+        // Lower: permits out above it are not replaced as they come back. Higher: queued
+        // requests may take the new room now.
+        for _ in 0..new
+            .saturating_sub(old)
+            .min(self.waiting.load(Ordering::SeqCst))
+        {
+            self.freed.notify_one();
         }
         self.gauge.set(i64::from(new));
     }
 }
 
 impl Permit {
-    /// Reports the request's latency (to its response headers, at `at`) and whether it
-    /// failed.
-    pub fn sample(&self, failed: bool, at: Instant) {
-        let rtt = at.saturating_duration_since(self.started);
+    /// Reports the request's latency (from `started`, when the permit was granted, to its
+    /// response headers, at `at`) and whether it failed.
+    pub fn sample(&self, started: Instant, failed: bool, at: Instant) {
+        let rtt = at.saturating_duration_since(started);
         self.limiter.sample(rtt.as_secs_f64() * 1e6, failed);
     }
 }
@@ -232,21 +251,11 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         let l = &self.limiter;
-        let mut debt = l.debt.load(Ordering::Relaxed);
-        while debt > 0 {
-            match l
-                .debt
-                .compare_exchange(debt, debt - 1, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    // Retire this permit instead of giving it back.
-                    if let Some(p) = self.permit.take() {
-                        p.forget();
-                    }
-                    return;
-                }
-                Err(seen) => debt = seen,
-            }
+        l.in_flight.fetch_sub(1, Ordering::SeqCst);
+        // A request that queued before the subtraction is woken; one that queues after
+        // it finds the room when it looks (SeqCst on both counters).
+        if l.waiting.load(Ordering::SeqCst) > 0 {
+            l.freed.notify_one();
         }
     }
 }
@@ -301,6 +310,35 @@ mod tests {
         tokio::task::yield_now().await;
         drop(first);
         assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freed_permits_serve_the_queue_in_order_before_newcomers() {
+        let l = limiter(1, 4, None);
+        let first = l.acquire().await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..3 {
+            let (l, tx) = (l.clone(), tx.clone());
+            tokio::spawn(async move {
+                let p = l.acquire().await.unwrap();
+                assert_eq!(l.in_flight(), 1, "one permit out at a time");
+                tx.send(i).unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                drop(p);
+            });
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        // Given back for the queue: a request that did not wait does not take it.
+        assert!(l.try_acquire().is_none());
+        let mut served = Vec::new();
+        for _ in 0..3 {
+            served.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(served, [0, 1, 2]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(l.in_flight(), 0);
+        assert!(l.try_acquire().is_some());
     }
 
     #[test]
