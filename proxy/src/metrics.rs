@@ -293,6 +293,11 @@ impl Unrouted<'_> {
 }
 
 impl<'a> RequestRecorder<'a> {
+    /// When the request started (its one clock read before it goes out).
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
     /// `start`: when the request began (the caller's clock read, shared with its other
     /// bookkeeping).
     pub fn new(metrics: &'a Metrics, unrouted: Unrouted<'a>, start: Instant) -> Self {

@@ -25,7 +25,7 @@ use crate::headers;
 use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics};
 use crate::policy::limits::Limit;
 use crate::policy::retry::{self, Buffered, Kept};
-use crate::policy::timeout::{cap, within};
+use crate::policy::timeout::{ConnTimer, cap, within};
 use crate::rescue::ProxyError;
 use crate::route;
 use crate::server::Conn;
@@ -65,10 +65,14 @@ fn attempts_value(n: u32) -> HeaderValue {
 /// Written as a function returning an `async move` block, here and below on the request's
 /// path: an `async fn` stores a by-value argument twice in its state (the argument, and the
 /// local it is moved into), and the request is 272 bytes at every level.
+///
+/// `timer`: the connection's, for request deadlines, when its requests come one at a time
+/// (HTTP/1.1; see [`ConnTimer`]).
 pub fn handle<'a>(
     worker: &'a Worker,
     req: Request<ClientBody>,
     conn: &'a Conn,
+    timer: Option<&'a ConnTimer>,
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
     async move {
         // The request's one clock read before it goes out: every step up to the first
@@ -89,7 +93,7 @@ pub fn handle<'a>(
         let mut resp = match worker.shared.active.load_full() {
             None => ProxyError::NotReady.into_response(),
             Some(active) => {
-                let served = serve(worker, &active, req, conn, start, &mut recorder, &mut trace);
+                let served = serve(worker, &active, req, conn, timer, &mut recorder, &mut trace);
                 match served.await {
                     Ok(resp) => resp,
                     Err(err) => {
@@ -130,11 +134,12 @@ fn serve<'a>(
     active: &'a Arc<Active>,
     mut req: Request<ClientBody>,
     conn: &'a Conn,
-    start: Instant,
+    timer: Option<&'a ConnTimer>,
     recorder: &'a mut RequestRecorder<'_>,
     trace: &'a mut Trace,
 ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
     async move {
+        let start = recorder.started();
         let peer = conn.peer;
         let routed = route::route(
             active,
@@ -201,7 +206,7 @@ fn serve<'a>(
             // Pinned in place: the attempt future is large, and must not be copied around.
             let result = {
                 let run = std::pin::pin!(attempts.run(req, start, trace, &mut fate));
-                cap(limit, ProxyError::RequestTimeout, run).await
+                cap(limit, ProxyError::RequestTimeout, run, timer).await
             };
             if let Err(ProxyError::RequestTimeout(_)) = result {
                 fate = Some(Fate::TimedOut);

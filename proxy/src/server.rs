@@ -18,6 +18,7 @@ use tokio::sync::{Notify, watch};
 use crate::body::{ClientBody, ProxyBody};
 use crate::h1;
 use crate::metrics::Direction;
+use crate::policy::timeout::ConnTimer;
 use crate::rescue::ProxyError;
 use crate::tls::Alpn;
 use crate::worker::Worker;
@@ -390,8 +391,9 @@ async fn serve_h1<S: h1::Io>(
     // built inside the exchange's box (one allocation per request, not two).
     match direction {
         Direction::Outbound => {
+            let timer = ConnTimer::default();
             let handle = |req: http::Request<h1::Body>| {
-                outbound::handle(worker, req.map(ClientBody::H1), conn)
+                outbound::handle(worker, req.map(ClientBody::H1), conn, Some(&timer))
             };
             h1::serve(stream, settings, &drain, handle, refuse).await;
         }
@@ -486,7 +488,7 @@ fn dispatch<'a>(
     req: http::Request<ClientBody>,
 ) -> Pin<Box<dyn Future<Output = http::Response<ProxyBody>> + Send + 'a>> {
     match direction {
-        Direction::Outbound => boxed::future(|| outbound::handle(worker, req, conn)),
+        Direction::Outbound => boxed::future(|| outbound::handle(worker, req, conn, None)),
         Direction::Inbound => boxed::future(|| inbound::handle(worker, req, conn)),
     }
 }

@@ -3,35 +3,78 @@
 //! attempt at a backend. Expiry is a 504 that names which of the two fired, so a user can
 //! tell which setting to change.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// A limit, and the instant it runs out (the caller has read the clock already).
 pub fn within(limit: Duration, now: Instant) -> (Duration, Instant) {
     (limit, now + limit)
 }
 
+/// One timer for the request deadlines of an HTTP/1.1 connection, whose requests come one
+/// at a time. A timer per request is registered in the runtime's timer wheel and taken
+/// out again (~500 instructions a request, measured); moving this one's deadline later,
+/// as each request's is, is an atomic store (the wheel finds the new deadline when the
+/// old one comes). Made on the first request with a deadline.
+#[derive(Default)]
+pub struct ConnTimer(Mutex<Option<Pin<Box<Sleep>>>>);
+
+impl ConnTimer {
+    fn arm(&self, deadline: Instant) {
+        let mut timer = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match timer.as_mut() {
+            Some(t) => t.as_mut().reset(deadline),
+            None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
+    /// Whether the deadline `arm` set has passed (else the task is woken when it does).
+    fn poll_expired(&self, cx: &mut Context<'_>) -> bool {
+        let mut timer = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        timer
+            .as_mut()
+            .is_none_or(|t| t.as_mut().poll(cx).is_ready())
+    }
+}
+
 /// Runs `fut` until `limit`'s deadline (no limit: as long as it takes); on expiry, the
-/// error `expired` makes from the limit.
+/// error `expired` makes from the limit. With `timer` (an HTTP/1.1 connection's, see
+/// [`ConnTimer`]) the deadline is kept there; else a timer of its own.
 ///
 /// `fut` is pinned by the caller, in place: the attempt futures are several KB, and
 /// moving one into a timeout wrapper copied all of it on every request (measured).
 pub async fn cap<F, T, E>(
     limit: Option<(Duration, Instant)>,
     expired: fn(Duration) -> E,
-    fut: Pin<&mut F>,
+    mut fut: Pin<&mut F>,
+    timer: Option<&ConnTimer>,
 ) -> Result<T, E>
 where
     F: Future<Output = Result<T, E>>,
 {
-    match limit {
-        Some((limit, deadline)) => tokio::time::timeout_at(deadline, fut)
+    match (limit, timer) {
+        (Some((limit, deadline)), Some(timer)) => {
+            timer.arm(deadline);
+            poll_fn(|cx| {
+                if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                    return Poll::Ready(v);
+                }
+                if timer.poll_expired(cx) {
+                    return Poll::Ready(Err(expired(limit)));
+                }
+                Poll::Pending
+            })
+            .await
+        }
+        (Some((limit, deadline)), None) => tokio::time::timeout_at(deadline, fut)
             .await
             .unwrap_or_else(|_| Err(expired(limit))),
-        None => fut.await,
+        (None, _) => fut.await,
     }
 }
 
@@ -53,12 +96,14 @@ mod tests {
             Some(within(Duration::from_secs(2), Instant::now())),
             ProxyError::BackendTimeout,
             inner,
+            None,
         );
         tokio::pin!(per_try);
         let err = cap(
             Some(within(Duration::from_secs(10), Instant::now())),
             ProxyError::RequestTimeout,
             per_try,
+            None,
         )
         .await
         .unwrap_err();
@@ -70,6 +115,7 @@ mod tests {
             Some(within(Duration::from_secs(1), Instant::now())),
             ProxyError::RequestTimeout,
             fut,
+            None,
         )
         .await
         .unwrap_err();
@@ -77,9 +123,57 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_connections_timer_caps_each_of_its_requests() {
+        let timer = ConnTimer::default();
+        // Quick requests: each answers before its deadline, which moves later each time.
+        for _ in 0..3 {
+            let quick = async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, ProxyError>(1)
+            };
+            tokio::pin!(quick);
+            let limit = Some(within(Duration::from_secs(1), Instant::now()));
+            let got = cap(limit, ProxyError::RequestTimeout, quick, Some(&timer));
+            assert_eq!(got.await.unwrap(), 1);
+        }
+        // A slow one times out at its own deadline, not an earlier request's.
+        let started = Instant::now();
+        let fut = slow();
+        tokio::pin!(fut);
+        let limit = Some(within(Duration::from_secs(1), started));
+        let err = cap(limit, ProxyError::RequestTimeout, fut, Some(&timer))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProxyError::RequestTimeout(d) if d == Duration::from_secs(1)));
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        // After one that expired, the next request's deadline holds again: a shorter
+        // one first, then one with room.
+        let fut = slow();
+        tokio::pin!(fut);
+        let started = Instant::now();
+        let limit = Some(within(Duration::from_millis(200), started));
+        assert!(
+            cap(limit, ProxyError::RequestTimeout, fut, Some(&timer))
+                .await
+                .is_err()
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        let quick = async { Ok::<_, ProxyError>(2) };
+        tokio::pin!(quick);
+        let limit = Some(within(Duration::from_secs(5), Instant::now()));
+        let got = cap(limit, ProxyError::RequestTimeout, quick, Some(&timer));
+        assert_eq!(got.await.unwrap(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn no_limit_waits() {
         let fut = async { Ok::<_, ProxyError>(7) };
         tokio::pin!(fut);
-        assert_eq!(cap(None, ProxyError::RequestTimeout, fut).await.unwrap(), 7);
+        assert_eq!(
+            cap(None, ProxyError::RequestTimeout, fut, None)
+                .await
+                .unwrap(),
+            7
+        );
     }
 }
