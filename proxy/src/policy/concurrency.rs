@@ -243,6 +243,9 @@ impl Permit {
     /// Reports the request's latency (from `started`, when the permit was granted, to its
     /// response headers, at `at`) and whether it failed.
     pub fn sample(&self, started: Instant, failed: bool, at: Instant) {
+        if self.limiter.adaptive.is_none() {
+            return;
+        }
         let rtt = at.saturating_duration_since(started);
         self.limiter.sample(rtt.as_secs_f64() * 1e6, failed);
     }
