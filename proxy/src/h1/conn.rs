@@ -249,14 +249,14 @@ enum Next {
 
 impl<S: Io> Conn<S> {
     /// Answers a refused head and closes.
-    async fn refuse<B>(mut self, resp: Response<B>)
+    async fn refuse<B>(mut self, mut resp: Response<B>)
     where
         B: HttpBody<Data = Bytes> + RawHead + Unpin,
         B::Error: std::fmt::Display,
     {
         let _ = self
             .respond(
-                resp,
+                &mut resp,
                 &Method::GET,
                 Version::HTTP_11,
                 false,
@@ -309,13 +309,13 @@ impl<S: Io> Conn<S> {
             })
             .await
         };
-        let Some(resp) = resp else {
+        let Some(mut resp) = resp else {
             return Next::Gone;
         };
 
         if let Some(tx) = upgrade.take_if(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
             return match self
-                .respond(resp, &method, version, true, false, &mut None)
+                .respond(&mut resp, &method, version, true, false, &mut None)
                 .await
             {
                 Ok(_) => Next::Upgrade(tx),
@@ -324,7 +324,7 @@ impl<S: Io> Conn<S> {
         }
         let keep_alive = meta.keep_alive && !*drain.borrow();
         let respond = self.respond(
-            resp,
+            &mut resp,
             &method,
             version,
             keep_alive,
@@ -489,9 +489,12 @@ impl<S: Io> Conn<S> {
     }
 
     /// Writes a response. `Ok(true)`: the connection may serve another request.
+    ///
+    /// Borrowed, not moved: a response is a few hundred bytes, copied at every move.
+    /// Its header map goes back to the thread's spares once written.
     async fn respond<B>(
         &mut self,
-        resp: Response<B>,
+        resp: &mut Response<B>,
         method: &Method,
         version: Version,
         mut keep_alive: bool,
@@ -511,18 +514,19 @@ impl<S: Io> Conn<S> {
                 None => {}
             }
         }
-        let (parts, mut body) = resp.into_parts();
-        let raw = body.take_raw_headers();
-        let status = parts.status;
+        let raw = resp.body_mut().take_raw_headers();
+        let status = resp.status();
+        let headers = std::mem::take(resp.headers_mut());
+        let body = resp.body_mut();
         let mut add_head_length = None;
         let out = if head::bodiless(*method == Method::HEAD, status) {
             // A HEAD answered locally still says how long the body would be.
             let n = body.size_hint().exact().unwrap_or(0);
-            if n > 0 && *method == Method::HEAD && head::declared_length(&parts.headers).is_none() {
+            if n > 0 && *method == Method::HEAD && head::declared_length(&headers).is_none() {
                 add_head_length = Some(n);
             }
             Out::Nothing
-        } else if let Some(n) = head::declared_length(&parts.headers) {
+        } else if let Some(n) = head::declared_length(&headers) {
             Out::Length(n, false)
         } else if let Some(n) = body.size_hint().exact() {
             Out::Length(n, true)
@@ -531,7 +535,7 @@ impl<S: Io> Conn<S> {
         } else {
             Out::UntilClose
         };
-        if matches!(out, Out::UntilClose) || closes(&parts.headers) {
+        if matches!(out, Out::UntilClose) || closes(&headers) {
             keep_alive = false;
         }
         let framing = match out {
@@ -543,13 +547,13 @@ impl<S: Io> Conn<S> {
         // Room for the head and a body small enough to go in the same write.
         let inline_body = body.size_hint().exact().filter(|&n| n < COPY_LIMIT as u64);
         let raw_len = raw.as_ref().map_or(0, |r| r.byte_len());
-        let capacity = 256 + raw_len + parts.headers.len() * 48 + inline_body.unwrap_or(0) as usize;
+        let capacity = 256 + raw_len + headers.len() * 48 + inline_body.unwrap_or(0) as usize;
         let mut wbuf = spare::write_buf(capacity);
         head::encode_response(
             &mut wbuf,
             status,
             raw.as_ref(),
-            &parts.headers,
+            &headers,
             framing,
             matches!(out, Out::Length(_, true)) || add_head_length.is_some(),
             !keep_alive,
@@ -558,9 +562,8 @@ impl<S: Io> Conn<S> {
         // Written: the head's lines and values let go of the upstream's read buffer, which
         // can then be reused.
         drop(raw);
-        spare::give_map(parts.headers);
+        spare::give_map(headers);
         if matches!(out, Out::Nothing) {
-            drop(body);
             self.write(&wbuf).await?;
             return Ok(keep_alive);
         }
@@ -573,7 +576,7 @@ impl<S: Io> Conn<S> {
                 if pumping && self.pump(cx, reader).is_err() {
                     pumping = false;
                 }
-                match Pin::new(&mut body).poll_frame(cx) {
+                match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Ready(frame) => Poll::Ready(Some(frame)),
                     // Before waiting on the body, send what is ready.
                     Poll::Pending if !wbuf.is_empty() => Poll::Ready(None),
