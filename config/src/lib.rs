@@ -189,6 +189,18 @@ pub fn is_config_path(path: &Path) -> bool {
     yaml || configmap
 }
 
+/// True for a watcher event that can change a watched config directory: a change to a
+/// YAML file or to the `..data` symlink (see [`is_config_path`]). Our own reads (access
+/// events) are ignored. Shared by the proxy's and the control plane's file watchers.
+pub fn is_config_change(event: &notify::Event) -> bool {
+    use notify::EventKind;
+    let kind = matches!(
+        event.kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+    );
+    kind && event.paths.iter().any(|p| is_config_path(p))
+}
+
 pub fn read_dir_sources(dir: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -232,5 +244,34 @@ mod split_tests {
             vec![(2, "a: 1\n"), (4, " # third\nb: 2\n"), (5, "c: 3\n")]
         );
         assert_eq!(split_documents("x: 1"), vec![(1, "x: 1")]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::EventKind;
+    use notify::event::{AccessKind, CreateKind, ModifyKind};
+
+    fn event(kind: EventKind, path: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(path.into())
+    }
+
+    #[test]
+    fn only_yaml_and_configmap_changes_count() {
+        let modify = EventKind::Modify(ModifyKind::Any);
+        assert!(is_config_change(&event(modify, "/c/routes.yaml")));
+        assert!(is_config_change(&event(modify, "/c/routes.yml")));
+        assert!(is_config_change(&event(modify, "/c/..data")));
+        assert!(is_config_change(&event(
+            EventKind::Create(CreateKind::Any),
+            "/c/..data"
+        )));
+        assert!(!is_config_change(&event(modify, "/c/proxy.log")));
+        assert!(!is_config_change(&event(modify, "/c/.routes.yaml.swp")));
+        assert!(!is_config_change(&event(
+            EventKind::Access(AccessKind::Any),
+            "/c/routes.yaml"
+        )));
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{EventKind, RecursiveMode, Watcher};
+use notify::{RecursiveMode, Watcher};
 use tern_config::{ConfigError, Diagnostic};
 
 use crate::index::{Index, IndexError, Published};
@@ -116,7 +116,7 @@ impl Source for FileSource {
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
                 if let Ok(event) = res
-                    && is_config_change(&event)
+                    && tern_config::is_config_change(&event)
                 {
                     let _ = tx.try_send(());
                 }
@@ -155,36 +155,9 @@ impl FileSource {
     }
 }
 
-/// True for a change to a YAML file of the directory, or to the `..data` symlink that
-/// Kubernetes swaps when a mounted ConfigMap changes.
-pub fn is_config_change(event: &notify::Event) -> bool {
-    let kind = matches!(
-        event.kind,
-        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
-    );
-    kind && event.paths.iter().any(|p| tern_config::is_config_path(p))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{AccessKind, ModifyKind};
-
-    fn event(kind: EventKind, path: &str) -> notify::Event {
-        notify::Event::new(kind).add_path(path.into())
-    }
-
-    #[test]
-    fn only_yaml_and_configmap_changes_count() {
-        let modify = EventKind::Modify(ModifyKind::Any);
-        assert!(is_config_change(&event(modify, "/c/routes.yaml")));
-        assert!(is_config_change(&event(modify, "/c/..data")));
-        assert!(!is_config_change(&event(modify, "/c/x.log")));
-        assert!(!is_config_change(&event(
-            EventKind::Access(AccessKind::Any),
-            "/c/a.yaml"
-        )));
-    }
 
     #[test]
     fn documents_follow_the_files() {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{EventKind, RecursiveMode, Watcher};
+use notify::{RecursiveMode, Watcher};
 use tern_config::{Compiled, ConfigError};
 
 use crate::state::Shared;
@@ -38,23 +38,12 @@ pub fn apply(shared: &Shared, result: Result<Compiled, ConfigError>) {
     }
 }
 
-/// True for a change to a YAML file of the directory, or to the `..data` symlink that
-/// Kubernetes swaps when a mounted ConfigMap changes. Other files (a log written into the
-/// directory, an editor's swap file) and our own reads (access events) are ignored.
-fn is_config_change(event: &notify::Event) -> bool {
-    let kind = matches!(
-        event.kind,
-        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
-    );
-    kind && event.paths.iter().any(|p| tern_config::is_config_path(p))
-}
-
 /// Watches the config directory `dir` until the process ends.
 pub async fn watch(shared: Arc<Shared>, dir: PathBuf) -> Result<(), notify::Error> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res
-            && is_config_change(&event)
+            && tern_config::is_config_change(&event)
         {
             let _ = tx.try_send(());
         }
@@ -70,31 +59,4 @@ pub async fn watch(shared: Arc<Shared>, dir: PathBuf) -> Result<(), notify::Erro
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use notify::event::{AccessKind, CreateKind, ModifyKind};
-
-    fn event(kind: EventKind, path: &str) -> notify::Event {
-        notify::Event::new(kind).add_path(path.into())
-    }
-
-    #[test]
-    fn only_yaml_and_configmap_changes_count() {
-        let modify = EventKind::Modify(ModifyKind::Any);
-        assert!(is_config_change(&event(modify, "/c/routes.yaml")));
-        assert!(is_config_change(&event(modify, "/c/routes.yml")));
-        assert!(is_config_change(&event(
-            EventKind::Create(CreateKind::Any),
-            "/c/..data"
-        )));
-        assert!(!is_config_change(&event(modify, "/c/proxy.log")));
-        assert!(!is_config_change(&event(modify, "/c/.routes.yaml.swp")));
-        assert!(!is_config_change(&event(
-            EventKind::Access(AccessKind::Any),
-            "/c/routes.yaml"
-        )));
-    }
 }
