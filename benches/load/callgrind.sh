@@ -5,12 +5,16 @@
 #
 #   benches/load/callgrind.sh [N] [--policies]        (default N=20000)
 #
+# Env: CONNS (client connections, default 64 as in the load benchmark's closed loop; rows
+# measured before 2026-11-24 evening used 8), CACHE_SIM=1 (also simulate caches and
+# branch prediction: misses per function in the callgrind files; slower).
+#
 # --policies adds every outbound layer to tern's config (route retry and timeout,
 # BackendPolicy breaker, limits and a concurrency limit, a rate limit: as bench.py): run with and without to see
 # what the layers cost.
 #
 # Each proxy runs under callgrind twice: with N and with N/10 requests (h2load --h1,
-# 8 connections). The marginal cost (difference / (N - N/10)) excludes start-up and
+# CONNS connections). The marginal cost (difference / (N - N/10)) excludes start-up and
 # config compilation. User-space instructions only: kernel time is not counted.
 # Needs: valgrind, nginx, h2load (run.sh installs nginx and h2load), a release build.
 # Output: benches/load/results/callgrind-<stamp>/ (callgrind files, top functions).
@@ -115,11 +119,11 @@ for _ in $(seq 50); do curl -fs -o /dev/null "http://127.0.0.1:$UP/" && break; s
 total() {
   local label=$1 n=$2 ready=$3 authority=$4 port=$5
   shift 5
-  valgrind --tool=callgrind --callgrind-out-file="$OUT/$label.out" "$@" >"$OUT/$label.log" 2>&1 &
+  valgrind --tool=callgrind ${CACHE_SIM:+--cache-sim=yes --branch-sim=yes} --callgrind-out-file="$OUT/$label.out" "$@" >"$OUT/$label.log" 2>&1 &
   local vg=$!
   PIDS+=($vg)
   for _ in $(seq 600); do curl -fs -o /dev/null "$ready" && break; sleep 0.1; done
-  h2load --h1 -n "$n" -c 8 -H ":authority: $authority" "http://127.0.0.1:$port/" >"$OUT/$label.load" 2>&1
+  h2load --h1 -n "$n" -c "${CONNS:-64}" -H ":authority: $authority" "http://127.0.0.1:$port/" >"$OUT/$label.load" 2>&1
   grep -q "status codes: $n 2xx" "$OUT/$label.load" || { echo "$label: not every request succeeded" >&2; cat "$OUT/$label.load" >&2; exit 1; }
   kill -TERM "$vg" 2>/dev/null || true
   wait "$vg" 2>/dev/null || true

@@ -2,9 +2,10 @@
 plain or mTLS, counted by valgrind's callgrind: the stable comparison on a noisy machine.
 
     python3 benches/load/callgrind_pair.py --tern-bin T [--tern-control-bin C --ternctl-bin X]
-        [--mode plain,mtls] [-n 20000] [--proto h1|h2c] [--rps R]
+        [--mode plain,mtls] [-n 20000] [--proto h1|h2c] [--rps R] [--conns C] [--cache-sim]
 
-Each mode runs twice, with N and N/10 requests (h2load, 8 connections, one stream each),
+Each mode runs twice, with N and N/10 requests (h2load, --conns connections, default 64
+as in the load benchmark's closed loop, one stream each),
 with both sidecars under callgrind; the marginal cost per request ((big - small) / (N -
 N/10)) excludes start-up, config, certificates and connection set-up. User-space
 instructions only (kernel work is not counted). `mtls` sets the pair up as bench.py's
@@ -88,7 +89,8 @@ def one_run(args, mode: str, n: int, out: Path) -> dict[str, int]:
     run.mkdir(parents=True, exist_ok=True)
     (run / "pids").touch()
     procs = Procs(run)
-    vg = lambda name: ["valgrind", "--tool=callgrind",  # noqa: E731
+    sim = ["--cache-sim=yes", "--branch-sim=yes"] if args.cache_sim else []
+    vg = lambda name: ["valgrind", "--tool=callgrind", *sim,  # noqa: E731
                        f"--callgrind-out-file={out / f'{mode}-{n}-{name}.out'}"]
     names = ("ternA", "ternB1") if mode == "plain" else ("ternMA", "ternMB1")
     app = P["up_h1"] if args.proto == "h1" else P["up_h2c"]
@@ -125,12 +127,12 @@ def one_run(args, mode: str, n: int, out: Path) -> dict[str, int]:
             if not bench.wait_http(P[name][2], "/ready", timeout=120):
                 raise RuntimeError(f"{name} not ready")
         host = HOST_H1 if args.proto == "h1" else HOST_H2C
-        cmd = ["taskset", "-c", bench.LOAD_CPU, "h2load", "-n", str(n), "-c", "8",
+        cmd = ["taskset", "-c", bench.LOAD_CPU, "h2load", "-n", str(n), "-c", str(args.conns),
                "-H", f":authority: {host}", f"http://{ADDR}:{a_port}/"]
         if args.proto == "h1":
             cmd.insert(4, "--h1")
         if args.rps:
-            cmd.insert(4, f"--rps={args.rps / 8:g}")
+            cmd.insert(4, f"--rps={args.rps / args.conns:g}")
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         (run / "h2load.txt").write_text(r.stdout + r.stderr)
         if f"status codes: {n} 2xx" not in r.stdout:
@@ -156,8 +158,13 @@ def main():
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--proto", default="h1", choices=["h1", "h2c"])
     ap.add_argument("--rps", type=float, default=None,
-                    help="fixed total rate (h2load --rps, over 8 connections) instead of a "
-                         "closed loop: no batching, every request its own wake-ups")
+                    help="fixed total rate (h2load --rps, over the connections) instead of "
+                         "a closed loop: no batching, every request its own wake-ups")
+    ap.add_argument("--conns", type=int, default=64,
+                    help="client connections (the load benchmark's HTTP/1.1 closed loop: 64)")
+    ap.add_argument("--cache-sim", action="store_true",
+                    help="also simulate caches and branch prediction (slower; misses in the "
+                         "callgrind files)")
     args = ap.parse_args()
     out = HERE / "results" / f"callgrind-pair-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True)
@@ -208,7 +215,7 @@ def main():
                       + diff(k))
     (out / "crates.md").write_text("\n".join(clines) + "\n")
     print("\n".join(clines))
-    load = f"{args.rps:g} req/s" if args.rps else "closed loop, 8 connections"
+    load = f"{args.rps:g} req/s" if args.rps else f"closed loop, {args.conns} connections"
     lines = [f"| pair ({args.proto}, {load}, marginal over {n - small:,} requests) | A | B | A + B |",
              "| --- | ---: | ---: | ---: |"]
     for mode, per in rows:
