@@ -228,6 +228,24 @@ mod tests {
     }
 
     #[test]
+    fn read_buffers_are_kept_up_to_their_byte_budget() {
+        READ.with(|s| *s.borrow_mut() = Kept::new());
+        let fit = KEEP_READ / 4096;
+        for _ in 0..fit + 5 {
+            give_read(BytesMut::with_capacity(4096));
+        }
+        let kept = || READ.with(|s| (s.borrow().items.len(), s.borrow().bytes));
+        assert_eq!(kept(), (fit, KEEP_READ));
+        // Taking one makes room for one more.
+        let one = take_read(4096).expect("a spare");
+        assert_eq!(kept(), (fit - 1, KEEP_READ - 4096));
+        give_read(one);
+        give_read(BytesMut::with_capacity(4096));
+        assert_eq!(kept(), (fit, KEEP_READ));
+        READ.with(|s| *s.borrow_mut() = Kept::new());
+    }
+
+    #[test]
     fn a_read_buffer_returns_only_once_nothing_refers_to_it() {
         READ.with(|s| *s.borrow_mut() = Kept::new());
         // A header value still points into the buffer: not taken.
