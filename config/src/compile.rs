@@ -108,11 +108,17 @@ pub fn compile(res: &Resources) -> Snapshot {
         "services": json_services,
         "backends": c.backends.iter().map(|b| backend_json(b)).collect::<Vec<_>>(),
     });
+    let mut backend_ids: FxHashMap<ObjectRef, Vec<(u16, usize)>> = FxHashMap::default();
+    for b in &c.backends {
+        let ids = backend_ids.entry(b.service.clone()).or_default();
+        ids.push((b.port, b.index));
+    }
     Snapshot {
         version,
         services,
         by_name,
         backends: c.backends,
+        backend_ids,
         by_addr,
         json,
     }

@@ -54,6 +54,8 @@ pub struct Snapshot {
     pub by_name: FxHashMap<String, Vec<Arc<Service>>>,
     /// Every backend, indexed by [`Backend::index`] (dense, 0..backends.len()).
     pub backends: Vec<Arc<Backend>>,
+    /// Each Service's backends by port (indexes into `backends`), for [`Snapshot::backend_of`].
+    pub backend_ids: FxHashMap<ObjectRef, Vec<(u16, usize)>>,
     /// Service ports by address, for [`Snapshot::resolve_addr`]: every Service's
     /// clusterIP:port, then every endpoint address of a Service port not already taken
     /// (an address of several Service ports goes to the first by namespace, name, port).
@@ -725,6 +727,14 @@ pub struct Matched<'a> {
 }
 
 impl Snapshot {
+    /// The backend of a Service port (its own endpoints), if the config uses it. A hash
+    /// lookup, no allocation: opaque TCP asks once per connection.
+    pub fn backend_of(&self, service: &ObjectRef, port: u16) -> Option<&Arc<Backend>> {
+        let ids = self.backend_ids.get(service)?;
+        let &(_, index) = ids.iter().find(|(p, _)| *p == port)?;
+        self.backends.get(index)
+    }
+
     /// The Service port a connection to `addr` is for: a Service's clusterIP and port,
     /// else an endpoint address (pod IP and target port) of a Service port. `None`: not
     /// in the mesh. An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, from a dual-stack
@@ -1003,6 +1013,28 @@ mod tests {
         assert_eq!(w.pick(90).unwrap().index, 1);
         assert_eq!(w.pick(99).unwrap().index, 1);
         assert!(w.pick(100).is_none());
+    }
+
+    #[test]
+    fn a_service_ports_backend_is_found_by_service_and_port() {
+        let snap = two_namespaces();
+        assert!(!snap.backends.is_empty());
+        for b in &snap.backends {
+            let found = snap.backend_of(&b.service, b.port).expect("backend");
+            assert_eq!(found.index, b.index);
+        }
+        let multi = ObjectRef {
+            namespace: "shop".into(),
+            name: "multi".into(),
+        };
+        let (a, b) = (snap.backend_of(&multi, 81), snap.backend_of(&multi, 82));
+        assert_eq!((a.unwrap().port, b.unwrap().port), (81, 82));
+        assert!(snap.backend_of(&multi, 83).is_none());
+        let missing = ObjectRef {
+            namespace: "shop".into(),
+            name: "nothing".into(),
+        };
+        assert!(snap.backend_of(&missing, 81).is_none());
     }
 
     fn two_namespaces() -> Snapshot {

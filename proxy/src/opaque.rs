@@ -60,12 +60,9 @@ pub async fn outbound(worker: &Worker, client: TcpStream, conn: &Conn) {
         return passthrough(client, dst).await;
     };
     let snapshot = &active.snapshot;
-    let backend = snapshot.resolve_addr(dst).and_then(|sp| {
-        snapshot
-            .backends
-            .iter()
-            .find(|b| b.service == sp.service && b.port == sp.port)
-    });
+    let backend = snapshot
+        .resolve_addr(dst)
+        .and_then(|sp| snapshot.backend_of(&sp.service, sp.port));
     let Some(state) = backend.and_then(|b| active.balancer.backend(b.index)) else {
         return passthrough(client, dst).await;
     };

@@ -529,6 +529,7 @@ mod tests {
             services: Default::default(),
             by_name: Default::default(),
             backends: vec![Arc::new(backend)],
+            backend_ids: Default::default(),
             by_addr: Default::default(),
             json: Value::Null,
         }
