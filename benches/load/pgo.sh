@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A profile-guided (PGO) build of tern-proxy, to compare with the plain release build:
 #
-#   benches/load/pgo.sh        -> target/pgo/tern-proxy (about 8 minutes on 2 cores)
+#   benches/load/pgo.sh        -> target/pgo/tern-proxy (about 7 minutes on 2 cores)
+#   PGO_TRAIN="--tests h1-rate-1k --targets tern" PGO_OUT=target/pgo-alt benches/load/pgo.sh
 #   python3 benches/load/bench.py --out DIR --tern-bin target/pgo/tern-proxy ...
 #
 # Builds an instrumented tern-proxy, trains it on a short bench.py run (HTTP/1.1 and h2c,
@@ -13,7 +14,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-OUT="$ROOT/target/pgo"
+OUT="${PGO_OUT:-$ROOT/target/pgo}"
 
 LLVM_MAJOR="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
 PROFDATA="$(command -v "llvm-profdata-$LLVM_MAJOR" || true)"
@@ -31,8 +32,11 @@ echo "== instrumented build"
 rm -rf "$PROFILES" "$OUT/train"
 
 echo "== training run"
+# PGO_TRAIN: other bench.py selections to train on (default: the benchmark's own closed
+# loops, hop and pair), e.g. "--tests h1-rate-1k,h2c-rate-5k --targets tern".
+# shellcheck disable=SC2086
 taskset -c 0 python3 "$HERE/bench.py" --out "$OUT/train" --reps 1 --duration 3 \
-  --tests h1-closed,h2c-closed --targets tern,tern-pair --idle "" \
+  ${PGO_TRAIN:---tests h1-closed,h2c-closed --targets tern,tern-pair} --idle "" \
   --tern-bin "$ROOT/target/pgo-gen/release/tern-proxy" >"$OUT/train.log" 2>&1 \
   || { echo "training run failed: see $OUT/train.log" >&2; exit 1; }
 "$PROFDATA" merge -o "$OUT/merged.profdata" "$PROFILES"/*.profraw
