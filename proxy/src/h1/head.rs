@@ -338,24 +338,16 @@ impl RawHeaders {
             while at < e {
                 let line_end = at + memchr::memchr(b'\n', &self.head[at..e]).unwrap_or(e - at);
                 // Checked when the head was parsed: `name:` OWS value CRLF.
-                let line = &self.head[at..line_end.saturating_sub(1)];
-                if let Some(colon) = memchr::memchr(b':', line) {
-                    let value = line[colon + 1..].trim_ascii();
-                    if let Ok(name) = HeaderName::from_bytes(&line[..colon]) {
-                        lines.append(name, value_of(self.head.slice_ref(value)));
-                    }
+                if let Some((name, value)) = split_line(&self.head[at..line_end]) {
+                    lines.append(name, value_of(self.head.slice_ref(value)));
                 }
                 at = line_end + 1;
             }
         }
-        if let Some(line) = self.added {
-            let line = line.trim_ascii_end();
-            if let Some(colon) = memchr::memchr(b':', line)
-                && let Ok(name) = HeaderName::from_bytes(&line[..colon])
-                && let Ok(value) = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
-            {
-                lines.append(name, value);
-            }
+        if let Some((name, value)) = self.added.and_then(|line| split_line(line))
+            && let Ok(value) = HeaderValue::from_bytes(value)
+        {
+            lines.append(name, value);
         }
         for (name, value) in map.drain() {
             if let Some(name) = name {
@@ -364,6 +356,15 @@ impl RawHeaders {
         }
         super::spare::give_map(std::mem::replace(map, lines));
     }
+}
+
+/// A header line (`name: value`, with or without its line end) as its name and its value
+/// without surrounding whitespace.
+fn split_line(line: &[u8]) -> Option<(HeaderName, &[u8])> {
+    let line = line.trim_ascii_end();
+    let colon = memchr::memchr(b':', line)?;
+    let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+    Some((name, line[colon + 1..].trim_ascii()))
 }
 
 /// Builds a [`RawHeaders`] while a response head's lines are read, or gives up on one

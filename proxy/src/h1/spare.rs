@@ -40,7 +40,7 @@ const KEEP_MAPS: usize = 128;
 /// Maps grown past this many entries (a request with many headers) are freed.
 const MAX_MAP_CAPACITY: usize = 64;
 
-/// Kept buffers, each with the bytes it was counted at, and their total.
+/// Kept buffers (or maps), each with the size it was counted at, and their total.
 struct Kept<T> {
     items: Vec<(T, usize)>,
     bytes: usize,
@@ -67,12 +67,29 @@ impl<T> Kept<T> {
         self.bytes -= size;
         item
     }
+
+    /// The one given back last (the likeliest to be in cache).
+    fn pop(&mut self) -> Option<T> {
+        let last = self.items.len().checked_sub(1)?;
+        Some(self.remove(last))
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    #[cfg(test)]
+    fn clear(&mut self) {
+        *self = Kept::new();
+    }
 }
 
 thread_local! {
     static READ: RefCell<Kept<BytesMut>> = const { RefCell::new(Kept::new()) };
     static WRITE: RefCell<Kept<Vec<u8>>> = const { RefCell::new(Kept::new()) };
-    static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    /// Counted one each: [`KEEP_MAPS`] is a count.
+    static MAPS: RefCell<Kept<HeaderMap>> = const { RefCell::new(Kept::new()) };
 }
 
 /// An empty header map with room for `n` entries: a spare one when this thread has
@@ -95,12 +112,7 @@ pub(crate) fn give_map(mut map: HeaderMap) {
     // Drops the values (and with them the last references to their read buffer),
     // keeps the allocations.
     map.clear();
-    let _ = MAPS.try_with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < KEEP_MAPS {
-            s.push(map);
-        }
-    });
+    let _ = MAPS.try_with(|s| s.borrow_mut().give(map, 1, KEEP_MAPS));
 }
 
 /// A spare read buffer with room for `want` bytes, if this thread has one.
@@ -131,14 +143,7 @@ pub(crate) fn give_read(buf: BytesMut) {
 /// A write buffer with room for at least `capacity` bytes, which goes back to this
 /// thread's spares when dropped.
 pub(crate) fn write_buf(capacity: usize) -> WriteBuf {
-    let spare = WRITE
-        .try_with(|s| {
-            let mut s = s.borrow_mut();
-            let last = s.items.len().checked_sub(1)?;
-            Some(s.remove(last))
-        })
-        .ok()
-        .flatten();
+    let spare = WRITE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
     let mut buf = spare.unwrap_or_default();
     buf.reserve(capacity.max(MIN_WRITE));
     WriteBuf(buf)

@@ -6,7 +6,6 @@
 //! latency average with each sample and shrinks the limit as latency rises above it;
 //! `AIMD` adds one while the limit is in use and cuts 10 % on a failure. Either way an
 //! overloaded upstream sees its load trimmed before its latency explodes.
-
 //!
 //! The count is one atomic: taking and giving back a permit is a compare-and-swap and a
 //! subtraction, with no lock (a semaphore's release takes its waiters' lock every time).
