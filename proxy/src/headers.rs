@@ -232,6 +232,17 @@ pub fn for_upstream<B>(req: &mut Request<B>, protocol: Protocol) -> Result<(), P
         *req.version_mut() = Version::HTTP_11;
         return Ok(());
     }
+    if protocol == Protocol::H2c
+        && req.uri().scheme() == Some(&http::uri::Scheme::HTTP)
+        && req.uri().authority().is_some()
+        && req.uri().path_and_query().is_some()
+    {
+        // Already absolute, as an HTTP/2 client's requests are: the target stays as it
+        // is (rebuilding it would copy and parse the authority again).
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut().remove(header::HOST);
+        return Ok(());
+    }
     let authority = match req.uri().authority() {
         Some(a) => Some(HeaderValue::from_str(a.as_str()).map_err(|_| bad_authority())?),
         None => req.headers().get(header::HOST).cloned(),
@@ -345,5 +356,28 @@ mod tests {
         for_upstream(&mut req, Protocol::Http1).unwrap();
         assert_eq!(req.uri(), "/api");
         assert_eq!(req.headers()[header::HOST], "checkout:8080");
+    }
+
+    #[test]
+    fn h2_to_h2_target() {
+        // Already absolute: kept as is, Host dropped.
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://checkout:8080/api?x=1")
+            .header(header::HOST, "other")
+            .body(())
+            .unwrap();
+        for_upstream(&mut req, Protocol::H2c).unwrap();
+        assert_eq!(req.uri(), "http://checkout:8080/api?x=1");
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert!(!req.headers().contains_key(header::HOST));
+
+        // Another scheme is rewritten to the plain one spoken to the upstream.
+        let mut req = Request::builder()
+            .uri("https://checkout/api")
+            .body(())
+            .unwrap();
+        for_upstream(&mut req, Protocol::H2c).unwrap();
+        assert_eq!(req.uri(), "http://checkout/api");
     }
 }

@@ -693,6 +693,11 @@ pub fn upstream_error(
             addr,
             source: source.into(),
         },
+        UpstreamError::H2(source) => ProxyError::Upstream {
+            backend,
+            addr,
+            source: source.into(),
+        },
         UpstreamError::Exchange(source) => ProxyError::Upstream {
             backend,
             addr,

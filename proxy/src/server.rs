@@ -439,6 +439,12 @@ async fn serve_h2<S>(
         // allocation (callgrind: ~5,000 instructions of memcpy per request). The request's
         // own future is boxed inside, by `dispatch`.
         Box::pin(async move {
+            // hyper polls a stream's service before looking for a reset of the stream, and
+            // the client's RST_STREAM is often read already (rapid reset sends both at once):
+            // yielding once lets hyper drop the stream before anything is routed or sent
+            // upstream, where a HEADERS and RST_STREAM pair would count against the
+            // upstream's own reset limit on a connection other clients share.
+            yield_once().await;
             let mut resp = dispatch(&w, direction, &conn, req.map(ClientBody::H2)).await;
             // HTTP/2 writes headers from the map: an HTTP/1.1 upstream's lines go into it.
             crate::body::full_headers(&mut resp);
@@ -491,6 +497,19 @@ fn dispatch<'a>(
         Direction::Outbound => boxed::future(|| outbound::handle(worker, req, conn, None)),
         Direction::Inbound => boxed::future(|| inbound::handle(worker, req, conn)),
     }
+}
+
+/// Pending once (the task is woken at once to run again), then ready.
+fn yield_once() -> impl Future<Output = ()> {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
 }
 
 /// Resolves once the drain signal is raised.

@@ -2,6 +2,7 @@
 //! streaming response. Upgrades (WebSocket) get a dedicated connection and a byte tunnel.
 
 pub mod h1;
+pub mod h2;
 pub mod pool;
 
 use std::future::Future;
@@ -28,6 +29,9 @@ pub enum UpstreamError {
     Handshake(#[source] hyper::Error),
     #[error("{0}")]
     Request(#[source] hyper::Error),
+    /// Tern's HTTP/2 client: the handshake, or a request on the connection, failed.
+    #[error("{0}")]
+    H2(#[source] ::h2::Error),
     /// An exchange on Tern's own HTTP/1.1 client failed.
     #[error("{0}")]
     Exchange(#[source] h1::ClientError),
@@ -62,21 +66,13 @@ impl SendError {
             | UpstreamError::Handshake(_)
             | UpstreamError::Tls(_)
             | UpstreamError::Overflow(..) => false,
-            UpstreamError::Request(err) => self.request.is_none() && !is_refused_stream(err),
+            UpstreamError::Request(_) => self.request.is_none(),
+            UpstreamError::H2(err) => {
+                self.request.is_none() && err.reason() != Some(::h2::Reason::REFUSED_STREAM)
+            }
             UpstreamError::Exchange(_) => true,
         }
     }
-}
-
-fn is_refused_stream(err: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(err);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// The backend limits a send must respect: connections and pending requests.
@@ -215,22 +211,16 @@ async fn send_h2(
     req: Request<RequestBody>,
     admission: Option<Admission<'_>>,
 ) -> Result<Response<PooledBody>, SendError> {
-    let mut sender = match pool.h2(addr, mtls, admission).await {
+    let sender = match pool.h2(addr, mtls, admission).await {
         Ok(s) => s,
         Err(err) => return Err(SendError::new(err, Some(req))),
     };
-    if let Err(err) = sender.ready().await {
-        return Err(SendError::new(UpstreamError::Request(err), Some(req)));
-    }
-    match sender.try_send_request(req).await {
-        Ok(resp) => Ok(resp.map(PooledBody::new)),
-        Err(mut err) => {
-            let req = err.take_message();
-            Err(SendError::new(
-                UpstreamError::Request(err.into_error()),
-                req,
-            ))
-        }
+    match h2::send(sender, req).await {
+        Ok(resp) => Ok(resp.map(PooledBody::h2)),
+        Err(failed) => Err(SendError::new(
+            UpstreamError::H2(failed.error),
+            failed.request,
+        )),
     }
 }
 

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::{Admission, UpstreamError, h1};
+use super::{Admission, UpstreamError, h1, h2};
 use crate::body::RequestBody;
 use crate::metrics::Direction;
 use crate::policy::limits::{Limit, Slot};
@@ -36,9 +36,8 @@ pub struct H1Conn {
     /// Held, never read: dropped with the connection.
     _slot: Option<Slot>,
 }
-pub type H2Sender = http2::SendRequest<RequestBody>;
 /// A shared HTTP/2 connection and, over mTLS, the identity its server was verified as.
-type SharedH2 = (H2Sender, Option<EndpointIdentity>);
+type SharedH2 = (h2::Sender, Option<EndpointIdentity>);
 /// An HTTP/1.1 connection's task, over plain TCP or mTLS.
 type H1Task = Pin<Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>>;
 
@@ -250,7 +249,7 @@ impl Pool {
         addr: SocketAddr,
         mtls: Option<&EndpointIdentity>,
         admission: Option<Admission<'_>>,
-    ) -> Result<H2Sender, UpstreamError> {
+    ) -> Result<h2::Sender, UpstreamError> {
         let key = (addr, mtls.is_some());
         {
             let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
@@ -272,23 +271,21 @@ impl Pool {
         addr: SocketAddr,
         mtls: Option<&EndpointIdentity>,
         admission: Option<Admission<'_>>,
-    ) -> Result<H2Sender, UpstreamError> {
+    ) -> Result<h2::Sender, UpstreamError> {
         let (_pending, slot) = self.connecting_slots(admission)?;
         let tcp = self.connect_tcp(addr).await?;
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(self.settings.h2_stream_window)
-            .initial_connection_window_size(self.settings.h2_connection_window)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
+        let windows = h2::Windows {
+            stream: self.settings.h2_stream_window,
+            connection: self.settings.h2_connection_window,
+        };
         let sender = match mtls {
-            None => h2_handshake(&builder, tcp, slot).await?,
+            None => h2::handshake(tcp, windows, slot).await,
             Some(expected) => {
                 let tls = self.mtls(tcp, expected, Alpn::H2).await?;
-                h2_handshake(&builder, tls, slot).await?
+                h2::handshake(tls, windows, slot).await
             }
-        };
+        }
+        .map_err(UpstreamError::H2)?;
         self.h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -341,30 +338,9 @@ fn push_idle<C>(idle: &IdleList<C>, addr: SocketAddr, conn: C) {
     }
 }
 
-/// An HTTP/2 client handshake over `io`; the connection task holds the backend's
-/// connection `slot` for as long as it lives.
-async fn h2_handshake<T>(
-    builder: &http2::Builder<TokioExecutor>,
-    io: T,
-    slot: Option<Slot>,
-) -> Result<H2Sender, UpstreamError>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = builder
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(UpstreamError::Handshake)?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-        drop(slot);
-    });
-    Ok(sender)
-}
-
-/// An upstream response body: from hyper's clients (HTTP/2, or HTTP/1.1 for streaming
-/// requests, returning the connection to the pool at its end), or from Tern's own
-/// HTTP/1.1 client.
+/// An upstream response body: from Tern's HTTP/2 client, from hyper's HTTP/1.1 client
+/// (streaming requests and upgrades; the connection returns to the pool at the body's
+/// end), or from Tern's own HTTP/1.1 client.
 pub struct PooledBody {
     kind: Kind,
 }
@@ -375,6 +351,7 @@ enum Kind {
         release: Option<Release>,
     },
     Inline(h1::ResponseBody),
+    H2(h2::Upstream),
 }
 
 /// Why an upstream response body failed.
@@ -384,6 +361,10 @@ pub enum UpstreamBodyError {
     Hyper(#[from] hyper::Error),
     #[error(transparent)]
     H1(#[from] h1::ClientError),
+    /// Not transparent: hyper looks for an `h2::Error` among the sources to pick the
+    /// reason it resets the client's stream with.
+    #[error("{0}")]
+    H2(#[source] ::h2::Error),
 }
 
 struct Release {
@@ -399,6 +380,12 @@ impl PooledBody {
                 inner,
                 release: None,
             },
+        }
+    }
+
+    pub fn h2(body: h2::Upstream) -> Self {
+        PooledBody {
+            kind: Kind::H2(body),
         }
     }
 
@@ -430,7 +417,7 @@ impl crate::h1::RawHead for PooledBody {
     fn raw_slot(&mut self) -> Option<&mut Option<crate::h1::RawHeaders>> {
         match &mut self.kind {
             Kind::Inline(body) => Some(body.raw_slot()),
-            Kind::Hyper { .. } => None,
+            Kind::Hyper { .. } | Kind::H2(_) => None,
         }
     }
 }
@@ -445,6 +432,7 @@ impl Body for PooledBody {
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         match &mut self.kind {
             Kind::Inline(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Kind::H2(b) => Pin::new(b).poll_frame(cx).map_err(UpstreamBodyError::H2),
             Kind::Hyper { inner, release } => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
                 match &polled {
@@ -462,6 +450,7 @@ impl Body for PooledBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inline(b) => b.is_end_stream(),
+            Kind::H2(b) => b.is_end_stream(),
             Kind::Hyper { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -469,6 +458,7 @@ impl Body for PooledBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inline(b) => b.size_hint(),
+            Kind::H2(b) => b.size_hint(),
             Kind::Hyper { inner, .. } => inner.size_hint(),
         }
     }
