@@ -175,8 +175,9 @@ pub async fn serve<S, F, Fut, B, R>(
         rbuf: BytesMut::new(),
         settings,
     };
-    // One timer per connection, re-armed for each wait: pushing a deadline later is an
-    // atomic store, not a timer-wheel operation.
+    // One timer per connection. An idle wait does not move it (a reset is a few locked
+    // instructions, on every request): when it fires before the wait's own deadline, it
+    // is moved then, once per idle timeout at most.
     let timer = tokio::time::sleep(settings.idle_timeout);
     tokio::pin!(timer);
     // One drain watch per connection too: once registered it stays registered across
@@ -191,12 +192,23 @@ pub async fn serve<S, F, Fut, B, R>(
             // Idle: give the buffer back before waiting (to the thread's spares, for
             // the next request on any connection).
             spare::give_read(std::mem::take(&mut conn.rbuf));
-            timer.as_mut().reset(Instant::now() + settings.idle_timeout);
-            let readable = tokio::select! {
-                biased;
-                r = poll_fn(|cx| conn.io.poll_read_ready(cx)) => r.is_ok(),
-                () = drained.as_mut() => false,
-                () = timer.as_mut() => false,
+            let idle_until = Instant::now() + settings.idle_timeout;
+            if timer.deadline() > idle_until {
+                // A head's deadline (the header timeout) may lie beyond this one.
+                timer.as_mut().reset(idle_until);
+            }
+            let readable = loop {
+                tokio::select! {
+                    biased;
+                    r = poll_fn(|cx| conn.io.poll_read_ready(cx)) => break r.is_ok(),
+                    () = drained.as_mut() => break false,
+                    () = timer.as_mut() => {
+                        if Instant::now() >= idle_until {
+                            break false;
+                        }
+                        timer.as_mut().reset(idle_until);
+                    }
+                }
             };
             if !readable {
                 return;
@@ -572,15 +584,18 @@ impl<S: Io> Conn<S> {
         let mut trailers = None;
         let mut pumping = true;
         loop {
-            let step = poll_fn(|cx| {
-                if pumping && self.pump(cx, reader).is_err() {
-                    pumping = false;
-                }
-                match Pin::new(&mut *body).poll_frame(cx) {
-                    Poll::Ready(frame) => Poll::Ready(Some(frame)),
-                    // Before waiting on the body, send what is ready.
-                    Poll::Pending if !wbuf.is_empty() => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
+            // The client is read (`pump`) only before a wait, not on every step: a poll
+            // of its socket that finds nothing registers the task under the socket's
+            // waiter lock, two locked instructions each time.
+            let step = poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                // Before waiting on the body, send what is ready.
+                Poll::Pending if !wbuf.is_empty() => Poll::Ready(None),
+                Poll::Pending => {
+                    if pumping && self.pump(cx, reader).is_err() {
+                        pumping = false;
+                    }
+                    Poll::Pending
                 }
             })
             .await;
@@ -658,11 +673,15 @@ impl<S: Io> Conn<S> {
         pumping: &mut bool,
     ) -> Result<(), ()> {
         while !data.is_empty() {
-            let n = poll_fn(|cx| {
-                if *pumping && self.pump(cx, reader).is_err() {
-                    *pumping = false;
+            let n = poll_fn(|cx| match Pin::new(&mut self.io).poll_write(cx, data) {
+                // Waiting for the client to read: read what it sends meanwhile.
+                Poll::Pending => {
+                    if *pumping && self.pump(cx, reader).is_err() {
+                        *pumping = false;
+                    }
+                    Poll::Pending
                 }
-                Pin::new(&mut self.io).poll_write(cx, data)
+                written => written,
             })
             .await
             .map_err(|_| ())?;
