@@ -7,7 +7,8 @@
 #
 # Env: CONNS (client connections, default 64 as in the load benchmark's closed loop; rows
 # measured before 2026-11-24 evening used 8), CACHE_SIM=1 (also simulate caches and
-# branch prediction: misses per function in the callgrind files; slower).
+# branch prediction: misses per function in the callgrind files; slower), DUMP_INSTR=1
+# (counts per instruction address, for `locked.py`: locked instructions per request).
 #
 # --policies adds every outbound layer to tern's config (route retry and timeout,
 # BackendPolicy breaker, limits and a concurrency limit, a rate limit: as bench.py): run with and without to see
@@ -119,7 +120,8 @@ for _ in $(seq 50); do curl -fs -o /dev/null "http://127.0.0.1:$UP/" && break; s
 total() {
   local label=$1 n=$2 ready=$3 authority=$4 port=$5
   shift 5
-  valgrind --tool=callgrind ${CACHE_SIM:+--cache-sim=yes --branch-sim=yes} --callgrind-out-file="$OUT/$label.out" "$@" >"$OUT/$label.log" 2>&1 &
+  valgrind --tool=callgrind ${CACHE_SIM:+--cache-sim=yes --branch-sim=yes} \
+    ${DUMP_INSTR:+--dump-instr=yes} --callgrind-out-file="$OUT/$label.out" "$@" >"$OUT/$label.log" 2>&1 &
   local vg=$!
   PIDS+=($vg)
   for _ in $(seq 600); do curl -fs -o /dev/null "$ready" && break; sleep 0.1; done
