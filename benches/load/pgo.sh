@@ -15,6 +15,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 OUT="${PGO_OUT:-$ROOT/target/pgo}"
+# Absolute: the training run hands paths under it to nginx, which runs elsewhere.
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
 
 LLVM_MAJOR="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
 PROFDATA="$(command -v "llvm-profdata-$LLVM_MAJOR" || true)"
