@@ -115,8 +115,12 @@ pub struct Failed {
 
 /// Sends `req` on the connection and awaits the response head.
 pub async fn send(sender: Sender, req: Request<RequestBody>) -> Result<Response<Upstream>, Failed> {
-    let mut send = sender.send;
+    let Sender { mut send, closed } = sender;
     if let Err(error) = std::future::poll_fn(|cx| send.poll_ready(cx)).await {
+        // The connection takes no new streams (the upstream sent GOAWAY, or it broke):
+        // marked closed, the pool replaces it rather than handing it out until its
+        // streams in flight end.
+        closed.store(true, Ordering::Release);
         return Err(Failed {
             error,
             request: Some(req),
@@ -460,6 +464,54 @@ mod tests {
         ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
             self.0.poll_recv(cx)
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_going_away_hands_the_request_back_and_is_replaced() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (answered_tx, answered_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::Builder::new()
+                .handshake::<_, Bytes>(tcp)
+                .await
+                .unwrap();
+            let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+            // The response's body stays open: a stream in flight keeps the connection
+            // open after GOAWAY, as a long request would.
+            let _body = respond.send_response(Response::new(()), false).unwrap();
+            conn.graceful_shutdown();
+            let _ = answered_tx.send(());
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                let _ = respond.send_response(Response::new(()), true);
+            }
+            std::future::pending::<()>().await;
+        });
+        let sender = sender(addr).await;
+        let first = within(send(sender.clone(), request(RequestBody::EMPTY))).await;
+        let first = first.ok().unwrap();
+        assert_eq!(first.status(), 200);
+        within(answered_rx).await.unwrap();
+        let mut failed = None;
+        for _ in 0..100 {
+            match within(send(sender.clone(), request(RequestBody::EMPTY))).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(f) => {
+                    failed = Some(f);
+                    break;
+                }
+            }
+        }
+        let failed = failed.expect("requests kept being taken after GOAWAY");
+        assert!(failed.error.is_go_away(), "{}", failed.error);
+        assert!(
+            failed.request.is_some(),
+            "a request that never left is handed back"
+        );
+        // Still open (the first response's body streams), but of no use for new requests.
+        assert!(sender.is_closed());
+        drop(first);
     }
 
     #[tokio::test]

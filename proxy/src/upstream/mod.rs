@@ -208,19 +208,32 @@ async fn send_h2(
     pool: &Arc<Pool>,
     addr: SocketAddr,
     mtls: Option<&EndpointIdentity>,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
     admission: Option<Admission<'_>>,
 ) -> Result<Response<PooledBody>, SendError> {
-    let sender = match pool.h2(addr, mtls, admission).await {
-        Ok(s) => s,
-        Err(err) => return Err(SendError::new(err, Some(req))),
-    };
-    match h2::send(sender, req).await {
-        Ok(resp) => Ok(resp.map(PooledBody::h2)),
-        Err(failed) => Err(SendError::new(
-            UpstreamError::H2(failed.error),
-            failed.request,
-        )),
+    let mut again = true;
+    loop {
+        let sender = match pool.h2(addr, mtls, admission).await {
+            Ok(s) => s,
+            Err(err) => return Err(SendError::new(err, Some(req))),
+        };
+        match h2::send(sender, req).await {
+            Ok(resp) => return Ok(resp.map(PooledBody::h2)),
+            // The shared connection took no new stream (the upstream is going away, as
+            // in a rolling restart): once more, on a new connection.
+            Err(h2::Failed {
+                request: Some(r), ..
+            }) if again => {
+                req = r;
+                again = false;
+            }
+            Err(failed) => {
+                return Err(SendError::new(
+                    UpstreamError::H2(failed.error),
+                    failed.request,
+                ));
+            }
+        }
     }
 }
 
