@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
-use http::{HeaderMap, Request, Response, header};
+use http::{Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::body::RequestBody;
@@ -70,33 +70,22 @@ where
     Ok(Sender { send, closed })
 }
 
-/// Runs a connection until it closes, pinging it when it has been quiet.
+/// Runs a connection until it closes, pinging it every [`KEEPALIVE_INTERVAL`].
 async fn drive<T>(mut conn: h2::client::Connection<T, Bytes>)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let Some(mut ping) = conn.ping_pong() else {
-        let _ = conn.await;
-        return;
+        return ended(conn.await);
     };
     loop {
         tokio::select! {
-            res = &mut conn => {
-                if let Err(err) = res {
-                    tracing::debug!(%err, "upstream HTTP/2 connection ended with an error");
-                }
-                return;
-            }
+            res = &mut conn => return ended(res),
             _ = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
         }
         let pong = tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque()));
         tokio::select! {
-            res = &mut conn => {
-                if let Err(err) = res {
-                    tracing::debug!(%err, "upstream HTTP/2 connection ended with an error");
-                }
-                return;
-            }
+            res = &mut conn => return ended(res),
             answered = pong => {
                 if !matches!(answered, Ok(Ok(_))) {
                     tracing::debug!("upstream HTTP/2 connection did not answer a ping: closed");
@@ -104,6 +93,12 @@ where
                 }
             }
         }
+    }
+}
+
+fn ended(res: Result<(), h2::Error>) {
+    if let Err(err) = res {
+        tracing::debug!(%err, "upstream HTTP/2 connection ended with an error");
     }
 }
 
@@ -150,7 +145,7 @@ pub async fn send(sender: Sender, req: Request<RequestBody>) -> Result<Response<
     }
     match response.await {
         Ok(resp) => {
-            let remaining = content_length(resp.headers());
+            let remaining = crate::h1::head::declared_length(resp.headers());
             Ok(resp.map(|recv| Upstream {
                 recv,
                 data_done: false,
@@ -176,13 +171,6 @@ fn has_payload_semantics(method: &http::Method) -> bool {
     )
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Puts a request body on its stream: a complete one at once, a streaming one through a
 /// task that waits for flow-control capacity before reading more from the client.
 fn send_body(body: RequestBody, mut stream: SendStream<Bytes>) {
@@ -204,9 +192,9 @@ fn send_body(body: RequestBody, mut stream: SendStream<Bytes>) {
 
 /// Copies a body onto an HTTP/2 stream, reading the next chunk only once the peer's
 /// window has room: a slow reader holds back the writer instead of filling memory.
-pub struct Pipe<B> {
-    pub body: B,
-    pub stream: SendStream<Bytes>,
+struct Pipe<B> {
+    body: B,
+    stream: SendStream<Bytes>,
 }
 
 impl<B> Future for Pipe<B>
@@ -317,6 +305,7 @@ impl Body for Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
     use http_body_util::BodyExt;
     use tokio::net::{TcpListener, TcpStream};
 
