@@ -136,14 +136,20 @@ def proc_tree(root: int) -> list[int]:
 
 
 def cpu_ticks(pids: list[int]) -> int:
-    total = 0
+    return sum(user_sys_ticks(pids))
+
+
+def user_sys_ticks(pids: list[int]) -> tuple[int, int]:
+    """utime and stime (clock ticks) of `pids`, summed."""
+    user = system = 0
     for pid in pids:
         try:
             st = parse.parse_proc_stat(Path(f"/proc/{pid}/stat").read_text())
-            total += st["utime"] + st["stime"]
+            user += st["utime"]
+            system += st["stime"]
         except OSError:
             pass
-    return total
+    return user, system
 
 
 def sched_ns(pids: list[int]) -> int:
@@ -696,9 +702,10 @@ def measure(procs: Procs, target: Target, test: Test, duration: float, raw: Path
     cmd = load_cmd(target, test, duration, log_file)
     reset_hwm(pids)
     t0 = time.monotonic()
-    c0, s0 = cpu_ticks(pids), sched_ns(pids)
+    (u0, k0), s0 = user_sys_ticks(pids), sched_ns(pids)
     out = run_load(cmd, timeout=duration + 60)
-    c1, s1 = cpu_ticks(pids), sched_ns(pids)
+    (u1, k1), s1 = user_sys_ticks(pids), sched_ns(pids)
+    c0, c1 = u0 + k0, u1 + k1
     wall = time.monotonic() - t0
     hwm = status_kb(pids, "VmHWM") if pids else None
     (raw / f"{target.name}_{test.name}_r{rep}.txt").write_text(" ".join(cmd) + "\n\n" + out)
@@ -710,6 +717,11 @@ def measure(procs: Procs, target: Target, test: Test, duration: float, raw: Path
             res.update(parse.latency_percentiles_ms(parse.parse_h2load_log(f)))
         log_file.unlink()  # can be large; percentiles are kept
     res["cpu_us_per_req"] = (parse.cpu_us_per_request(c0, c1, CLK_TCK, res["requests"])
+                             if pids else None)
+    # The split: user space (what callgrind counts) and the kernel (system calls, TCP).
+    res["user_us_per_req"] = (parse.cpu_us_per_request(u0, u1, CLK_TCK, res["requests"])
+                              if pids else None)
+    res["sys_us_per_req"] = (parse.cpu_us_per_request(k0, k1, CLK_TCK, res["requests"])
                              if pids else None)
     res["cpu_us_per_req_schedstat"] = ((s1 - s0) / 1e3 / res["requests"]
                                        if pids and res["requests"] else None)

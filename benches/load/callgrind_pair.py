@@ -90,6 +90,8 @@ def one_run(args, mode: str, n: int, out: Path) -> dict[str, int]:
     (run / "pids").touch()
     procs = Procs(run)
     sim = ["--cache-sim=yes", "--branch-sim=yes"] if args.cache_sim else []
+    if args.dump_instr:
+        sim.append("--dump-instr=yes")
     vg = lambda name: ["valgrind", "--tool=callgrind", *sim,  # noqa: E731
                        f"--callgrind-out-file={out / f'{mode}-{n}-{name}.out'}"]
     names = ("ternA", "ternB1") if mode == "plain" else ("ternMA", "ternMB1")
@@ -162,6 +164,8 @@ def main():
                          "a closed loop: no batching, every request its own wake-ups")
     ap.add_argument("--conns", type=int, default=64,
                     help="client connections (the load benchmark's HTTP/1.1 closed loop: 64)")
+    ap.add_argument("--dump-instr", action="store_true",
+                    help="counts per instruction address, for locked.py (locked instructions)")
     ap.add_argument("--cache-sim", action="store_true",
                     help="also simulate caches and branch prediction (slower; misses in the "
                          "callgrind files)")

@@ -5,6 +5,9 @@ made with DUMP_INSTR=1.
     DUMP_INSTR=1 benches/load/callgrind.sh 20000 --policies
     python3 benches/load/locked.py benches/load/results/callgrind-<stamp> [--top 20]
 
+or, for the two sidecars of a pair, `callgrind_pair.py --dump-instr` and its output
+directory.
+
 A locked instruction waits for the store buffer to drain and costs about 20 times a plain
 one, so two programs with the same instruction count can differ in time by how many they
 run. The addresses of every `lock`-prefixed instruction (and of `xchg` with memory,
@@ -90,12 +93,17 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
     cache: dict = {}
-    for prog in ("tern", "nginx"):
-        runs = sorted(args.dir.glob(f"{prog}-*.out"), key=lambda p: int(p.stem.split("-")[1]))
-        if len(runs) != 2:
+    # callgrind.sh names its files <program>-<requests>.out; callgrind_pair.py
+    # <mode>-<requests>-<sidecar>.out. A program's two runs differ only in the number.
+    groups: dict[str, list[tuple[int, Path]]] = collections.defaultdict(list)
+    for p in args.dir.glob("*.out"):
+        m = re.fullmatch(r"(.*?)-(\d+)(-.*)?", p.stem)
+        if m:
+            groups[m.group(1) + (m.group(3) or "")].append((int(m.group(2)), p))
+    for prog, found in sorted(groups.items()):
+        if len(found) != 2:
             continue
-        small, big = runs
-        n_small, n_big = (int(p.stem.split("-")[1]) for p in runs)
+        (n_small, small), (n_big, big) = sorted(found)
         s, b = per_function(small, cache), per_function(big, cache)
         if not b:
             sys.exit(f"{big}: no per-instruction counts (run callgrind.sh with DUMP_INSTR=1)")

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::body::{ClientBody, Held, ProxyBody, RequestBody};
 use crate::headers;
-use crate::metrics::{Direction, RequestRecorder};
+use crate::metrics::{Direction, Handles, RequestRecorder};
 use crate::outbound::upstream_error;
 use crate::rescue::ProxyError;
 use crate::server::Conn;
@@ -35,7 +35,9 @@ pub fn handle<'a>(
         // The request's one clock read before it goes out (see `outbound::handle`).
         let start = Instant::now();
         let mut recorder = RequestRecorder::new(&worker.shared.metrics, unrouted, start);
-        recorder.route = Some(worker.inbound_metrics(|| unrouted.labels()));
+        recorder.route = Some(Handles::Borrowed(
+            worker.inbound_metrics(|| unrouted.labels()),
+        ));
         if let Some(resp) = check(worker, &req, conn) {
             recorder.finish(resp.status().as_u16(), Instant::now());
             return resp;

@@ -3,6 +3,7 @@
 //! snapshot, so recording a request allocates nothing.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -224,8 +225,19 @@ pub struct RouteMetrics {
     fates: [Counter; 6],
     retries: Counter,
     body_too_large: Counter,
-    /// Counters by status code seen so far: a handful per route.
-    counters: std::sync::Mutex<Vec<(u16, Counter)>>,
+    /// Counters by status code seen so far, found without a lock: a handful per route.
+    statuses: [StatusSlot; STATUS_SLOTS],
+    /// Codes beyond the slots; also held while a code is added, so adders take turns.
+    more: std::sync::Mutex<Vec<(u16, Counter)>>,
+}
+
+const STATUS_SLOTS: usize = 8;
+
+/// One status code's counter. `code` (0: free) is published after `counter` is set.
+#[derive(Default)]
+struct StatusSlot {
+    code: std::sync::atomic::AtomicU16,
+    counter: std::sync::OnceLock<Counter>,
 }
 
 impl RouteMetrics {
@@ -243,8 +255,35 @@ impl RouteMetrics {
 
     fn record(&self, metrics: &Metrics, status: u16, elapsed: Duration) {
         self.duration.observe(elapsed.as_secs_f64());
-        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, c)) = counters.iter().find(|(s, _)| *s == status) {
+        for slot in &self.statuses {
+            match slot.code.load(Ordering::Acquire) {
+                0 => break,
+                code if code == status => {
+                    if let Some(c) = slot.counter.get() {
+                        c.inc();
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.count_status(metrics, status);
+    }
+
+    /// Counts a code not found in the slots: it may be in `more`, or new.
+    #[cold]
+    fn count_status(&self, metrics: &Metrics, status: u16) {
+        let mut more = self.more.lock().unwrap_or_else(|e| e.into_inner());
+        // Another request may have added it since the look without the lock.
+        for slot in &self.statuses {
+            if slot.code.load(Ordering::Acquire) == status
+                && let Some(c) = slot.counter.get()
+            {
+                c.inc();
+                return;
+            }
+        }
+        if let Some((_, c)) = more.iter().find(|(s, _)| *s == status) {
             c.inc();
             return;
         }
@@ -253,7 +292,35 @@ impl RouteMetrics {
             status_code: status,
         });
         c.inc();
-        counters.push((status, c));
+        match self
+            .statuses
+            .iter()
+            .find(|slot| slot.code.load(Ordering::Acquire) == 0)
+        {
+            Some(slot) if slot.counter.set(c.clone()).is_ok() => {
+                slot.code.store(status, Ordering::Release);
+            }
+            _ => more.push((status, c)),
+        }
+    }
+}
+
+/// A request's [`RouteMetrics`]: borrowed from what outlives the request (a connection's
+/// cache, the worker), or held (cloning an `Arc` and dropping it are two locked
+/// instructions a request).
+pub enum Handles<'a> {
+    Borrowed(&'a RouteMetrics),
+    Held(Arc<RouteMetrics>),
+}
+
+impl std::ops::Deref for Handles<'_> {
+    type Target = RouteMetrics;
+
+    fn deref(&self) -> &RouteMetrics {
+        match self {
+            Handles::Borrowed(m) => m,
+            Handles::Held(m) => m,
+        }
     }
 }
 
@@ -266,7 +333,7 @@ pub struct RequestRecorder<'a> {
     /// `unrouted` when first needed (most requests never need it).
     labels: Option<RouteLabels>,
     unrouted: Unrouted<'a>,
-    pub route: Option<std::sync::Arc<RouteMetrics>>,
+    pub route: Option<Handles<'a>>,
     start: Instant,
     done: bool,
 }
@@ -783,7 +850,8 @@ impl Metrics {
             retries: self.retries.get_or_create_owned(&labels),
             body_too_large: self.body_too_large.get_or_create_owned(&labels),
             labels,
-            counters: std::sync::Mutex::default(),
+            statuses: Default::default(),
+            more: std::sync::Mutex::default(),
         }
     }
 
@@ -864,7 +932,7 @@ mod tests {
         RequestRecorder::new(&m, unrouted, now).finish(200, now);
         // Through resolved handles: the same series.
         let mut r = RequestRecorder::new(&m, unrouted, now);
-        r.route = Some(Arc::new(m.route(unrouted.labels())));
+        r.route = Some(Handles::Held(Arc::new(m.route(unrouted.labels()))));
         r.finish(200, now);
         // Labels filled in before failing (a route without endpoints): their own series.
         let mut r = RequestRecorder::new(&m, unrouted, now);
@@ -885,5 +953,43 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_status_counts_through_the_slots_and_beyond_them() {
+        let m = Metrics::new();
+        let (empty, app): (Arc<str>, Arc<str>) = ("".into(), "app".into());
+        let unrouted = Unrouted {
+            direction: Direction::Inbound,
+            empty: &empty,
+            backend: &app,
+        };
+        let route = m.route(unrouted.labels());
+        // More codes than slots, from several threads at once: each code is added once
+        // (one series) and every request is counted.
+        let codes: Vec<u16> = (0..STATUS_SLOTS as u16 + 4).map(|i| 200 + i).collect();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        for &code in &codes {
+                            route.record(&m, code, Duration::from_millis(1));
+                        }
+                    }
+                });
+            }
+        });
+        let text = m.encode();
+        for code in codes {
+            let line = format!("backend_name=\"app\",status_code=\"{code}\"}} 200");
+            assert_eq!(text.matches(&line).count(), 1, "{code}: {text}");
+        }
+        assert!(
+            route
+                .statuses
+                .iter()
+                .all(|s| s.code.load(Ordering::Relaxed) != 0)
+        );
+        assert_eq!(route.more.lock().unwrap().len(), 4);
     }
 }

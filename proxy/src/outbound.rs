@@ -22,7 +22,7 @@ use crate::balance::{BackendState, PickError, hash};
 use crate::body::{ClientBody, Held, ProxyBody, RequestBody};
 use crate::h1::RawHead;
 use crate::headers;
-use crate::metrics::{Direction, Fate, RequestRecorder, RouteLabels, RouteMetrics};
+use crate::metrics::{Direction, Fate, Handles, RequestRecorder, RouteLabels, RouteMetrics};
 use crate::policy::limits::Limit;
 use crate::policy::retry::{self, Buffered, Kept};
 use crate::policy::timeout::{ConnTimer, cap, within};
@@ -66,13 +66,12 @@ fn attempts_value(n: u32) -> HeaderValue {
 /// path: an `async fn` stores a by-value argument twice in its state (the argument, and the
 /// local it is moved into), and the request is 272 bytes at every level.
 ///
-/// `timer`: the connection's, for request deadlines, when its requests come one at a time
-/// (HTTP/1.1; see [`ConnTimer`]).
+/// `local`: the connection's, when its requests come one at a time (HTTP/1.1).
 pub fn handle<'a>(
     worker: &'a Worker,
     req: Request<ClientBody>,
     conn: &'a Conn,
-    timer: Option<&'a ConnTimer>,
+    local: Option<&'a mut ConnLocal>,
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
     async move {
         // The request's one clock read before it goes out: every step up to the first
@@ -93,7 +92,7 @@ pub fn handle<'a>(
         let mut resp = match worker.shared.active.load_full() {
             None => ProxyError::NotReady.into_response(),
             Some(active) => {
-                let served = serve(worker, &active, req, conn, timer, &mut recorder, &mut trace);
+                let served = serve(worker, &active, req, conn, local, &mut recorder, &mut trace);
                 match served.await {
                     Ok(resp) => resp,
                     Err(err) => {
@@ -129,13 +128,14 @@ pub fn handle<'a>(
     }
 }
 
-fn serve<'a>(
+/// `'r`: what the recorder may borrow, the connection's `local` among it.
+fn serve<'a, 'r: 'a>(
     worker: &'a Worker,
     active: &'a Arc<Active>,
     mut req: Request<ClientBody>,
     conn: &'a Conn,
-    timer: Option<&'a ConnTimer>,
-    recorder: &'a mut RequestRecorder<'_>,
+    local: Option<&'r mut ConnLocal>,
+    recorder: &'a mut RequestRecorder<'r>,
     trace: &'a mut Trace,
 ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
     async move {
@@ -163,21 +163,42 @@ fn serve<'a>(
             trace.backend = Some(backend.name.clone());
         }
         trace.retry_policy = rule.retry.is_some();
-        // Metric handles resolved once per worker, route, rule and backend.
+        // Metric handles resolved once per worker, route, rule and backend, and kept by
+        // an HTTP/1.1 connection for as long as its requests take the same route.
         let key = (
             Arc::as_ptr(routed.parent) as usize,
             Arc::as_ptr(rule) as usize,
             backend.index,
         );
-        let metrics = worker.route_metrics(active, key, || RouteLabels {
-            direction: Direction::Outbound,
-            parent_name: active.parent_label(routed.parent),
-            route_name: rule.route.clone(),
-            route_rule: rule.rule_index as u32,
-            backend_name: backend.name.clone(),
-        });
-        // Kept by the recorder, borrowed from it (a clone is two more locked instructions).
-        let metrics = &*recorder.route.insert(metrics);
+        let resolve = || {
+            worker.route_metrics(active, key, || RouteLabels {
+                direction: Direction::Outbound,
+                parent_name: active.parent_label(routed.parent),
+                route_name: rule.route.clone(),
+                route_rule: rule.rule_index as u32,
+                backend_name: backend.name.clone(),
+            })
+        };
+        let (metrics, timer) = match local {
+            Some(ConnLocal { timer, route }) => {
+                let key = (active.generation, key);
+                if route.as_ref().is_some_and(|kept| kept.key != key) {
+                    *route = None;
+                }
+                let kept = route.get_or_insert_with(|| {
+                    Box::new(KeptRoute {
+                        key,
+                        metrics: resolve(),
+                    })
+                });
+                let metrics: &RouteMetrics = &kept.metrics;
+                recorder.route = Some(Handles::Borrowed(metrics));
+                (metrics, Some(timer))
+            }
+            // Kept by the recorder, borrowed from it (a clone is two more locked
+            // instructions).
+            None => (&**recorder.route.insert(Handles::Held(resolve())), None),
+        };
 
         route::apply_request_filters(&mut req, rule, routed.matched.prefix)?;
         let upgrade = headers::is_upgrade(&req);
@@ -226,6 +247,22 @@ fn serve<'a>(
         }
         Ok(resp)
     }
+}
+
+/// What an HTTP/1.1 connection keeps between its requests, which come one at a time: lent
+/// to each in turn, so none of it takes a lock.
+#[derive(Default)]
+pub struct ConnLocal {
+    /// Request deadlines (see [`ConnTimer`]).
+    timer: ConnTimer,
+    /// The last request's metric handles (boxed: an idle connection's state stays small).
+    route: Option<Box<KeptRoute>>,
+}
+
+struct KeptRoute {
+    /// The config generation and the route key of [`Worker::route_metrics`].
+    key: (u64, (usize, usize, usize)),
+    metrics: Arc<RouteMetrics>,
 }
 
 /// Why an attempt failed before a response.

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 use crate::body::{ClientBody, ProxyBody};
 use crate::h1;
 use crate::metrics::Direction;
-use crate::policy::timeout::ConnTimer;
+use crate::outbound::ConnLocal;
 use crate::rescue::ProxyError;
 use crate::tls::Alpn;
 use crate::worker::Worker;
@@ -391,11 +391,12 @@ async fn serve_h1<S: h1::Io>(
     // built inside the exchange's box (one allocation per request, not two).
     match direction {
         Direction::Outbound => {
-            let timer = ConnTimer::default();
-            let handle = |req: http::Request<h1::Body>| {
-                outbound::handle(worker, req.map(ClientBody::H1), conn, Some(&timer))
+            let service = OutboundH1 {
+                worker,
+                conn,
+                local: ConnLocal::default(),
             };
-            h1::serve(stream, settings, &drain, handle, refuse).await;
+            h1::serve(stream, settings, &drain, service, refuse).await;
         }
         Direction::Inbound => {
             let handle = |req: http::Request<h1::Body>| {
@@ -403,6 +404,29 @@ async fn serve_h1<S: h1::Io>(
             };
             h1::serve(stream, settings, &drain, handle, refuse).await;
         }
+    }
+}
+
+/// An HTTP/1.1 connection's outbound requests, with what it keeps between them.
+struct OutboundH1<'a> {
+    worker: &'a Worker,
+    conn: &'a Conn,
+    local: ConnLocal,
+}
+
+impl h1::Service for OutboundH1<'_> {
+    type Body = ProxyBody;
+
+    fn call(
+        &mut self,
+        req: http::Request<h1::Body>,
+    ) -> impl Future<Output = http::Response<ProxyBody>> + Send {
+        outbound::handle(
+            self.worker,
+            req.map(ClientBody::H1),
+            self.conn,
+            Some(&mut self.local),
+        )
     }
 }
 

@@ -6,7 +6,7 @@ use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -87,6 +87,10 @@ pub struct Active {
     /// `ServicePort` inside `snapshot` (stable: the snapshot is immutable and kept alive
     /// by this struct), so a request does not format a label.
     parent_labels: FxHashMap<usize, Arc<str>>,
+    /// Unique to this `Active` in the process: addresses inside a snapshot are unique
+    /// only while it lives, so what is cached by address without holding the snapshot
+    /// is keyed by this too.
+    pub generation: u64,
 }
 
 impl Active {
@@ -151,6 +155,10 @@ impl Active {
             inbound_policies,
             endpoint_ports,
             parent_labels,
+            generation: {
+                static NEXT: AtomicU64 = AtomicU64::new(1);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
         }
     }
 

@@ -1,7 +1,7 @@
 //! One worker: a single-threaded runtime with its own listeners (SO_REUSEPORT) and its
 //! own upstream pools, so a request stays on one core from accept to upstream and back.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::metrics::counter::Counter;
 use rustc_hash::FxHashMap;
@@ -22,6 +22,8 @@ pub struct Worker {
     pub app_label: Arc<str>,
     /// Resolved metric handles for this worker, for the config version in `active`.
     metrics_cache: Mutex<MetricsCache>,
+    /// The inbound requests' handles (one label set per sidecar), read without a lock.
+    inbound: OnceLock<RouteMetrics>,
 }
 
 #[derive(Default)]
@@ -32,7 +34,6 @@ struct MetricsCache {
     routes: FxHashMap<(usize, usize, usize), Arc<RouteMetrics>>,
     /// AuthorizationPolicy addresses in `active`'s snapshot -> their "allow" counter.
     authz_allowed: FxHashMap<usize, Counter>,
-    inbound: Option<Arc<RouteMetrics>>,
 }
 
 impl MetricsCache {
@@ -56,6 +57,7 @@ impl Worker {
             empty: Arc::from(""),
             app_label: Arc::from("app"),
             metrics_cache: Mutex::default(),
+            inbound: OnceLock::new(),
         })
     }
 
@@ -98,11 +100,8 @@ impl Worker {
     }
 
     /// The metric handles of inbound requests (one label set per sidecar).
-    pub fn inbound_metrics(&self, labels: impl FnOnce() -> RouteLabels) -> Arc<RouteMetrics> {
-        let mut cache = self.metrics_cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .inbound
-            .get_or_insert_with(|| Arc::new(self.shared.metrics.route(labels())))
-            .clone()
+    pub fn inbound_metrics(&self, labels: impl FnOnce() -> RouteLabels) -> &RouteMetrics {
+        self.inbound
+            .get_or_init(|| self.shared.metrics.route(labels()))
     }
 }

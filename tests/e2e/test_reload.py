@@ -127,3 +127,42 @@ def test_reload_of_unrelated_file_keeps_connections(stack, shop):
     (stack.config_dir / "late.yaml").unlink()
     wait_until(lambda: request(a.outbound, "GET", "/", host="late").status == 404, 20,
                "service late to disappear after its file is removed")
+
+
+
+def test_a_keep_alive_connection_counts_under_the_new_route_after_a_reload(stack, shop):
+    """An HTTP/1.1 connection keeps its last route's metric handles between requests:
+    after a reload renames the route, its next request counts under the new name."""
+    from conftest import NS, backend, http_route, request, service
+    a, v1, _ = shop
+
+    def docs(route):
+        return service("kept", endpoints=[v1.addr]) + [
+            http_route(route, "kept", rules=[{"backendRefs": [backend("kept")]}])]
+
+    def count(route):
+        return a.metrics().sum("tern_requests_total", route_name=f"{NS}/{route}")
+
+    stack.write("kept.yaml", docs("first"))
+    wait_until(lambda: request(a.outbound, "GET", "/", host="kept").status == 200, 20,
+               "service kept to become routable")
+    conn = http.client.HTTPConnection(*split_addr(a.outbound), timeout=15)
+
+    def five():
+        for _ in range(5):
+            conn.request("GET", "/", headers={"Host": "kept"})
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200
+
+    five()
+    sock = conn.sock
+    first = count("first")
+    before = a.config_version()
+    stack.write("kept.yaml", docs("second"))
+    wait_until(lambda: a.config_version() != before, 20, "the renamed route to be applied")
+    five()
+    assert conn.sock is sock, "the connection was kept"
+    conn.close()
+    assert count("second") == 5
+    assert count("first") == first

@@ -153,10 +153,38 @@ enum HeadError {
     Closed,
 }
 
+/// Answers the requests of one connection, one at a time: `&mut self` lets what a
+/// connection keeps between its requests (a timer, caches) go without a lock.
+pub trait Service {
+    type Body: HttpBody<Data = Bytes> + RawHead + Unpin;
+
+    fn call(&mut self, req: Request<Body>) -> impl Future<Output = Response<Self::Body>> + Send;
+}
+
+impl<F, Fut, B> Service for F
+where
+    F: FnMut(Request<Body>) -> Fut,
+    Fut: Future<Output = Response<B>> + Send,
+    B: HttpBody<Data = Bytes> + RawHead + Unpin,
+{
+    type Body = B;
+
+    fn call(&mut self, req: Request<Body>) -> impl Future<Output = Response<B>> + Send {
+        self(req)
+    }
+}
+
+/// Whether drain has been raised, read without the watch's lock (`borrow` takes it). A
+/// connection's receiver has seen only the initial `false`, so any newer version is the
+/// raise; a closed channel means the process is going away.
+fn raised(drain: &watch::Receiver<bool>) -> bool {
+    drain.has_changed().unwrap_or(true)
+}
+
 /// Serves HTTP/1.1 requests on `io` until the client closes, the connection idles out,
 /// or `drain` is raised (open requests finish first). `service` answers requests;
 /// `refuse` answers requests whose head was refused.
-pub async fn serve<S, F, Fut, B, R>(
+pub async fn serve<S, F, R>(
     io: S,
     settings: Settings,
     drain: &watch::Receiver<bool>,
@@ -164,11 +192,9 @@ pub async fn serve<S, F, Fut, B, R>(
     refuse: R,
 ) where
     S: Io,
-    F: FnMut(Request<Body>) -> Fut,
-    Fut: Future<Output = Response<B>>,
-    B: HttpBody<Data = Bytes> + RawHead + Unpin,
-    B::Error: std::fmt::Display,
-    R: Fn(Refusal) -> Response<B>,
+    F: Service,
+    <F::Body as HttpBody>::Error: std::fmt::Display,
+    R: Fn(Refusal) -> Response<F::Body>,
 {
     let mut conn = Conn {
         io,
@@ -187,6 +213,16 @@ pub async fn serve<S, F, Fut, B, R>(
         let _ = watching.wait_for(|d| *d).await;
     };
     tokio::pin!(drained);
+    // Polled again only once drain is raised: a poll takes the watch's lock, and the
+    // waker its first poll left stays registered (the same task's).
+    let mut watched = false;
+    let mut drained = poll_fn(move |cx| {
+        if watched && !raised(drain) {
+            return Poll::Pending;
+        }
+        watched = true;
+        drained.as_mut().poll(cx)
+    });
     loop {
         if conn.rbuf.is_empty() {
             // Idle: give the buffer back before waiting (to the thread's spares, for
@@ -201,7 +237,7 @@ pub async fn serve<S, F, Fut, B, R>(
                 tokio::select! {
                     biased;
                     r = poll_fn(|cx| conn.io.poll_read_ready(cx)) => break r.is_ok(),
-                    () = drained.as_mut() => break false,
+                    () = &mut drained => break false,
                     () = timer.as_mut() => {
                         if Instant::now() >= idle_until {
                             break false;
@@ -280,17 +316,15 @@ impl<S: Io> Conn<S> {
     }
 
     /// One request and its response.
-    async fn exchange<F, Fut, B>(
+    async fn exchange<F>(
         &mut self,
         parsed: head::Parsed,
         service: &mut F,
         drain: &watch::Receiver<bool>,
     ) -> Next
     where
-        F: FnMut(Request<Body>) -> Fut,
-        Fut: Future<Output = Response<B>>,
-        B: HttpBody<Data = Bytes> + RawHead + Unpin,
-        B::Error: std::fmt::Display,
+        F: Service,
+        <F::Body as HttpBody>::Error: std::fmt::Display,
     {
         let meta = parsed.meta;
         let method = parsed.parts.method.clone();
@@ -308,7 +342,7 @@ impl<S: Io> Conn<S> {
         // Scoped: the service's future ends with its response, so the response's writing
         // below reuses its room in this future.
         let resp = {
-            let mut fut = std::pin::pin!(service(req));
+            let mut fut = std::pin::pin!(service.call(req));
             poll_fn(|cx| {
                 if let Poll::Ready(resp) = fut.as_mut().poll(cx) {
                     return Poll::Ready(Some(resp));
@@ -334,7 +368,7 @@ impl<S: Io> Conn<S> {
                 Err(()) => Next::Gone,
             };
         }
-        let keep_alive = meta.keep_alive && !*drain.borrow();
+        let keep_alive = meta.keep_alive && !raised(drain);
         let respond = self.respond(
             &mut resp,
             &method,

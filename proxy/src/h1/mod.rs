@@ -18,7 +18,7 @@ pub(crate) const COPY_LIMIT: usize = 16 * 1024;
 
 pub use body::{Body, BodyError};
 pub(crate) use conn::reserve;
-pub use conn::{Io, OnUpgrade, Settings, Upgraded, serve};
+pub use conn::{Io, OnUpgrade, Service, Settings, Upgraded, serve};
 pub use head::{RawHeaders, Refusal};
 
 /// A response body that may carry its head's header lines as the upstream sent them

@@ -5,7 +5,6 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,9 +20,10 @@ pub fn within(limit: Duration, now: Instant) -> (Duration, Instant) {
 /// out again (~500 instructions a request, measured). This one is moved only when a
 /// deadline comes earlier than the one it is set for; a later deadline is only noted,
 /// and the timer moves to it when it fires early (a reset is a few locked instructions,
-/// on every request otherwise). Made on the first request with a deadline.
+/// on every request otherwise). Made on the first request with a deadline. Owned by the
+/// connection and lent to one request at a time, so it needs no lock.
 #[derive(Default)]
-pub struct ConnTimer(Mutex<Option<Armed>>);
+pub struct ConnTimer(Option<Armed>);
 
 struct Armed {
     timer: Pin<Box<Sleep>>,
@@ -32,9 +32,8 @@ struct Armed {
 }
 
 impl ConnTimer {
-    fn arm(&self, deadline: Instant) {
-        let mut armed = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match armed.as_mut() {
+    fn arm(&mut self, deadline: Instant) {
+        match self.0.as_mut() {
             Some(a) => {
                 a.deadline = deadline;
                 if deadline < a.timer.deadline() {
@@ -42,7 +41,7 @@ impl ConnTimer {
                 }
             }
             None => {
-                *armed = Some(Armed {
+                self.0 = Some(Armed {
                     timer: Box::pin(tokio::time::sleep_until(deadline)),
                     deadline,
                 })
@@ -51,9 +50,8 @@ impl ConnTimer {
     }
 
     /// Whether the deadline `arm` set has passed (else the task is woken when it does).
-    fn poll_expired(&self, cx: &mut Context<'_>) -> bool {
-        let mut armed = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(a) = armed.as_mut() else {
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(a) = self.0.as_mut() else {
             return true;
         };
         while a.timer.as_mut().poll(cx).is_ready() {
@@ -78,7 +76,7 @@ pub async fn cap<F, T, E>(
     limit: Option<(Duration, Instant)>,
     expired: fn(Duration) -> E,
     mut fut: Pin<&mut F>,
-    timer: Option<&ConnTimer>,
+    timer: Option<&mut ConnTimer>,
 ) -> Result<T, E>
 where
     F: Future<Output = Result<T, E>>,
@@ -150,7 +148,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connections_timer_caps_each_of_its_requests() {
-        let timer = ConnTimer::default();
+        let mut timer = ConnTimer::default();
         // Quick requests: each answers before its deadline, which moves later each time.
         for _ in 0..3 {
             let quick = async {
@@ -159,7 +157,7 @@ mod tests {
             };
             tokio::pin!(quick);
             let limit = Some(within(Duration::from_secs(1), Instant::now()));
-            let got = cap(limit, ProxyError::RequestTimeout, quick, Some(&timer));
+            let got = cap(limit, ProxyError::RequestTimeout, quick, Some(&mut timer));
             assert_eq!(got.await.unwrap(), 1);
         }
         // A slow one times out at its own deadline, not an earlier request's.
@@ -167,7 +165,7 @@ mod tests {
         let fut = slow();
         tokio::pin!(fut);
         let limit = Some(within(Duration::from_secs(1), started));
-        let err = cap(limit, ProxyError::RequestTimeout, fut, Some(&timer))
+        let err = cap(limit, ProxyError::RequestTimeout, fut, Some(&mut timer))
             .await
             .unwrap_err();
         assert!(matches!(err, ProxyError::RequestTimeout(d) if d == Duration::from_secs(1)));
@@ -179,7 +177,7 @@ mod tests {
         let started = Instant::now();
         let limit = Some(within(Duration::from_millis(200), started));
         assert!(
-            cap(limit, ProxyError::RequestTimeout, fut, Some(&timer))
+            cap(limit, ProxyError::RequestTimeout, fut, Some(&mut timer))
                 .await
                 .is_err()
         );
@@ -187,17 +185,17 @@ mod tests {
         let quick = async { Ok::<_, ProxyError>(2) };
         tokio::pin!(quick);
         let limit = Some(within(Duration::from_secs(5), Instant::now()));
-        let got = cap(limit, ProxyError::RequestTimeout, quick, Some(&timer));
+        let got = cap(limit, ProxyError::RequestTimeout, quick, Some(&mut timer));
         assert_eq!(got.await.unwrap(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_earlier_deadline_moves_the_timer_back() {
-        let timer = ConnTimer::default();
+        let mut timer = ConnTimer::default();
         let quick = async { Ok::<_, ProxyError>(1) };
         tokio::pin!(quick);
         let limit = Some(within(Duration::from_secs(5), Instant::now()));
-        let got = cap(limit, ProxyError::RequestTimeout, quick, Some(&timer));
+        let got = cap(limit, ProxyError::RequestTimeout, quick, Some(&mut timer));
         assert_eq!(got.await.unwrap(), 1);
         // The timer is set for 5 s; this request's deadline is sooner and holds.
         let started = Instant::now();
@@ -205,7 +203,7 @@ mod tests {
         tokio::pin!(fut);
         let limit = Some(within(Duration::from_millis(100), started));
         assert!(
-            cap(limit, ProxyError::RequestTimeout, fut, Some(&timer))
+            cap(limit, ProxyError::RequestTimeout, fut, Some(&mut timer))
                 .await
                 .is_err()
         );
