@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod opaque;
 pub mod outbound;
 pub mod policy;
+pub mod quiet;
 pub mod reload;
 pub mod rescue;
 pub mod resident;

@@ -26,6 +26,7 @@ use super::chunked::{Decoder, Event};
 use super::head::{self, Framing, Meta, Refusal};
 use super::{COPY_LIMIT, RawHead, spare};
 use crate::boxed;
+use crate::quiet::QuietSleep;
 
 /// A connection the HTTP/1.1 server can run on.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -206,6 +207,7 @@ pub async fn serve<S, F, R>(
     // is moved then, once per idle timeout at most.
     let timer = tokio::time::sleep(settings.idle_timeout);
     tokio::pin!(timer);
+    let mut timer = QuietSleep::new(timer);
     // One drain watch per connection too: once registered it stays registered across
     // idle waits (a fresh wait on each would register and unregister once per request).
     let mut watching = drain.clone();
@@ -231,18 +233,18 @@ pub async fn serve<S, F, R>(
             let idle_until = Instant::now() + settings.idle_timeout;
             if timer.deadline() > idle_until {
                 // A head's deadline (the header timeout) may lie beyond this one.
-                timer.as_mut().reset(idle_until);
+                timer.reset(idle_until);
             }
             let readable = loop {
                 tokio::select! {
                     biased;
                     r = poll_fn(|cx| conn.io.poll_read_ready(cx)) => break r.is_ok(),
                     () = &mut drained => break false,
-                    () = timer.as_mut() => {
+                    () = poll_fn(|cx| timer.poll_fired(cx)) => {
                         if Instant::now() >= idle_until {
                             break false;
                         }
-                        timer.as_mut().reset(idle_until);
+                        timer.reset(idle_until);
                     }
                 }
             };
@@ -250,7 +252,7 @@ pub async fn serve<S, F, R>(
                 return;
             }
         }
-        let parsed = match conn.read_head(timer.as_mut()).await {
+        let parsed = match conn.read_head(&mut timer).await {
             Ok(Some(p)) => p,
             Ok(None) | Err(HeadError::Closed) => return,
             Err(HeadError::Refused(refusal)) => {
@@ -393,7 +395,7 @@ impl<S: Io> Conn<S> {
     /// between requests.
     async fn read_head(
         &mut self,
-        mut timer: Pin<&mut Sleep>,
+        timer: &mut QuietSleep<&mut Sleep>,
     ) -> Result<Option<head::Parsed>, HeadError> {
         let mut armed = false;
         loop {
@@ -406,13 +408,13 @@ impl<S: Io> Conn<S> {
                 }
                 if !armed {
                     // Slow heads (slowloris) get a deadline; whole ones never touch it.
-                    timer.as_mut().reset(Instant::now() + s.header_read_timeout);
+                    timer.reset(Instant::now() + s.header_read_timeout);
                     armed = true;
                 }
             }
             reserve(&mut self.rbuf, READ_BUF);
             let read = poll_fn(|cx| {
-                if armed && timer.as_mut().poll(cx).is_ready() {
+                if armed && timer.poll_fired(cx).is_ready() {
                     return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                 }
                 poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+use crate::quiet::QuietSleep;
+
 /// A limit, and the instant it runs out (the caller has read the clock already).
 pub fn within(limit: Duration, now: Instant) -> (Duration, Instant) {
     (limit, now + limit)
@@ -26,7 +28,7 @@ pub fn within(limit: Duration, now: Instant) -> (Duration, Instant) {
 pub struct ConnTimer(Option<Armed>);
 
 struct Armed {
-    timer: Pin<Box<Sleep>>,
+    timer: QuietSleep<Box<Sleep>>,
     /// The current request's deadline (the timer may be set earlier).
     deadline: Instant,
 }
@@ -37,12 +39,12 @@ impl ConnTimer {
             Some(a) => {
                 a.deadline = deadline;
                 if deadline < a.timer.deadline() {
-                    a.timer.as_mut().reset(deadline);
+                    a.timer.reset(deadline);
                 }
             }
             None => {
                 self.0 = Some(Armed {
-                    timer: Box::pin(tokio::time::sleep_until(deadline)),
+                    timer: QuietSleep::new(Box::pin(tokio::time::sleep_until(deadline))),
                     deadline,
                 })
             }
@@ -54,13 +56,13 @@ impl ConnTimer {
         let Some(a) = self.0.as_mut() else {
             return true;
         };
-        while a.timer.as_mut().poll(cx).is_ready() {
+        while a.timer.poll_fired(cx).is_ready() {
             if a.timer.deadline() >= a.deadline {
                 return true;
             }
             // Fired for an earlier request's deadline: on to this one's.
             let deadline = a.deadline;
-            a.timer.as_mut().reset(deadline);
+            a.timer.reset(deadline);
         }
         false
     }
