@@ -10,7 +10,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
@@ -20,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
-use super::pool::Pool;
+use super::pool::{Pool, PoolId};
 use crate::body::{ClientBody, RequestBody};
 use crate::h1::chunked::{ChunkError, Decoder, Event};
 use crate::h1::head::{self, ResponseFraming};
@@ -187,7 +186,7 @@ pub struct ResponseBody {
     conn: Option<Conn>,
     state: State,
     keep_alive: bool,
-    pool: Arc<Pool>,
+    pool: PoolId,
     addr: SocketAddr,
     /// The head's header lines, when kept as sent (the response's map is then empty).
     raw: Option<head::RawHeaders>,
@@ -204,7 +203,7 @@ impl ResponseBody {
         conn: Conn,
         framing: ResponseFraming,
         keep_alive: bool,
-        pool: &Arc<Pool>,
+        pool: PoolId,
         addr: SocketAddr,
         raw: Option<head::RawHeaders>,
     ) -> Self {
@@ -218,7 +217,7 @@ impl ResponseBody {
             conn: Some(conn),
             state,
             keep_alive,
-            pool: pool.clone(),
+            pool,
             addr,
             raw,
         };
@@ -242,7 +241,7 @@ impl ResponseBody {
         {
             // Idle connections hold no buffer: it goes to the thread's spares.
             spare::give_read(std::mem::take(&mut conn.rbuf));
-            self.pool.put_h1_inline(self.addr, conn);
+            Pool::put_h1_inline(self.pool, self.addr, conn);
         }
     }
 }
@@ -329,6 +328,7 @@ mod tests {
     use crate::upstream::pool::{PoolSettings, PooledBody};
     use crate::upstream::{Transport, send};
     use http_body_util::BodyExt;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tern_config::snapshot::Protocol;
     use tokio::io::AsyncReadExt;

@@ -268,7 +268,8 @@ async fn exchange_h1_inline(
         match h1::exchange(&mut conn, &wire).await {
             Ok(resp) => {
                 let (framing, keep_alive) = (resp.framing, resp.keep_alive);
-                let body = h1::ResponseBody::new(conn, framing, keep_alive, pool, addr, resp.raw);
+                let body =
+                    h1::ResponseBody::new(conn, framing, keep_alive, pool.id(), addr, resp.raw);
                 return Ok(Response::from_parts(resp.parts, PooledBody::inline(body)));
             }
             Err(err) if reused && err.nothing_received() && wire.resendable => {
@@ -313,7 +314,7 @@ async fn send_h1_hyper(
         }
         match conn.sender.try_send_request(req).await {
             Ok(resp) => {
-                return Ok(resp.map(|b| PooledBody::returning(b, pool.clone(), addr, conn)));
+                return Ok(resp.map(|b| PooledBody::returning(b, pool.id(), addr, conn)));
             }
             Err(mut err) => match err.take_message() {
                 // The request never left: a pooled connection died while idle. Try again.

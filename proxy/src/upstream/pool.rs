@@ -3,12 +3,20 @@
 //! HTTP/1.1: a stack of idle keep-alive connections per endpoint; a connection goes back
 //! when its response body has been read to the end. HTTP/2: one multiplexed connection
 //! per endpoint, shared by all requests of the worker, replaced when it closes.
+//!
+//! The connections are kept in thread-locals, by pool and endpoint: a worker is one
+//! thread, its requests never leave it, and so its pools need no lock (a lock and its
+//! release are two locked instructions, twice a request). A pool used from several
+//! threads (tests on a multi-threaded runtime) keeps a separate set in each.
 
 use rustc_hash::FxHashMap;
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::thread::LocalKey;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -65,29 +73,56 @@ impl Default for PoolSettings {
     }
 }
 
+/// Which pool a connection belongs to: a worker has two (to other sidecars and
+/// upstreams, and to its application).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolId(u64);
+
+/// Idle connections of one kind, by pool and endpoint, most recently returned last.
+// FxHash: the keys are endpoint addresses from the config, not attacker input.
+type Idle<C> = FxHashMap<(PoolId, SocketAddr), Vec<(C, Instant)>>;
+
+thread_local! {
+    /// Idle connections of hyper's HTTP/1.1 client (streaming request bodies).
+    static H1_IDLE: RefCell<Idle<H1Conn>> = RefCell::default();
+    /// Idle connections of Tern's own HTTP/1.1 client (requests with complete bodies).
+    static INLINE_IDLE: RefCell<Idle<h1::Conn>> = RefCell::default();
+    /// Shared HTTP/2 connections by pool, endpoint and whether they are mTLS, with the
+    /// identity an mTLS connection's server was verified as: a connection is only
+    /// reused for the same expected identity (the config may change it).
+    static H2_SHARED: RefCell<FxHashMap<(PoolId, SocketAddr, bool), SharedH2>> =
+        RefCell::default();
+}
+
 pub struct Pool {
+    id: PoolId,
     settings: PoolSettings,
     /// For mTLS (the sidecar's identity) and handshake metrics.
     shared: Arc<Shared>,
-    // FxHash: the keys are endpoint addresses from the config, not attacker input.
-    h1_idle: IdleList<H1Conn>,
-    /// Idle connections of Tern's own HTTP/1.1 client (requests with complete bodies).
-    h1_inline_idle: IdleList<h1::Conn>,
-    /// Shared HTTP/2 connections by endpoint and whether they are mTLS, with the
-    /// identity an mTLS connection's server was verified as: a connection is only
-    /// reused for the same expected identity (the config may change it).
-    h2: Mutex<FxHashMap<(SocketAddr, bool), SharedH2>>,
+}
+
+impl Drop for Pool {
+    /// Closes the pool's connections kept in this thread (a worker's pools end with it).
+    fn drop(&mut self) {
+        let id = self.id;
+        let _ = H1_IDLE.try_with(|m| m.borrow_mut().retain(|k, _| k.0 != id));
+        let _ = INLINE_IDLE.try_with(|m| m.borrow_mut().retain(|k, _| k.0 != id));
+        let _ = H2_SHARED.try_with(|m| m.borrow_mut().retain(|k, _| k.0 != id));
+    }
 }
 
 impl Pool {
     pub fn new(settings: PoolSettings, shared: Arc<Shared>) -> Arc<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         Arc::new(Pool {
+            id: PoolId(NEXT.fetch_add(1, Ordering::Relaxed)),
             settings,
             shared,
-            h1_idle: Mutex::default(),
-            h1_inline_idle: Mutex::default(),
-            h2: Mutex::default(),
         })
+    }
+
+    pub fn id(&self) -> PoolId {
+        self.id
     }
 
     /// An idle HTTP/1.1 connection to `addr` that can take a request now.
@@ -97,8 +132,11 @@ impl Pool {
     /// still streaming (the upstream answered early), and waiting for it could stall this
     /// request behind a slow client.
     pub fn take_h1(&self, addr: SocketAddr) -> Option<H1Conn> {
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(&addr)?;
+        H1_IDLE.with_borrow_mut(|idle| self.take_h1_from(idle, addr))
+    }
+
+    fn take_h1_from(&self, idle: &mut Idle<H1Conn>, addr: SocketAddr) -> Option<H1Conn> {
+        let list = idle.get_mut(&(self.id, addr))?;
         let now = Instant::now();
         // Most recently returned first; busy ones are set aside (no allocation unless met).
         let mut busy = Vec::new();
@@ -121,21 +159,20 @@ impl Pool {
     /// An idle connection of Tern's own client to `addr` that can take a request now
     /// (`now`: the caller's clock read, to skip connections idle too long).
     pub fn take_h1_inline(&self, addr: SocketAddr, now: Instant) -> Option<h1::Conn> {
-        let mut idle = self
-            .h1_inline_idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(&addr)?;
-        while let Some((conn, since)) = list.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && conn.is_reusable() {
-                return Some(conn);
+        INLINE_IDLE.with_borrow_mut(|idle| {
+            let list = idle.get_mut(&(self.id, addr))?;
+            while let Some((conn, since)) = list.pop() {
+                if now.duration_since(since) < IDLE_TIMEOUT && conn.is_reusable() {
+                    return Some(conn);
+                }
             }
-        }
-        None
+            None
+        })
     }
 
-    pub(super) fn put_h1_inline(&self, addr: SocketAddr, conn: h1::Conn) {
-        push_idle(&self.h1_inline_idle, addr, conn);
+    /// Parks an idle connection of Tern's own client for pool `id` (in this thread).
+    pub(super) fn put_h1_inline(id: PoolId, addr: SocketAddr, conn: h1::Conn) {
+        push_idle(&INLINE_IDLE, id, addr, conn);
     }
 
     /// A new connection for Tern's own client, within the backend's limits.
@@ -149,24 +186,32 @@ impl Pool {
         Ok(h1::Conn::new(tcp, slot))
     }
 
-    fn put_h1(&self, addr: SocketAddr, conn: H1Conn) {
+    fn put_h1(id: PoolId, addr: SocketAddr, conn: H1Conn) {
         if !conn.sender.is_closed() {
-            push_idle(&self.h1_idle, addr, conn);
+            push_idle(&H1_IDLE, id, addr, conn);
         }
     }
 
     /// Closes the oldest idle HTTP/1.1 connection to one of `addrs`, freeing its slot.
     fn evict_idle(&self, addrs: &[SocketAddr]) -> bool {
-        fn oldest<C>(idle: &IdleList<C>, addrs: &[SocketAddr]) -> bool {
-            let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
-            addrs.iter().any(|addr| {
-                idle.get_mut(addr)
-                    .filter(|list| !list.is_empty())
-                    .map(|list| drop(list.remove(0)))
-                    .is_some()
-            })
+        let id = self.id;
+        fn oldest<C: 'static>(
+            idle: &'static LocalKey<RefCell<Idle<C>>>,
+            id: PoolId,
+            addrs: &[SocketAddr],
+        ) -> bool {
+            // Taken out of the list first, closed after: dropping a connection must not
+            // happen while the list is borrowed.
+            let evicted = idle.with_borrow_mut(|idle| {
+                addrs.iter().find_map(|addr| {
+                    idle.get_mut(&(id, *addr))
+                        .filter(|list| !list.is_empty())
+                        .map(|list| list.remove(0))
+                })
+            });
+            evicted.is_some()
         }
-        oldest(&self.h1_inline_idle, addrs) || oldest(&self.h1_idle, addrs)
+        oldest(&INLINE_IDLE, id, addrs) || oldest(&H1_IDLE, id, addrs)
     }
 
     /// The slots a new connection takes: a pending-request slot while it connects, and a
@@ -250,18 +295,20 @@ impl Pool {
         mtls: Option<&EndpointIdentity>,
         admission: Option<Admission<'_>>,
     ) -> Result<h2::Sender, UpstreamError> {
-        let key = (addr, mtls.is_some());
-        {
-            let mut map = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((s, verified)) = map.get(&key) {
-                if !s.is_closed() && verified.as_ref() == mtls {
-                    return Ok(s.clone());
-                }
-                // Closed, or verified as another identity than now expected: replaced
-                // (requests in flight on the old one finish there).
-                map.remove(&key);
+        let key = (self.id, addr, mtls.is_some());
+        let (open, replaced) = H2_SHARED.with_borrow_mut(|map| match map.get(&key) {
+            Some((s, verified)) if !s.is_closed() && verified.as_ref() == mtls => {
+                (Some(s.clone()), None)
             }
+            // Closed, or verified as another identity than now expected: replaced
+            // (requests in flight on the old one finish there).
+            Some(_) => (None, map.remove(&key)),
+            None => (None, None),
+        });
+        if let Some(sender) = open {
+            return Ok(sender);
         }
+        drop(replaced);
         Box::pin(self.connect_h2(addr, mtls, admission)).await
     }
 
@@ -286,10 +333,13 @@ impl Pool {
             }
         }
         .map_err(UpstreamError::H2)?;
-        self.h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((addr, mtls.is_some()), (sender.clone(), mtls.cloned()));
+        let replaced = H2_SHARED.with_borrow_mut(|map| {
+            map.insert(
+                (self.id, addr, mtls.is_some()),
+                (sender.clone(), mtls.cloned()),
+            )
+        });
+        drop(replaced);
         Ok(sender)
     }
 
@@ -326,16 +376,24 @@ impl Pool {
     }
 }
 
-/// Idle connections of one kind, by endpoint, most recently returned last.
-type IdleList<C> = Mutex<FxHashMap<SocketAddr, Vec<(C, Instant)>>>;
-
-/// Parks an idle connection, unless its endpoint already has as many as are kept.
-fn push_idle<C>(idle: &IdleList<C>, addr: SocketAddr, conn: C) {
-    let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
-    let list = idle.entry(addr).or_default();
-    if list.len() < MAX_IDLE_PER_ENDPOINT {
-        list.push((conn, Instant::now()));
-    }
+/// Parks an idle connection in this thread, unless its endpoint already has as many as
+/// are kept.
+fn push_idle<C: 'static>(
+    idle: &'static LocalKey<RefCell<Idle<C>>>,
+    id: PoolId,
+    addr: SocketAddr,
+    conn: C,
+) {
+    let refused = idle.with_borrow_mut(|idle| {
+        let list = idle.entry((id, addr)).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push((conn, Instant::now()));
+            None
+        } else {
+            Some(conn)
+        }
+    });
+    drop(refused);
 }
 
 /// An upstream response body: from Tern's HTTP/2 client, from hyper's HTTP/1.1 client
@@ -368,7 +426,7 @@ pub enum UpstreamBodyError {
 }
 
 struct Release {
-    pool: Arc<Pool>,
+    pool: PoolId,
     addr: SocketAddr,
     conn: H1Conn,
 }
@@ -395,7 +453,7 @@ impl PooledBody {
         }
     }
 
-    pub fn returning(inner: Incoming, pool: Arc<Pool>, addr: SocketAddr, conn: H1Conn) -> Self {
+    pub fn returning(inner: Incoming, pool: PoolId, addr: SocketAddr, conn: H1Conn) -> Self {
         let end = inner.is_end_stream();
         let mut release = Some(Release { pool, addr, conn });
         if end {
@@ -409,7 +467,7 @@ impl PooledBody {
 
 fn release_now(release: &mut Option<Release>) {
     if let Some(r) = release.take() {
-        r.pool.put_h1(r.addr, r.conn);
+        Pool::put_h1(r.pool, r.addr, r.conn);
     }
 }
 
