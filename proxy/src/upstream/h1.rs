@@ -10,12 +10,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request};
 use http_body::{Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
@@ -76,20 +76,18 @@ impl Conn {
 
     /// Whether an idle connection can take a request: nothing arrived since its last
     /// response (no close, no stray bytes). Costs no system call unless the socket
-    /// became readable.
+    /// became readable, and takes no lock: `try_io` reads the readiness the runtime
+    /// keeps, where `poll_read_ready` would register a waker under the socket's mutex.
     pub fn is_reusable(&self) -> bool {
         if !self.rbuf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
+        if self.io.try_io(Interest::READABLE, || Ok(())).is_err() {
+            // Not readable since the last read found it drained.
+            return true;
         }
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -559,6 +557,36 @@ mod tests {
             err.contains("closed the connection before responding"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_not_reused() {
+        // Each connection answers one request and then closes while idle (as a server's
+        // keep-alive timeout does): the pool must see the close before it sends on it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{n}");
+                s.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let pool = pool();
+        let (_, body) = call(&pool, addr, get(Method::GET, "/")).await.unwrap();
+        assert_eq!(body.to_bytes(), "1");
+        // The close reaches the runtime while the connection is idle in the pool.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // A POST is never resent on a new connection: it succeeds only if the closed
+        // connection was not taken.
+        let (_, body) = call(&pool, addr, get(Method::POST, "/")).await.unwrap();
+        assert_eq!(body.to_bytes(), "2");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
