@@ -170,6 +170,25 @@ def sched_ns(pids: list[int]) -> int:
     return total
 
 
+def context_switches(pids: list[int], kind: str = "voluntary_ctxt_switches") -> int:
+    """Context switches of one `kind` (voluntary: the thread waited; nonvoluntary: it was
+    preempted) of all live threads of `pids`."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                    if line.startswith(kind):
+                        total += int(line.split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
 def status_kb(pids: list[int], field_name: str) -> Optional[int]:
     total, seen = 0, False
     for pid in pids:
@@ -703,8 +722,10 @@ def measure(procs: Procs, target: Target, test: Test, duration: float, raw: Path
     reset_hwm(pids)
     t0 = time.monotonic()
     (u0, k0), s0 = user_sys_ticks(pids), sched_ns(pids)
+    x0 = [context_switches(pids, k) for k in ("voluntary", "nonvoluntary")]
     out = run_load(cmd, timeout=duration + 60)
     (u1, k1), s1 = user_sys_ticks(pids), sched_ns(pids)
+    x1 = [context_switches(pids, k) for k in ("voluntary", "nonvoluntary")]
     c0, c1 = u0 + k0, u1 + k1
     wall = time.monotonic() - t0
     hwm = status_kb(pids, "VmHWM") if pids else None
@@ -723,6 +744,10 @@ def measure(procs: Procs, target: Target, test: Test, duration: float, raw: Path
                               if pids else None)
     res["sys_us_per_req"] = (parse.cpu_us_per_request(k0, k1, CLK_TCK, res["requests"])
                              if pids else None)
+    # Fewer switches per request: more events handled per wake-up (batching).
+    for i, kind in enumerate(("waits", "preemptions")):
+        res[f"{kind}_per_req"] = ((x1[i] - x0[i]) / res["requests"]
+                                  if pids and res["requests"] else None)
     res["cpu_us_per_req_schedstat"] = ((s1 - s0) / 1e3 / res["requests"]
                                        if pids and res["requests"] else None)
     res["proxy_cpu_pct"] = ((c1 - c0) / CLK_TCK / wall * 100) if pids else None
