@@ -6,7 +6,8 @@ made with DUMP_INSTR=1.
     python3 benches/load/locked.py benches/load/results/callgrind-<stamp> [--top 20]
 
 or, for the two sidecars of a pair, `callgrind_pair.py --dump-instr` and its output
-directory.
+directory. The addresses are read from the binaries the profile names, as they are now:
+run it before rebuilding, or the counts are meaningless.
 
 A locked instruction waits for the store buffer to drain and costs about 20 times a plain
 one, so two programs with the same instruction count can differ in time by how many they
