@@ -153,41 +153,32 @@ def user_sys_ticks(pids: list[int]) -> tuple[int, int]:
     return user, system
 
 
+def thread_files(pids: list[int], name: str):
+    """The text of /proc/PID/task/TID/`name` for every live thread of `pids` (threads that
+    exited are lost)."""
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                yield Path(f"/proc/{pid}/task/{tid}/{name}").read_text()
+            except OSError:
+                pass
+
+
 def sched_ns(pids: list[int]) -> int:
-    """On-CPU nanoseconds of all live threads (/proc/PID/task/TID/schedstat, field 1).
-
-    Finer than stat's clock ticks, used as a cross-check (threads that exited are lost)."""
-    total = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
-    return total
+    """On-CPU nanoseconds of all live threads (schedstat, field 1): finer than stat's
+    clock ticks, used as a cross-check."""
+    return sum(int(text.split()[0]) for text in thread_files(pids, "schedstat"))
 
 
-def context_switches(pids: list[int], kind: str = "voluntary_ctxt_switches") -> int:
-    """Context switches of one `kind` (voluntary: the thread waited; nonvoluntary: it was
-    preempted) of all live threads of `pids`."""
-    total = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
-                    if line.startswith(kind):
-                        total += int(line.split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    return total
+def context_switches(pids: list[int], kind: str) -> int:
+    """Context switches of one `kind` of all live threads of `pids`: "voluntary" (the
+    thread waited) or "nonvoluntary" (it was preempted)."""
+    return sum(int(line.split()[1]) for text in thread_files(pids, "status")
+               for line in text.splitlines() if line.startswith(f"{kind}_ctxt_switches:"))
 
 
 def status_kb(pids: list[int], field_name: str) -> Optional[int]:

@@ -918,15 +918,20 @@ mod tests {
         assert!(text.contains("tern_config_reloads_total{result=\"refused\"} 0"));
     }
 
+    /// The labels of an inbound request to the application, not routed.
+    fn inbound<'a>(empty: &'a Arc<str>, app: &'a Arc<str>) -> Unrouted<'a> {
+        Unrouted {
+            direction: Direction::Inbound,
+            empty,
+            backend: app,
+        }
+    }
+
     #[test]
     fn a_dropped_request_counts_as_client_closed() {
         let m = Metrics::new();
         let (empty, app): (Arc<str>, Arc<str>) = ("".into(), "app".into());
-        let unrouted = Unrouted {
-            direction: Direction::Inbound,
-            empty: &empty,
-            backend: &app,
-        };
+        let unrouted = inbound(&empty, &app);
         let now = Instant::now();
         drop(RequestRecorder::new(&m, unrouted, now));
         RequestRecorder::new(&m, unrouted, now).finish(200, now);
@@ -959,11 +964,7 @@ mod tests {
     fn every_status_counts_through_the_slots_and_beyond_them() {
         let m = Metrics::new();
         let (empty, app): (Arc<str>, Arc<str>) = ("".into(), "app".into());
-        let unrouted = Unrouted {
-            direction: Direction::Inbound,
-            empty: &empty,
-            backend: &app,
-        };
+        let unrouted = inbound(&empty, &app);
         let route = m.route(unrouted.labels());
         // More codes than slots, from several threads at once: each code is added once
         // (one series) and every request is counted.

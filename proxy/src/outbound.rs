@@ -182,8 +182,12 @@ fn serve<'a, 'r: 'a>(
         let (metrics, timer) = match local {
             Some(ConnLocal { timer, route }) => {
                 let key = (active.generation, key);
-                if route.as_ref().is_some_and(|kept| kept.key != key) {
-                    *route = None;
+                // Another route than the last request's: its handles, in the same box.
+                if let Some(kept) = route.as_mut().filter(|kept| kept.key != key) {
+                    **kept = KeptRoute {
+                        key,
+                        metrics: resolve(),
+                    };
                 }
                 let kept = route.get_or_insert_with(|| {
                     Box::new(KeptRoute {
