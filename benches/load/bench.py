@@ -759,7 +759,9 @@ def busy_note() -> dict:
                 continue
             if comm in ("rustc", "cc1", "cc1plus", "ld", "cargo", "clippy-driver", "rust-lld"):
                 builds += 1
-    return {"loadavg": [float(x) for x in la], "build_procs": builds}
+    dirty = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("Dirty:")), None)
+    return {"loadavg": [float(x) for x in la], "build_procs": builds, "dirty_kb": dirty}
 
 
 # ---------------------------------------------------------------------------
@@ -1106,6 +1108,10 @@ def main():
         args.tern_bin = None
 
     meta = machine_meta(args)
+    # Pages a build left dirty are written back by kernel workers that run on any CPU,
+    # the proxies' included (seen with `perf sched`: up to 18 % of the proxy's core
+    # for seconds after a build): flushed before measuring.
+    os.sync()
     meta["busy_start"] = busy_note()
     max_builds = meta["busy_start"]["build_procs"]
     procs = Procs(out)
