@@ -7,7 +7,8 @@
 //! The connections are kept in thread-locals, by pool and endpoint: a worker is one
 //! thread, its requests never leave it, and so its pools need no lock (a lock and its
 //! release are two locked instructions, twice a request). A pool used from several
-//! threads (tests on a multi-threaded runtime) keeps a separate set in each.
+//! threads (tests on a multi-threaded runtime) keeps a separate set in each. Dropping a
+//! connection touches no pool, so connections are dropped where they are taken out.
 
 use rustc_hash::FxHashMap;
 use std::cell::RefCell;
@@ -132,28 +133,27 @@ impl Pool {
     /// still streaming (the upstream answered early), and waiting for it could stall this
     /// request behind a slow client.
     pub fn take_h1(&self, addr: SocketAddr) -> Option<H1Conn> {
-        H1_IDLE.with_borrow_mut(|idle| self.take_h1_from(idle, addr))
-    }
-
-    fn take_h1_from(&self, idle: &mut Idle<H1Conn>, addr: SocketAddr) -> Option<H1Conn> {
-        let list = idle.get_mut(&(self.id, addr))?;
-        let now = Instant::now();
-        // Most recently returned first; busy ones are set aside (no allocation unless met).
-        let mut busy = Vec::new();
-        let found = loop {
-            let Some((conn, since)) = list.pop() else {
-                break None;
+        H1_IDLE.with_borrow_mut(|idle| {
+            let list = idle.get_mut(&(self.id, addr))?;
+            let now = Instant::now();
+            // Most recently returned first; busy ones are set aside (no allocation unless
+            // met).
+            let mut busy = Vec::new();
+            let found = loop {
+                let Some((conn, since)) = list.pop() else {
+                    break None;
+                };
+                if conn.sender.is_closed() || now.duration_since(since) >= IDLE_TIMEOUT {
+                    continue;
+                }
+                if conn.sender.is_ready() {
+                    break Some(conn);
+                }
+                busy.push((conn, since));
             };
-            if conn.sender.is_closed() || now.duration_since(since) >= IDLE_TIMEOUT {
-                continue;
-            }
-            if conn.sender.is_ready() {
-                break Some(conn);
-            }
-            busy.push((conn, since));
-        };
-        list.extend(busy);
-        found
+            list.extend(busy);
+            found
+        })
     }
 
     /// An idle connection of Tern's own client to `addr` that can take a request now
@@ -200,16 +200,14 @@ impl Pool {
             id: PoolId,
             addrs: &[SocketAddr],
         ) -> bool {
-            // Taken out of the list first, closed after: dropping a connection must not
-            // happen while the list is borrowed.
-            let evicted = idle.with_borrow_mut(|idle| {
-                addrs.iter().find_map(|addr| {
+            idle.with_borrow_mut(|idle| {
+                addrs.iter().any(|addr| {
                     idle.get_mut(&(id, *addr))
                         .filter(|list| !list.is_empty())
-                        .map(|list| list.remove(0))
+                        .map(|list| drop(list.remove(0)))
+                        .is_some()
                 })
-            });
-            evicted.is_some()
+            })
         }
         oldest(&INLINE_IDLE, id, addrs) || oldest(&H1_IDLE, id, addrs)
     }
@@ -296,19 +294,19 @@ impl Pool {
         admission: Option<Admission<'_>>,
     ) -> Result<h2::Sender, UpstreamError> {
         let key = (self.id, addr, mtls.is_some());
-        let (open, replaced) = H2_SHARED.with_borrow_mut(|map| match map.get(&key) {
-            Some((s, verified)) if !s.is_closed() && verified.as_ref() == mtls => {
-                (Some(s.clone()), None)
-            }
+        let open = H2_SHARED.with_borrow_mut(|map| match map.get(&key) {
+            Some((s, verified)) if !s.is_closed() && verified.as_ref() == mtls => Some(s.clone()),
             // Closed, or verified as another identity than now expected: replaced
             // (requests in flight on the old one finish there).
-            Some(_) => (None, map.remove(&key)),
-            None => (None, None),
+            Some(_) => {
+                map.remove(&key);
+                None
+            }
+            None => None,
         });
         if let Some(sender) = open {
             return Ok(sender);
         }
-        drop(replaced);
         Box::pin(self.connect_h2(addr, mtls, admission)).await
     }
 
@@ -333,13 +331,12 @@ impl Pool {
             }
         }
         .map_err(UpstreamError::H2)?;
-        let replaced = H2_SHARED.with_borrow_mut(|map| {
+        H2_SHARED.with_borrow_mut(|map| {
             map.insert(
                 (self.id, addr, mtls.is_some()),
                 (sender.clone(), mtls.cloned()),
             )
         });
-        drop(replaced);
         Ok(sender)
     }
 
@@ -384,16 +381,12 @@ fn push_idle<C: 'static>(
     addr: SocketAddr,
     conn: C,
 ) {
-    let refused = idle.with_borrow_mut(|idle| {
+    idle.with_borrow_mut(|idle| {
         let list = idle.entry((id, addr)).or_default();
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push((conn, Instant::now()));
-            None
-        } else {
-            Some(conn)
         }
     });
-    drop(refused);
 }
 
 /// An upstream response body: from Tern's HTTP/2 client, from hyper's HTTP/1.1 client
