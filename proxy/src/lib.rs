@@ -33,6 +33,7 @@ pub mod resident;
 pub mod route;
 pub mod server;
 pub mod state;
+pub mod tcp;
 pub mod tls;
 pub mod upstream;
 pub mod worker;

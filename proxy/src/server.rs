@@ -20,6 +20,7 @@ use crate::h1;
 use crate::metrics::Direction;
 use crate::outbound::ConnLocal;
 use crate::rescue::ProxyError;
+use crate::tcp::Tcp;
 use crate::tls::Alpn;
 use crate::worker::Worker;
 use crate::{boxed, inbound, opaque, outbound};
@@ -260,7 +261,17 @@ pub async fn serve(
     let limits = worker.shared.settings.limits;
     match proto {
         Proto::Http2 => Box::pin(serve_h2(&worker, stream, conn, direction, limits, drain)).await,
-        _ => Box::pin(serve_h1(&worker, stream, conn, direction, limits, drain)).await,
+        _ => {
+            Box::pin(serve_h1(
+                &worker,
+                Tcp::new(stream),
+                conn,
+                direction,
+                limits,
+                drain,
+            ))
+            .await
+        }
     }
 }
 

@@ -44,6 +44,12 @@ impl Io for TcpStream {
     }
 }
 
+impl Io for crate::tcp::Tcp {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_ref().poll_read_ready(cx)
+    }
+}
+
 impl Io for tokio_rustls::server::TlsStream<TcpStream> {}
 
 #[derive(Debug, Clone, Copy)]

@@ -25,6 +25,7 @@ use crate::h1::chunked::{ChunkError, Decoder, Event};
 use crate::h1::head::{self, ResponseFraming};
 use crate::h1::{COPY_LIMIT, spare};
 use crate::policy::limits::Slot;
+use crate::tcp::Tcp;
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
@@ -59,7 +60,7 @@ impl ClientError {
 
 /// An HTTP/1.1 connection to an upstream, idle in the pool or carrying one exchange.
 pub struct Conn {
-    io: TcpStream,
+    io: Tcp,
     rbuf: BytesMut,
     /// The backend's connection slot, held for the connection's life.
     _slot: Option<Slot>,
@@ -68,7 +69,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(io: TcpStream, slot: Option<Slot>) -> Self {
         Conn {
-            io,
+            io: Tcp::new(io),
             rbuf: BytesMut::new(),
             _slot: slot,
         }
@@ -82,12 +83,17 @@ impl Conn {
         if !self.rbuf.is_empty() {
             return false;
         }
-        if self.io.try_io(Interest::READABLE, || Ok(())).is_err() {
+        if self
+            .io
+            .get_ref()
+            .try_io(Interest::READABLE, || Ok(()))
+            .is_err()
+        {
             // Not readable since the last read found it drained.
             return true;
         }
         let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        matches!(self.io.get_ref().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
