@@ -2,7 +2,8 @@
 //!
 //! One request, in the order the code runs it (one module each):
 //! [`listen`] (workers, SO_REUSEPORT, drain) -> [`server`] (protocol detection, then
-//! [`h1`], Tern's HTTP/1.1 server, or hyper's HTTP/2, with limits and abuse containment) ->
+//! [`h1`], Tern's HTTP/1.1 server on [`tcp`] sockets, or hyper's HTTP/2, with limits and
+//! abuse containment) ->
 //! [`outbound`] / [`inbound`] pipelines ->
 //! [`route`] (one snapshot load, Gateway API match, weighted backend, filters) ->
 //! [`policy`] (timeouts) -> [`balance`] (endpoint choice) -> [`upstream`] (pooled
