@@ -91,17 +91,10 @@ def proxy_runs(ev: list[tuple], tids: set[int]) -> list[list[float]]:
     return bursts
 
 
-def log_bursts(log: Path, offset: float) -> list[tuple[float, float]]:
-    """(start, end) of each burst in h2load's log, in the monotonic clock perf used."""
-    rows = []
-    with open(log) as f:
-        for line in f:
-            p = line.split("\t")
-            if len(p) >= 3 and p[1].isdigit() and 200 <= int(p[1]) < 300:
-                rows.append((int(p[0]), int(p[2])))
-    rows.sort()
+def log_bursts(rows: list[tuple[int, int]], offset: float) -> list[tuple[float, float]]:
+    """(start, end) of each burst of h2load's log `rows`, in the monotonic clock perf used."""
     out: list[list[int]] = []
-    for s, d in rows:
+    for s, d in sorted(rows):
         if out and s - out[-1][0] < GAP_S * 1e6:
             out[-1][1] = max(out[-1][1], s + d)
         else:
@@ -109,8 +102,10 @@ def log_bursts(log: Path, offset: float) -> list[tuple[float, float]]:
     return [(s / 1e6 - offset, e / 1e6 - offset) for s, e in out]
 
 
-def pct(xs: list[float], p: float) -> float:
-    return parse.percentile(xs, p) if xs else float("nan")
+def pcts(name: str, us: list[float]) -> dict:
+    """`name`_p50/p90/p99_us of `us` (nan when empty)."""
+    return {f"{name}_p{p}_us": round(parse.percentile(us, p)) if us else float("nan")
+            for p in (50, 90, 99)}
 
 
 def timeline(ev: list[tuple], start: float, end: float) -> list[str]:
@@ -170,19 +165,18 @@ def main():
                 offset = time.time() - time.monotonic()
                 ev = events(data)
                 runs = proxy_runs(ev, tids)
-                lat = log_bursts(log, offset)
-                durs = parse.parse_h2load_log(open(log))
+                with open(log) as f:
+                    rows = parse.h2load_log_rows(f)
+                lat = log_bursts(rows, offset)
+                durs = [d for _, d in rows]
                 r = {
                     "target": name, "rep": rep, "awake": args.awake,
                     "p50_ms": parse.percentile(durs, 50) / 1e3,
                     "p99_ms": parse.percentile(durs, 99) / 1e3,
                     "bursts": len(lat),
-                    **{f"burst_p{p}_us": round(pct([(e - s) * 1e6 for s, e in lat], p))
-                       for p in (50, 90, 99)},
-                    **{f"span_p{p}_us": round(pct([(b[1] - b[0]) * 1e6 for b in runs], p))
-                       for p in (50, 90, 99)},
-                    **{f"oncpu_p{p}_us": round(pct([b[2] * 1e6 for b in runs], p))
-                       for p in (50, 90, 99)},
+                    **pcts("burst", [(e - s) * 1e6 for s, e in lat]),
+                    **pcts("span", [(b[1] - b[0]) * 1e6 for b in runs]),
+                    **pcts("oncpu", [b[2] * 1e6 for b in runs]),
                     "sleeps_per_burst": round(sum(b[3] - 1 for b in runs) / max(1, len(runs)), 2),
                 }
                 results.append(r)

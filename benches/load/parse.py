@@ -118,8 +118,8 @@ def parse_h2load(text: str) -> dict:
     return out
 
 
-def parse_h2load_log(lines: Iterable[str]) -> list[int]:
-    """Per-request durations (microseconds) of 2xx responses from h2load --log-file.
+def h2load_log_rows(lines: Iterable[str]) -> list[tuple[int, int]]:
+    """(start_us, duration_us) of 2xx responses from h2load --log-file.
 
     Each row: start_us <TAB> status <TAB> duration_us [<TAB> more...].
     Rows with a status of -1 (failed stream) or non-2xx are skipped.
@@ -130,13 +130,17 @@ def parse_h2load_log(lines: Iterable[str]) -> list[int]:
         if len(parts) < 3:
             continue
         try:
-            status = int(parts[1])
-            dur = int(parts[2])
+            start, status, dur = int(parts[0]), int(parts[1]), int(parts[2])
         except ValueError:
             continue
         if 200 <= status < 300:
-            out.append(dur)
+            out.append((start, dur))
     return out
+
+
+def parse_h2load_log(lines: Iterable[str]) -> list[int]:
+    """Per-request durations (microseconds) of 2xx responses from h2load --log-file."""
+    return [dur for _, dur in h2load_log_rows(lines)]
 
 
 # ---------------------------------------------------------------------------

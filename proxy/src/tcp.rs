@@ -125,6 +125,7 @@ impl AsyncRead for Tcp {
         let unfilled = unsafe { buf.unfilled_mut() };
         let (ptr, len) = (unfilled.as_mut_ptr().cast::<u8>(), unfilled.len());
         let n = ready!(self.poll_io(cx, Interest::READABLE, len, |fd| recv(fd, ptr, len)))?;
+        // SAFETY: the system call wrote these `n` bytes.
         unsafe { buf.assume_init(n) };
         buf.advance(n);
         Poll::Ready(Ok(()))
